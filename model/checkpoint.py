@@ -1,0 +1,181 @@
+"""Safetensors checkpoint loading, whole or by subset.
+
+The checkpoint keeps Hugging Face's tensor names; `dense_names` and `expert_names` are the one name
+table. A loader for a subset (the dense part, or some (layer, expert) pairs) opens each file lazily
+with `safe_open` and reads only the tensors it was asked for, so an expert worker's resident weight
+memory is its share of the model and nothing more. `LoadedWeights.bytes_read` counts the bytes
+materialised from disk, which tests compare with the subset's size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from safetensors import safe_open
+
+from .config import DTYPES, MixtralConfig
+
+log = logging.getLogger(__name__)
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+# Names a checkpoint may carry that the model does not use (old HF exports store RoPE frequencies).
+SKIPPED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+EXPERT_RE = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file and the tensor."""
+
+
+def dense_names(cfg: MixtralConfig) -> dict[str, tuple[int, ...]]:
+    """Every non-expert tensor with its expected shape."""
+    D, hd = cfg.hidden_size, cfg.head_dim
+    H, Hkv, E = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.num_local_experts
+    names: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (cfg.vocab_size, D),
+        "model.norm.weight": (D,),
+    }
+    if not cfg.tie_word_embeddings:
+        names["lm_head.weight"] = (cfg.vocab_size, D)
+    for l in range(cfg.num_hidden_layers):
+        p = f"model.layers.{l}."
+        names[p + "input_layernorm.weight"] = (D,)
+        names[p + "post_attention_layernorm.weight"] = (D,)
+        names[p + "self_attn.q_proj.weight"] = (H * hd, D)
+        names[p + "self_attn.k_proj.weight"] = (Hkv * hd, D)
+        names[p + "self_attn.v_proj.weight"] = (Hkv * hd, D)
+        names[p + "self_attn.o_proj.weight"] = (D, H * hd)
+        names[p + "block_sparse_moe.gate.weight"] = (E, D)
+    return names
+
+
+def expert_names(cfg: MixtralConfig, layer: int, expert: int) -> dict[str, tuple[int, ...]]:
+    """The three tensors of one expert in one layer with their shapes (w1, w3: [F, D]; w2: [D, F])."""
+    D, F = cfg.hidden_size, cfg.intermediate_size
+    p = f"model.layers.{layer}.block_sparse_moe.experts.{expert}."
+    return {p + "w1.weight": (F, D), p + "w2.weight": (D, F), p + "w3.weight": (F, D)}
+
+
+def all_expert_pairs(cfg: MixtralConfig) -> list[tuple[int, int]]:
+    return [(l, e) for l in range(cfg.num_hidden_layers) for e in range(cfg.num_local_experts)]
+
+
+@dataclass
+class LoadedWeights:
+    tensors: dict[str, torch.Tensor]
+    bytes_read: int = 0  # bytes materialised from the files, before any dtype conversion
+    files_opened: list[str] = field(default_factory=list)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+class Checkpoint:
+    """A checkpoint folder: config, and a map from tensor name to the file holding it."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise CheckpointError(f"{self.path}: not a directory")
+        self.config = MixtralConfig.from_file(self.path / "config.json")
+        self.weight_map = self._weight_map()
+
+    def _weight_map(self) -> dict[str, str]:
+        index = self.path / INDEX_FILE
+        if index.is_file():
+            try:
+                wm = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+            for fname in sorted(set(wm.values())):
+                if not (self.path / fname).is_file():
+                    raise CheckpointError(f"{index}: shard {fname} is missing")
+            return dict(wm)
+        single = self.path / SINGLE_FILE
+        if single.is_file():
+            with safe_open(single, framework="pt") as f:
+                return {k: SINGLE_FILE for k in f.keys()}
+        shards = sorted(self.path.glob("*.safetensors"))
+        if shards:
+            wm = {}
+            for s in shards:
+                with safe_open(s, framework="pt") as f:
+                    wm.update({k: s.name for k in f.keys()})
+            return wm
+        pickles = [p.name for p in self.path.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        if pickles:
+            raise CheckpointError(
+                f"{self.path}: only pickle weights found ({', '.join(sorted(pickles))}); pickle files can "
+                "run arbitrary code and are refused. Convert them to safetensors first."
+            )
+        raise CheckpointError(f"{self.path}: no model.safetensors, shards or {INDEX_FILE} found")
+
+    def check_names(self) -> None:
+        """Every tensor in the files is one the model uses or one deliberately skipped."""
+        cfg = self.config
+        known = set(dense_names(cfg))
+        for l, e in all_expert_pairs(cfg):
+            known.update(expert_names(cfg, l, e))
+        unexpected = sorted(k for k in self.weight_map if k not in known and not SKIPPED.fullmatch(k))
+        if unexpected:
+            head = ", ".join(unexpected[:5]) + (" ..." if len(unexpected) > 5 else "")
+            raise CheckpointError(
+                f"{self.path}: {len(unexpected)} tensor(s) the config does not describe: {head}"
+            )
+
+    def load(self, names: dict[str, tuple[int, ...]], dtype: torch.dtype | str = "auto") -> LoadedWeights:
+        """Read exactly `names` (name -> expected shape), converting to `dtype` ('auto' keeps it)."""
+        target = resolve_dtype(dtype, self.config)
+        by_file: dict[str, list[str]] = {}
+        for n in names:
+            fname = self.weight_map.get(n)
+            if fname is None:
+                raise CheckpointError(f"{self.path}: tensor {n} is missing from the checkpoint")
+            by_file.setdefault(fname, []).append(n)
+        out = LoadedWeights(tensors={})
+        for fname, keys in sorted(by_file.items()):
+            fpath = self.path / fname
+            out.files_opened.append(fname)
+            with safe_open(fpath, framework="pt") as f:
+                present = set(f.keys())
+                for n in keys:
+                    if n not in present:
+                        raise CheckpointError(f"{fpath}: tensor {n} is listed in the index but not in the file")
+                    shape = tuple(f.get_slice(n).get_shape())
+                    if shape != tuple(names[n]):
+                        raise CheckpointError(
+                            f"{fpath}: tensor {n} has shape {list(shape)}, the config implies {list(names[n])}"
+                        )
+                    t = f.get_tensor(n)
+                    out.bytes_read += t.numel() * t.element_size()
+                    out.tensors[n] = t if t.dtype == target else t.to(target)
+        return out
+
+    def load_dense(self, dtype: torch.dtype | str = "auto") -> LoadedWeights:
+        return self.load(dense_names(self.config), dtype)
+
+    def load_experts(self, pairs: Iterable[tuple[int, int]], dtype: torch.dtype | str = "auto") -> LoadedWeights:
+        names: dict[str, tuple[int, ...]] = {}
+        for l, e in pairs:
+            if not (0 <= l < self.config.num_hidden_layers and 0 <= e < self.config.num_local_experts):
+                raise CheckpointError(f"expert (layer={l}, expert={e}) is outside the model")
+            names.update(expert_names(self.config, l, e))
+        return self.load(names, dtype)
+
+
+def resolve_dtype(dtype: torch.dtype | str, cfg: MixtralConfig) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return cfg.dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]

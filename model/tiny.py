@@ -1,0 +1,99 @@
+"""Built-in checkpoints with deterministic random weights, written in the Hugging Face layout.
+
+`tiny` is the embedded default (seconds to load, real Mixtral tokenizer and vocab); `mini` has larger
+layers so that compute, not overhead, dominates a benchmark. Weights are drawn with std 1/sqrt(fan_in)
+(embeddings std 1) so that logits have a real spread and greedy decoding has few near-ties.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .checkpoint import INDEX_FILE, all_expert_pairs, dense_names, expert_names
+from .config import MixtralConfig
+from .tokenizer import DEFAULT_TOKENIZER
+
+log = logging.getLogger(__name__)
+
+PRESETS: dict[str, dict] = {
+    "tiny": dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
+        max_position_embeddings=4096, torch_dtype="bfloat16",
+    ),
+    "mini": dict(
+        hidden_size=512, intermediate_size=1792, num_hidden_layers=8, num_attention_heads=8,
+        num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
+        max_position_embeddings=4096, torch_dtype="bfloat16",
+    ),
+}
+
+
+def preset_config(name: str, **overrides) -> MixtralConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    return MixtralConfig(**{**PRESETS[name], **overrides})
+
+
+def random_weights(cfg: MixtralConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Every tensor of the model, drawn from one seeded generator in name-table order."""
+    g = torch.Generator().manual_seed(seed)
+    names = dict(dense_names(cfg))
+    for l, e in all_expert_pairs(cfg):
+        names.update(expert_names(cfg, l, e))
+    out = {}
+    for n, shape in names.items():
+        if n.endswith("norm.weight"):
+            t = torch.ones(shape)
+        elif n == "model.embed_tokens.weight":
+            t = torch.randn(shape, generator=g)
+        else:
+            t = torch.randn(shape, generator=g) / shape[-1] ** 0.5
+        out[n] = t
+    return {n: t.to(cfg.dtype).contiguous() for n, t in out.items()}
+
+
+def write_checkpoint(
+    path: str | Path, cfg: MixtralConfig, seed: int = 0, shards: int = 1) -> Path:
+    """Write config.json, safetensors (one file, or `shards` files plus the index) and tokenizer.model."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    weights = random_weights(cfg, seed)
+    (path / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2) + "\n")
+    if shards <= 1:
+        save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        names = list(weights)
+        per = -(-len(names) // shards)
+        weight_map, total = {}, 0
+        for i in range(shards):
+            fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+            part = {n: weights[n] for n in names[i * per : (i + 1) * per]}
+            save_file(part, str(path / fname), metadata={"format": "pt"})
+            weight_map.update({n: fname for n in part})
+            total += sum(t.numel() * t.element_size() for t in part.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    shutil.copyfile(DEFAULT_TOKENIZER, path / "tokenizer.model")
+    log.info("wrote checkpoint", extra={"path": str(path), "params": cfg.total_params()})
+    return path
+
+
+def init_preset(path: str | Path, preset: str = "tiny") -> Path:
+    """Write a preset checkpoint unless one with the same config is already there."""
+    path = Path(path)
+    cfg = preset_config(preset)
+    cj = path / "config.json"
+    if cj.is_file() and (path / "model.safetensors").is_file():
+        try:
+            if MixtralConfig.from_file(cj) == cfg:
+                return path
+        except ValueError:
+            pass
+    return write_checkpoint(path, cfg)

@@ -1,0 +1,110 @@
+"""Tokenizer: SentencePiece through mistral-common, Mixtral-Instruct chat, streaming detokenisation.
+
+`tokenizer.model` in the checkpoint folder wins; otherwise the Mixtral v1 SentencePiece model that
+mistral-common ships (vocab 32000, bos 1, eos 2) is used.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mistral_common
+from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
+from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+DEFAULT_TOKENIZER = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+ROLES = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
+
+
+class ChatFormatError(ValueError):
+    """Chat messages that the Mixtral-Instruct format cannot encode."""
+
+
+def tokenizer_path(model_dir: str | Path | None) -> Path:
+    if model_dir is not None:
+        p = Path(model_dir) / "tokenizer.model"
+        if p.is_file():
+            return p
+    return DEFAULT_TOKENIZER
+
+
+class Tokenizer:
+    def __init__(self, path: str | Path = DEFAULT_TOKENIZER):
+        self.path = Path(path)
+        self.mistral = MistralTokenizer.from_file(str(self.path))
+        self.sp = self.mistral.instruct_tokenizer.tokenizer
+        self.vocab_size: int = self.sp.n_words
+        self.bos_id: int = self.sp.bos_id
+        self.eos_id: int = self.sp.eos_id
+
+    @classmethod
+    def for_model(cls, model_dir: str | Path | None) -> "Tokenizer":
+        return cls(tokenizer_path(model_dir))
+
+    def encode(self, text: str, bos: bool = True) -> list[int]:
+        return self.sp.encode(text, bos=bos, eos=False)
+
+    def decode(self, ids: list[int]) -> str:
+        # Control tokens (<s>, </s>) carry no text.
+        return self.sp.decode([i for i in ids if i not in (self.bos_id, self.eos_id)])
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """OpenAI-style [{"role", "content"}] -> prompt ids in the Mixtral-Instruct format."""
+        if not messages:
+            raise ChatFormatError("messages must not be empty")
+        msgs = []
+        for i, m in enumerate(messages):
+            role, content = m.get("role"), m.get("content")
+            if role not in ROLES:
+                raise ChatFormatError(f"messages[{i}].role={role!r} is not one of {', '.join(ROLES)}")
+            if isinstance(content, list):  # OpenAI content parts: text only
+                texts = []
+                for part in content:
+                    if not isinstance(part, dict) or part.get("type") != "text":
+                        raise ChatFormatError(f"messages[{i}].content: only text parts are supported")
+                    texts.append(str(part.get("text", "")))
+                content = "".join(texts)
+            if not isinstance(content, str):
+                raise ChatFormatError(f"messages[{i}].content must be a string")
+            msgs.append(ROLES[role](content=content))
+        try:
+            return self.mistral.encode_chat_completion(ChatCompletionRequest(messages=msgs)).tokens
+        except Exception as e:  # mistral-common validates order (e.g. must end with a user turn)
+            raise ChatFormatError(f"messages: {e}") from None
+
+
+class IncrementalDetokenizer:
+    """Text deltas for a growing token list, safe for multi-byte characters and SentencePiece spaces.
+
+    SentencePiece drops a leading space when a piece is decoded alone and a byte-fallback character
+    spans several tokens, so each delta is the difference of two decodes over a short window
+    (vLLM's prefix/read offsets), held back while it ends in an incomplete character.
+    """
+
+    def __init__(self, tok: Tokenizer, prompt_tail: list[int] | None = None):
+        self.tok = tok
+        self.ids: list[int] = list(prompt_tail or [])[-4:]
+        self.prefix = 0
+        self.read = len(self.ids)
+        self.text = ""
+
+    def add(self, new_ids: list[int]) -> str:
+        self.ids.extend(new_ids)
+        prefix_text = self.tok.decode(self.ids[self.prefix : self.read])
+        full = self.tok.decode(self.ids[self.prefix :])
+        if len(full) > len(prefix_text) and not full.endswith("\ufffd"):
+            delta = full[len(prefix_text) :]
+            self.prefix, self.read = self.read, len(self.ids)
+            self.text += delta
+            return delta
+        return ""
+
+    def flush(self) -> str:
+        """At the end of a sequence: whatever is held back, replacement characters included."""
+        full = self.tok.decode(self.ids[self.prefix :])
+        prefix_text = self.tok.decode(self.ids[self.prefix : self.read])
+        delta = full[len(prefix_text) :] if len(full) > len(prefix_text) else ""
+        self.prefix = self.read = len(self.ids)
+        self.text += delta
+        return delta

@@ -1,0 +1,72 @@
+"""Expert backends: where a layer's grouped token batches go and how their outputs come back.
+
+    [Router] -> [Dispatch] -> [ExpertBackend.submit] ... [future.result()] -> [Combine]
+
+The engine only sees `submit(ExpertRequest) -> future` and `future.result() -> {expert: [n_e, D]}`.
+`InProcessExperts` runs the experts in this process (unit tests, `generate --local`, the baseline the
+disaggregated engine is measured against); the Ray backend in cluster/ sends them to remote workers.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from model.model import ExpertRequest
+from workers.expert import ExpertWorker
+
+
+class ExpertFuture(Protocol):
+    def result(self) -> dict[int, torch.Tensor]: ...
+
+
+class ExpertBackend(Protocol):
+    def submit(self, req: ExpertRequest) -> ExpertFuture: ...
+
+
+class Done:
+    """An already-computed result."""
+
+    def __init__(self, value: dict[int, torch.Tensor]):
+        self.value = value
+
+    def result(self) -> dict[int, torch.Tensor]:
+        return self.value
+
+
+def expert_groups(num_experts: int, experts_per_worker: int) -> list[list[int]]:
+    """Physical placement: worker g holds experts [g*n, (g+1)*n)."""
+    if experts_per_worker < 1:
+        raise ValueError("experts_per_worker must be >= 1")
+    return [list(range(s, min(s + experts_per_worker, num_experts))) for s in range(0, num_experts, experts_per_worker)]
+
+
+def split_by_group(batches: dict[int, torch.Tensor], expert_map: dict[int, int]) -> dict[int, dict[int, torch.Tensor]]:
+    """{expert: x} -> {group: {expert: x}}; only groups with tokens appear."""
+    out: dict[int, dict[int, torch.Tensor]] = {}
+    for e, x in batches.items():
+        out.setdefault(expert_map[e], {})[e] = x
+    return out
+
+
+class InProcessExperts:
+    """All expert workers live in this process; calls complete on submit."""
+
+    def __init__(self, model_dir: str, experts_per_worker: int = 1, dtype: str = "auto", num_experts: int | None = None):
+        if num_experts is None:
+            from model.config import MixtralConfig
+
+            num_experts = MixtralConfig.from_file(model_dir).num_local_experts
+        self.groups = expert_groups(num_experts, experts_per_worker)
+        self.workers = [ExpertWorker(model_dir, g, dtype) for g in self.groups]
+        self.expert_map = {e: gi for gi, g in enumerate(self.groups) for e in g}
+
+    def submit(self, req: ExpertRequest) -> Done:
+        out: dict[int, torch.Tensor] = {}
+        for g, part in split_by_group(req.batches, self.expert_map).items():
+            out.update(self.workers[g].run(req.layer, part))
+        return Done(out)
+
+    def weight_bytes(self) -> int:
+        return sum(w.weight_bytes() for w in self.workers)

@@ -1,0 +1,93 @@
+"""The expert worker: holds a group of experts for every layer and runs batched SwiGLU on what it is sent.
+
+One call = one layer's token batches for the experts of this worker that have tokens:
+{expert: [n_e, D]} in, {expert: [n_e, D]} out, one SwiGLU per expert. Calls are pure functions of
+their input (idempotent), so a call lost with a dead replica can be re-sent anywhere.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from model.checkpoint import Checkpoint, expert_names
+from model.model import swiglu
+
+
+@dataclass
+class ExpertStats:
+    """What a worker has served, for metrics and autoscaling. Counters only grow."""
+
+    calls: int = 0
+    tokens: int = 0
+    busy_s: float = 0.0
+    tokens_per_layer: dict[int, int] = field(default_factory=dict)
+    tokens_per_expert: dict[int, int] = field(default_factory=dict)
+    in_flight_tokens: int = 0
+
+    def snapshot(self) -> dict:
+        return {
+            "calls": self.calls,
+            "tokens": self.tokens,
+            "busy_s": self.busy_s,
+            "tokens_per_layer": dict(self.tokens_per_layer),
+            "tokens_per_expert": dict(self.tokens_per_expert),
+            "in_flight_tokens": self.in_flight_tokens,
+        }
+
+
+class ExpertWorker:
+    """Experts `experts` of every layer, loaded alone from the checkpoint (lazy safetensors reads)."""
+
+    def __init__(self, model_dir: str, experts: list[int], dtype: str = "auto", num_threads: int | None = None):
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        ckpt = Checkpoint(model_dir)
+        self.cfg = ckpt.config
+        self.experts = sorted(experts)
+        pairs = [(l, e) for l in range(self.cfg.num_hidden_layers) for e in self.experts]
+        loaded = ckpt.load_experts(pairs, dtype)
+        expected = set()
+        for l, e in pairs:
+            expected.update(expert_names(self.cfg, l, e))
+        # Each worker holds exactly its own tensors: nothing missing, nothing extra.
+        assert set(loaded.tensors) == expected, "expert worker received the wrong set of tensors"
+        self.bytes_read = loaded.bytes_read
+        self.weights = {
+            (l, e): tuple(loaded.tensors[f"model.layers.{l}.block_sparse_moe.experts.{e}.{w}.weight"] for w in ("w1", "w2", "w3"))
+            for l, e in pairs
+        }
+        self.dtype = next(iter(loaded.tensors.values())).dtype
+        self.stats = ExpertStats()
+        self._lock = threading.Lock()
+
+    def weight_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for ws in self.weights.values() for t in ws)
+
+    @torch.inference_mode()
+    def run(self, layer: int, batches: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        n = sum(int(x.shape[0]) for x in batches.values())
+        with self._lock:
+            self.stats.in_flight_tokens += n
+        t0 = time.perf_counter()
+        try:
+            out = {}
+            for e, x in batches.items():
+                if (layer, e) not in self.weights:
+                    raise KeyError(f"this worker holds experts {self.experts}, not (layer={layer}, expert={e})")
+                out[e] = swiglu(x.to(self.dtype), *self.weights[(layer, e)]).to(x.dtype)
+            return out
+        finally:
+            dt = time.perf_counter() - t0
+            with self._lock:
+                s = self.stats
+                s.in_flight_tokens -= n
+                s.calls += 1
+                s.tokens += n
+                s.busy_s += dt
+                s.tokens_per_layer[layer] = s.tokens_per_layer.get(layer, 0) + n
+                for e, x in batches.items():
+                    s.tokens_per_expert[e] = s.tokens_per_expert.get(e, 0) + int(x.shape[0])
