@@ -112,7 +112,6 @@ class LLMEngine:
     # ------------------------------------------------------------ requests
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, req_id: str | None = None) -> str:
-        req_id = req_id if req_id is not None else f"req-{next(self._ids)}"
         if req_id in self.seqs:
             raise EngineError(f"request id {req_id!r} is already in use")
         if not prompt_ids:
@@ -129,6 +128,7 @@ class LLMEngine:
             raise EngineError(f"the prompt has {n} tokens; the KV cache holds at most {cap - 1} for one request")
         if len(self.scheduler.waiting) >= self.cfg.max_waiting:
             raise Overloaded(f"{len(self.scheduler.waiting)} requests are already waiting")
+        req_id = req_id if req_id is not None else f"req-{next(self._ids)}"
         seq = Sequence(req_id, list(prompt_ids), params, self.cfg.block_size)
         if self.tokenizer is not None:
             seq.detok = IncrementalDetokenizer(self.tokenizer, prompt_ids)

@@ -1,0 +1,125 @@
+"""The `mixserve` command line (also `python -m cluster`).
+
+Output contract: `generate` prints only the generated text on stdout; logs and figures go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+DTYPE_CHOICES = ["auto", "float32", "bfloat16", "float16"]
+
+
+def default_model_dir() -> Path:
+    """Where the embedded tiny checkpoint is written on first use."""
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "mixserve" / "tiny"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg and any `extra` fields."""
+
+    _std = set(vars(logging.LogRecord("", 0, "", 0, "", None, None)))
+
+    def format(self, r: logging.LogRecord) -> str:
+        d = {"ts": round(r.created, 3), "level": r.levelname, "logger": r.name, "msg": r.getMessage()}
+        d.update({k: v for k, v in vars(r).items() if k not in self._std and k != "message"})
+        return json.dumps(d, default=str)
+
+
+def setup_logging(level: str) -> None:
+    h = logging.StreamHandler(sys.stderr)
+    h.setFormatter(JsonFormatter())
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[h], force=True)
+
+
+def resolve_model(arg: str | None) -> Path:
+    if arg:
+        return Path(arg)
+    from model.tiny import init_preset
+
+    return init_preset(default_model_dir(), "tiny")
+
+
+def cmd_init_tiny(a) -> int:
+    from model.tiny import preset_config, write_checkpoint
+
+    path = write_checkpoint(a.dir, preset_config(a.preset), seed=a.seed, shards=a.shards)
+    print(path)
+    return 0
+
+
+def cmd_generate(a) -> int:
+    from model.sampling import SamplingParams
+    from router.engine import EngineConfig, LLMEngine
+
+    model_dir = resolve_model(a.model)
+    params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed)
+    if a.local:
+        engine = LLMEngine.local(str(model_dir), a.dtype, EngineConfig())
+        runtime = None
+    else:
+        from cluster.ray_engine import start_disaggregated
+
+        engine, runtime = start_disaggregated(str(model_dir), a.dtype, EngineConfig(num_microbatches=2))
+    try:
+        prompt = engine.tokenizer.encode(a.prompt)
+        t0 = time.perf_counter()
+        out = engine.generate([prompt], params)[0]
+        dt = time.perf_counter() - t0
+    finally:
+        if runtime is not None:
+            runtime.shutdown()
+    print(out.text)
+    print(
+        f"# {out.completion_tokens} tokens in {dt:.3f}s = {out.completion_tokens / dt:.1f} tokens/s "
+        f"(prompt {out.prompt_tokens} tokens, finish_reason={out.finish_reason})",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mixserve", description="Serve Mixtral-architecture MoE models on Ray.")
+    p.add_argument("--log-level", default=os.environ.get("MIXSERVE_LOG_LEVEL", "warning"))
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("init-tiny", help="write the built-in tiny checkpoint (HF layout + tokenizer.model)")
+    s.add_argument("dir")
+    s.add_argument("--preset", default="tiny", choices=["tiny", "mini"])
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--shards", type=int, default=1)
+    s.set_defaults(fn=cmd_init_tiny)
+
+    s = sub.add_parser("generate", help="generate a continuation of a prompt")
+    s.add_argument("--model", help="checkpoint folder (default: the embedded tiny model)")
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--max-tokens", type=int, default=32)
+    s.add_argument("--temperature", type=float, default=0.0)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--top-k", type=int, default=0)
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
+    s.add_argument("--local", action="store_true", help="run in one process, without Ray")
+    s.set_defaults(fn=cmd_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    setup_logging(a.log_level)
+    try:
+        return a.fn(a)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"mixserve: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Consistency of the in-process engine: cached = uncached, batch-independence, seeded sampling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.model import Transformer
+from model.sampling import SamplingParams
+from router.engine import EngineConfig, EngineError, LLMEngine, Overloaded
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_dir):
+    return Transformer.from_pretrained(tiny_dir, "float32")
+
+
+def prompts(tok):
+    texts = ["Hello there", "The quick brown fox jumps over the lazy dog, and then it",
+             "Un deux trois " * 12, "1 2 3", "Résumé: naïve café — 你好，世界"]
+    return [tok.encode(t) for t in texts]
+
+
+def recompute_greedy(model, ids, n):
+    ids = list(ids)
+    out = []
+    for _ in range(n):
+        t = int(model.logits(ids)[-1].argmax())
+        ids.append(t)
+        out.append(t)
+    return out
+
+
+@pytest.mark.parametrize("micro", [1, 2])
+def test_kv_cached_decoding_equals_full_recomputation(tiny_dir, model, micro):
+    eng = LLMEngine.local(tiny_dir, "float32", EngineConfig(max_num_batched_tokens=32, num_microbatches=micro))
+    ps = prompts(eng.tokenizer)
+    outs = eng.generate(ps, GREEDY)
+    for p, o in zip(ps, outs):
+        assert o.new_token_ids == recompute_greedy(model, p, 12)
+        assert o.finish_reason == "length" and o.completion_tokens == 12 and o.prompt_tokens == len(p)
+
+
+def test_cached_logits_equal_uncached(tiny_dir, model):
+    """Decode-step logits through the cache equal the last row of a full forward, to float32 rounding."""
+    eng = LLMEngine.local(tiny_dir, "float32", EngineConfig())
+    ids = eng.tokenizer.encode("Caching must not change the numbers")
+    out = eng.generate([ids], SamplingParams(max_tokens=6, temperature=0, logprobs=5, ignore_eos=True))[0]
+    full = torch.log_softmax(model.logits(ids + out.new_token_ids[:-1]), -1)[len(ids) - 1 :]
+    for i, (tok, lp, alts) in enumerate(out.logprobs):
+        assert abs(lp - full[i, tok].item()) < 1e-4
+        assert [a for a, _ in alts] == full[i].topk(5).indices.tolist()
+
+
+def test_output_independent_of_batch_company(tiny_dir):
+    """Alone, in a batch, with chunked prefill and under KV pressure (preemption), the same tokens."""
+    solo_eng = LLMEngine.local(tiny_dir, "float32", EngineConfig())
+    ps = prompts(solo_eng.tokenizer)
+    solo = [solo_eng.generate([p], GREEDY)[0].new_token_ids for p in ps]
+    configs = [
+        EngineConfig(max_num_batched_tokens=512),
+        EngineConfig(max_num_batched_tokens=7, num_microbatches=2),
+        EngineConfig(max_num_batched_tokens=64, kv_cache_tokens=96, block_size=8),  # forces preemption
+        EngineConfig(max_num_seqs=2),
+    ]
+    for cfg in configs:
+        eng = LLMEngine.local(tiny_dir, "float32", cfg)
+        together = [o.new_token_ids for o in eng.generate(ps, GREEDY)]
+        assert together == solo, cfg
+    assert eng.blocks.num_free == eng.blocks.num_blocks  # every block came back
+
+
+def test_preemption_happens_under_kv_pressure(tiny_dir):
+    eng = LLMEngine.local(tiny_dir, "float32", EngineConfig(kv_cache_tokens=96, block_size=8))
+    ps = prompts(eng.tokenizer)
+    eng.generate(ps, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
+    assert eng.scheduler.num_preemptions > 0
+
+
+def test_seeded_sampling_is_reproducible(tiny_dir):
+    eng = LLMEngine.local(tiny_dir, "float32", EngineConfig())
+    ps = prompts(eng.tokenizer)
+    sp = lambda seed: SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, top_k=50, seed=seed, ignore_eos=True)
+    a = eng.generate([ps[0]], sp(7))[0].new_token_ids
+    b = eng.generate(ps, [sp(7)] + [sp(i) for i in range(1, len(ps))])[0].new_token_ids  # other company
+    c = eng.generate([ps[0]], sp(8))[0].new_token_ids
+    assert a == b
+    assert a != c
+
+
+def test_stop_strings_and_eos(tiny_dir):
+    eng = LLMEngine.local(tiny_dir, "float32", EngineConfig())
+    p = eng.tokenizer.encode("Hello there")
+    full = eng.generate([p], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
+    stop = full.text[5:8]
+    cut = eng.generate([p], SamplingParams(max_tokens=12, temperature=0, stop=[stop], ignore_eos=True))[0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[: full.text.find(stop)]
+    # a stop token id ends the sequence with that token counted but no text for it
+    t3 = full.new_token_ids[3]
+    st = eng.generate([p], SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[t3]))[0]
+    assert st.finish_reason == "stop" and st.new_token_ids == full.new_token_ids[:4]
+
+
+def test_streamed_deltas_add_up_to_the_final_text(tiny_dir):
+    eng = LLMEngine.local(tiny_dir, "float32", EngineConfig())
+    tok = eng.tokenizer
+    p = tok.encode("Streaming: ")
+    rid = eng.add_request(p, SamplingParams(max_tokens=30, temperature=0.8, seed=3, ignore_eos=True))
+    text, toks, n_outputs = "", [], 0
+    while eng.has_unfinished():
+        for o in eng.step():
+            assert o.req_id == rid
+            text += o.text
+            toks += o.new_token_ids
+            n_outputs += 1
+    assert n_outputs == 30 and len(toks) == 30
+    assert text == tok.decode(p + toks)[len(tok.decode(p)) :]
+
+
+def test_bad_requests_are_refused_clearly(tiny_dir):
+    eng = LLMEngine.local(tiny_dir, "float32", EngineConfig(kv_cache_tokens=64, max_waiting=2))
+    with pytest.raises(EngineError, match="empty"):
+        eng.add_request([], GREEDY)
+    with pytest.raises(EngineError, match="token ids"):
+        eng.add_request([1, 99999], GREEDY)
+    with pytest.raises(EngineError, match="KV cache"):
+        eng.add_request(list(range(3, 200)), GREEDY)
+    first = eng.add_request([1, 5], GREEDY)
+    eng.add_request([1, 6], GREEDY)
+    with pytest.raises(Overloaded):
+        eng.add_request([1, 7], GREEDY)
+    assert eng.abort(first) and not eng.abort("nope")
+    eng.add_request([1, 7], GREEDY)  # room again after the abort
+    for bad in [dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_k=-2), dict(stop=[""])]:
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)

@@ -1,0 +1,67 @@
+"""Tokenizer round trips, chat format equal to mistral-common's, streaming detokenisation."""
+
+from __future__ import annotations
+
+import pytest
+from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
+from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+from model.tokenizer import DEFAULT_TOKENIZER, ChatFormatError, IncrementalDetokenizer, Tokenizer
+
+TEXTS = ["Hello world", "  leading and  double  spaces ", "naïve café Ünïcödé", "你好，世界 🤷‍♂️ emoji",
+         "line1\nline2\n\ttab", "x" * 50, "1234567890 + -*/ = ?"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer()
+
+
+def test_real_mixtral_vocab(tok):
+    assert (tok.vocab_size, tok.bos_id, tok.eos_id) == (32000, 1, 2)
+    assert tok.encode("Hello")[0] == 1
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_round_trip(tok, text):
+    assert tok.decode(tok.encode(text)) == text
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_incremental_detokenisation_equals_full_decode(tok, text):
+    prompt = tok.encode("Prompt:")
+    ids = tok.encode(text, bos=False)
+    d = IncrementalDetokenizer(tok, prompt)
+    deltas = [d.add([i]) for i in ids] + [d.flush()]
+    assert "".join(deltas) == tok.decode(prompt + ids)[len(tok.decode(prompt)):]
+    assert all("\ufffd" not in x for x in deltas)
+
+
+def test_chat_encoding_equals_mistral_common(tok):
+    ref = MistralTokenizer.from_file(str(DEFAULT_TOKENIZER))
+    msgs = [("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello!"), ("user", "What is 2+2?")]
+    cls = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
+    want = ref.encode_chat_completion(ChatCompletionRequest(messages=[cls[r](content=c) for r, c in msgs])).tokens
+    assert tok.encode_chat([{"role": r, "content": c} for r, c in msgs]) == want
+    text = tok.sp.decode(want)
+    assert "[INST]" in text and "[/INST]" in text
+
+
+@pytest.mark.parametrize("msgs,match", [
+    ([], "empty"),
+    ([{"role": "wizard", "content": "x"}], "role"),
+    ([{"role": "user", "content": 3}], "content"),
+    ([{"role": "user", "content": [{"type": "image_url"}]}], "text"),
+])
+def test_bad_chat_messages(tok, msgs, match):
+    with pytest.raises(ChatFormatError, match=match):
+        tok.encode_chat(msgs)
+
+
+def test_checkpoint_tokenizer_is_preferred(tmp_path):
+    import shutil
+
+    shutil.copyfile(DEFAULT_TOKENIZER, tmp_path / "tokenizer.model")
+    assert Tokenizer.for_model(tmp_path).path == tmp_path / "tokenizer.model"
+    assert Tokenizer.for_model(tmp_path / "nothing-here").path == DEFAULT_TOKENIZER
