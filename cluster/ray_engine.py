@@ -1,0 +1,192 @@
+"""The disaggregated engine on Ray: expert workers as Ray actors, reached through `RayExperts`.
+
+    attention (this process)                     expert actors (one per group x replica)
+    [gate -> dispatch] --run.remote(layer, {e: x_e})--> [ExpertWorker.run: one SwiGLU per expert]
+    [combine] <------------------- {e: y_e} -----------
+
+Every group that has tokens gets one call per layer, all in flight at once. A call that fails because
+its replica died (or timed out) is re-sent to the next replica of the group, or to the restarted one;
+calls are idempotent, so the step's result is unchanged. Only after `max_tries` does it fail.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from dataclasses import dataclass
+
+import ray
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from model.checkpoint import Checkpoint
+from model.model import ExpertRequest, MixtralDense
+from model.tokenizer import Tokenizer
+from router.engine import EngineConfig, LLMEngine
+from router.experts import expert_groups, split_by_group
+from workers.expert import ExpertWorker
+
+log = logging.getLogger(__name__)
+
+RETRYABLE = (RayActorError, ActorDiedError, ActorUnavailableError, GetTimeoutError)
+
+
+class ExpertsConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    experts_per_worker: int = Field(1, ge=1, description="Experts held by one worker (all layers).")
+    replicas: int = Field(1, ge=1, description="Replicas of each expert group.")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per expert replica.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per expert replica (0 on CPU clusters).")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources per replica, e.g. {expert_slot: 1}, placing it on expert nodes."
+    )
+    num_threads: int | None = Field(None, ge=1, description="torch threads per replica (default: torch's).")
+    max_tries: int = Field(4, ge=1, description="Attempts of one expert call before the request fails.")
+    call_timeout_s: float = Field(30.0, gt=0, description="Seconds to wait for one expert call before retrying.")
+    max_restarts: int = Field(-1, ge=-1, description="Ray restarts of a dead replica (-1 = always).")
+
+
+class ExpertUnavailable(RuntimeError):
+    pass
+
+
+@ray.remote
+class ExpertActor:
+    """A thin Ray wrapper around `ExpertWorker`."""
+
+    def __init__(self, model_dir: str, experts: list[int], dtype: str, num_threads: int | None):
+        self.worker = ExpertWorker(model_dir, experts, dtype, num_threads)
+
+    def run(self, layer: int, batches: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        return self.worker.run(layer, batches)
+
+    def info(self) -> dict:
+        import resource
+
+        return {
+            "experts": self.worker.experts,
+            "weight_bytes": self.worker.weight_bytes(),
+            "bytes_read": self.worker.bytes_read,
+            "stats": self.worker.stats.snapshot(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "pid": os.getpid(),
+            "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        }
+
+
+class RayFuture:
+    def __init__(self, backend: "RayExperts", layer: int, calls: dict[int, tuple]):
+        self.backend, self.layer, self.calls = backend, layer, calls
+
+    def result(self) -> dict[int, torch.Tensor]:
+        out: dict[int, torch.Tensor] = {}
+        b = self.backend
+        for g, (ref, part, replica) in self.calls.items():
+            for attempt in range(1, b.cfg.max_tries + 1):
+                try:
+                    out.update(ray.get(ref, timeout=b.cfg.call_timeout_s))
+                    break
+                except RETRYABLE as e:
+                    b.retries += 1
+                    if attempt == b.cfg.max_tries:
+                        raise ExpertUnavailable(
+                            f"expert group {b.groups[g]} (layer {self.layer}) failed {attempt} times: {type(e).__name__}"
+                        ) from None
+                    replica = b.next_replica(g, avoid=replica)
+                    log.warning("expert call failed; re-sending", extra={"group": g, "attempt": attempt, "error": type(e).__name__})
+                    ref = b.replicas[g][replica].run.remote(self.layer, part)
+        return out
+
+
+class RayExperts:
+    """Expert backend whose workers are Ray actors: `replicas[g]` are the actors of group g."""
+
+    def __init__(self, model_dir: str, num_experts: int, dtype: str = "auto", cfg: ExpertsConfig | None = None):
+        self.cfg = cfg or ExpertsConfig()
+        c = self.cfg
+        self.groups = expert_groups(num_experts, c.experts_per_worker)
+        self.expert_map = {e: gi for gi, g in enumerate(self.groups) for e in g}
+        self.placement_groups = []
+        self.replicas: list[list] = []
+        bundle = {"CPU": c.num_cpus, "GPU": c.num_gpus, **c.resources}
+        bundle = {k: v for k, v in bundle.items() if v > 0}
+        for g in self.groups:
+            opts = dict(num_cpus=c.num_cpus, num_gpus=c.num_gpus, resources=dict(c.resources), max_restarts=c.max_restarts)
+            if bundle and c.replicas > 1:
+                # One bundle per replica, on different nodes where possible (best-effort spread).
+                pg = placement_group([dict(bundle) for _ in range(c.replicas)], strategy="SPREAD")
+                self.placement_groups.append(pg)
+                actors = [
+                    ExpertActor.options(
+                        **opts, scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)
+                    ).remote(model_dir, g, dtype, c.num_threads)
+                    for i in range(c.replicas)
+                ]
+            else:
+                actors = [ExpertActor.options(**opts).remote(model_dir, g, dtype, c.num_threads) for _ in range(c.replicas)]
+            self.replicas.append(actors)
+        self._rr = [itertools.count() for _ in self.groups]
+        self.retries = 0
+
+    def wait_ready(self, timeout_s: float = 300) -> list[dict]:
+        return ray.get([a.info.remote() for reps in self.replicas for a in reps], timeout=timeout_s)
+
+    def next_replica(self, g: int, avoid: int | None = None) -> int:
+        n = len(self.replicas[g])
+        i = next(self._rr[g]) % n
+        if n > 1 and i == avoid:
+            i = next(self._rr[g]) % n
+        return i
+
+    def submit(self, req: ExpertRequest) -> RayFuture:
+        calls = {}
+        for g, part in split_by_group(req.batches, self.expert_map).items():
+            r = self.next_replica(g)
+            calls[g] = (self.replicas[g][r].run.remote(req.layer, part), part, r)
+        return RayFuture(self, req.layer, calls)
+
+    def shutdown(self) -> None:
+        for reps in self.replicas:
+            for a in reps:
+                ray.kill(a, no_restart=True)
+        for pg in self.placement_groups:
+            remove_placement_group(pg)
+
+
+@dataclass
+class Runtime:
+    experts: RayExperts
+    started_ray: bool
+
+    def shutdown(self) -> None:
+        self.experts.shutdown()
+        if self.started_ray:
+            ray.shutdown()
+
+
+def ensure_ray() -> bool:
+    """Join RAY_ADDRESS when set, else start a local Ray; True when this call started it."""
+    if ray.is_initialized():
+        return False
+    ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False, logging_level=logging.WARNING)
+    return True
+
+
+def start_disaggregated(
+    model_dir: str, dtype: str = "auto", engine_cfg: EngineConfig | None = None, experts_cfg: ExpertsConfig | None = None
+) -> tuple[LLMEngine, Runtime]:
+    """An engine in this process whose experts are Ray actors (started here, ready on return)."""
+    started = ensure_ray()
+    ckpt = Checkpoint(model_dir)
+    ckpt.check_names()
+    experts_cfg = experts_cfg or ExpertsConfig(num_cpus=0)
+    experts = RayExperts(model_dir, ckpt.config.num_local_experts, dtype, experts_cfg)
+    experts.wait_ready()
+    dense = MixtralDense.from_checkpoint(ckpt, dtype)
+    engine = LLMEngine(dense, experts, Tokenizer.for_model(model_dir), engine_cfg or EngineConfig(num_microbatches=2))
+    return engine, Runtime(experts, started)

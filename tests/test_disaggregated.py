@@ -1,0 +1,99 @@
+"""The disaggregated engine on a local Ray: same tokens as in-process, exact memory shares, survives
+an expert replica dying mid-generation. One Ray instance for the module."""
+
+from __future__ import annotations
+
+import pytest
+import ray
+
+from cluster.ray_engine import ExpertsConfig, RayExperts
+from model.checkpoint import Checkpoint, dense_names, expert_names
+from model.model import MixtralDense
+from model.sampling import SamplingParams
+from model.tiny import preset_config, write_checkpoint
+from router.engine import EngineConfig, LLMEngine
+
+pytestmark = pytest.mark.ray
+GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+TEXTS = ["Hi", "The quick brown fox jumps over the lazy dog", "1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17", "Bonjour"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_local():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def top3_dir(tmp_path_factory):
+    cfg = preset_config("tiny", num_local_experts=4, num_experts_per_tok=3, num_hidden_layers=3)
+    return str(write_checkpoint(tmp_path_factory.mktemp("top3"), cfg, seed=5))
+
+
+def disaggregated(model_dir, experts_cfg, engine_cfg=None):
+    ckpt = Checkpoint(model_dir)
+    experts = RayExperts(model_dir, ckpt.config.num_local_experts, "float32", experts_cfg)
+    experts.wait_ready()
+    local = LLMEngine.local(model_dir, "float32")
+    eng = LLMEngine(MixtralDense.from_checkpoint(ckpt, "float32"), experts, local.tokenizer,
+                    engine_cfg or EngineConfig(num_microbatches=2, max_num_batched_tokens=16))
+    return eng, local, experts
+
+
+@pytest.mark.parametrize("which,per_worker", [("tiny", 1), ("tiny", 2), ("top3", 1), ("top3", 2)])
+def test_same_tokens_as_in_process(request, tiny_dir, top3_dir, which, per_worker):
+    model_dir = tiny_dir if which == "tiny" else top3_dir
+    eng, local, experts = disaggregated(model_dir, ExpertsConfig(num_cpus=0, experts_per_worker=per_worker))
+    try:
+        ps = [local.tokenizer.encode(t) for t in TEXTS]
+        got = [o.new_token_ids for o in eng.generate(ps, GREEDY)]
+        want = [o.new_token_ids for o in local.generate(ps, GREEDY)]
+        assert got == want
+        infos = experts.wait_ready()
+        assert sum(i["stats"]["calls"] for i in infos) > 0
+        assert sorted(e for i in infos for e in i["experts"]) == list(range(local.dense.cfg.num_local_experts))
+    finally:
+        experts.shutdown()
+
+
+def test_each_worker_holds_exactly_its_share(tiny_dir):
+    ckpt = Checkpoint(tiny_dir)
+    cfg = ckpt.config
+    experts = RayExperts(tiny_dir, cfg.num_local_experts, "auto", ExpertsConfig(num_cpus=0, experts_per_worker=2))
+    try:
+        infos = experts.wait_ready()
+        size = lambda names: sum(cfg.dtype.itemsize * __import__("math").prod(s) for s in names.values())
+        for info in infos:  # measured inside each worker process
+            share = {}
+            for l in range(cfg.num_hidden_layers):
+                for e in info["experts"]:
+                    share.update(expert_names(cfg, l, e))
+            assert info["bytes_read"] == size(share)
+            assert info["weight_bytes"] == size(share)
+        dense = MixtralDense.from_checkpoint(ckpt)
+        assert dense.nbytes() == size(dense_names(cfg))
+    finally:
+        experts.shutdown()
+
+
+def test_expert_replica_killed_mid_generation(tiny_dir):
+    eng, local, experts = disaggregated(tiny_dir, ExpertsConfig(num_cpus=0, replicas=2, call_timeout_s=20))
+    try:
+        ps = [local.tokenizer.encode(t) for t in TEXTS]
+        sp = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+        want = [o.new_token_ids for o in local.generate(ps, sp)]
+        rids = [eng.add_request(p, sp) for p in ps]
+        got = {r: [] for r in rids}
+        steps = 0
+        while eng.has_unfinished():
+            if steps == 4:  # kill both replicas of expert 0's group: one restarts, calls are re-sent
+                ray.kill(experts.replicas[0][0], no_restart=False)
+                ray.kill(experts.replicas[1][1], no_restart=False)
+            for o in eng.step():
+                got[o.req_id] += o.new_token_ids
+            steps += 1
+        assert [got[r] for r in rids] == want
+        assert experts.retries > 0
+    finally:
+        experts.shutdown()
