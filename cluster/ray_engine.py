@@ -65,6 +65,10 @@ class ExpertActor:
     def run(self, layer: int, batches: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         return self.worker.run(layer, batches)
 
+    def run_packed(self, payload: tuple[int, dict[int, torch.Tensor]]) -> dict[int, torch.Tensor]:
+        """One-argument form for Ray Compiled Graphs, whose nodes take one input each."""
+        return self.worker.run(*payload)
+
     def info(self) -> dict:
         import resource
 

@@ -1,0 +1,154 @@
+"""The Serve application: AttentionWorker replicas composed with one ExpertDeployment per expert group.
+
+    AttentionWorker (data-parallel replicas; each: engine loop, KV cache, dense weights)
+        |  ServeExperts: per layer, one handle call per expert group that has tokens
+        v
+    ExpertDeployment "expert-group-{g}" (replicas spread over expert nodes; each: its experts, all layers)
+
+`build_app(cfg)` only builds: it computes deployment options and binds; nothing starts or loads there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import threading
+
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.serve import Application
+
+from model.checkpoint import Checkpoint
+from model.model import MixtralDense
+from model.sampling import SamplingParams
+from model.tokenizer import Tokenizer
+from router.engine import EngineConfig, LLMEngine
+from router.experts import expert_groups
+
+from .deployments import ExpertDeployment, ServeExperts
+from .ray_engine import ExpertsConfig
+
+log = logging.getLogger(__name__)
+
+
+class AttentionConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    replicas: int = Field(1, ge=1, description="Data-parallel attention replicas.")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs per attention replica.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per attention replica.")
+    resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per replica (attention nodes).")
+
+
+class AppConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="Checkpoint folder (HF layout).")
+    dtype: str = Field("auto", pattern="^(auto|float32|bfloat16|float16)$", description="Weight and compute dtype.")
+    engine: EngineConfig = Field(default_factory=lambda: EngineConfig(num_microbatches=2))
+    attention: AttentionConfig = Field(default_factory=AttentionConfig)
+    experts: ExpertsConfig = Field(default_factory=ExpertsConfig)
+    expert_transport: str = Field(
+        "serve_grpc", pattern="^(serve_handle|serve_grpc)$",
+        description="serve_grpc: handles with _by_reference=False (measured faster); serve_handle: by reference.",
+    )
+
+
+@serve.deployment
+class AttentionWorker:
+    """Runs the engine loop in a thread; `generate` streams one request's outputs."""
+
+    def __init__(self, cfg: dict, num_experts: int, *expert_handles):
+        self.cfg = AppConfig.model_validate(cfg)
+        c = self.cfg
+        ckpt = Checkpoint(c.model)
+        ckpt.check_names()
+        groups = expert_groups(num_experts, c.experts.experts_per_worker)
+        emap = {e: g for g, es in enumerate(groups) for e in es}
+        self.backend = ServeExperts(
+            list(expert_handles), emap, by_reference=c.expert_transport == "serve_handle",
+            max_tries=c.experts.max_tries, call_timeout_s=c.experts.call_timeout_s,
+        )
+        self.engine = LLMEngine(MixtralDense.from_checkpoint(ckpt, c.dtype), self.backend, Tokenizer.for_model(c.model), c.engine)
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        threading.Thread(target=self._loop, daemon=True, name="engine-loop").start()
+
+    def _deliver(self, rid: str, item) -> None:
+        s = self.streams.get(rid)
+        if s is not None:
+            s[0].call_soon_threadsafe(s[1].put_nowait, item)
+
+    def _loop(self) -> None:
+        while True:
+            self.wake.wait()
+            with self.lock:
+                try:
+                    outs = self.engine.step()
+                except Exception as e:  # an expert group is gone for good: fail what is running, keep serving
+                    log.exception("engine step failed")
+                    outs = []
+                    for rid in list(self.engine.seqs):
+                        self.engine.abort(rid)
+                        self._deliver(rid, e)
+                if not self.engine.has_unfinished():
+                    self.wake.clear()
+            for o in outs:
+                self._deliver(o.req_id, o)
+
+    async def generate(self, prompt_ids: list[int], params: dict):
+        """Stream dicts of RequestOutput for one request; a closed stream aborts the sequence."""
+        loop, q = asyncio.get_running_loop(), asyncio.Queue()
+        sp = SamplingParams(**params)
+        with self.lock:
+            rid = self.engine.add_request(prompt_ids, sp)
+            self.streams[rid] = (loop, q)
+        self.wake.set()
+        finished = False
+        try:
+            while not finished:
+                item = await q.get()
+                if isinstance(item, Exception):
+                    raise item
+                finished = item.finished
+                yield dataclasses.asdict(item)
+        finally:
+            self.streams.pop(rid, None)
+            if not finished:
+                with self.lock:
+                    self.engine.abort(rid)
+
+    def stats(self) -> dict:
+        with self.lock:
+            return {
+                "running": self.engine.num_running, "waiting": self.engine.num_waiting,
+                "kv_usage": self.engine.blocks.usage, "expert_retries": self.backend.retries,
+                "dense_bytes": self.engine.dense.nbytes(),
+            }
+
+
+def build_app(cfg: AppConfig | dict) -> Application:
+    """Bind the deployments for `cfg`; no I/O beyond reading config.json for the expert count."""
+    cfg = AppConfig.model_validate(cfg) if isinstance(cfg, dict) else cfg
+    from model.config import MixtralConfig
+
+    num_experts = MixtralConfig.from_file(cfg.model).num_local_experts
+    x = cfg.experts
+    expert_actor = {"num_cpus": x.num_cpus, "num_gpus": x.num_gpus, "resources": dict(x.resources)}
+    if x.num_threads:
+        expert_actor["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(x.num_threads)}}
+    experts = [
+        ExpertDeployment.options(
+            name=f"expert-group-{g}", num_replicas=x.replicas, ray_actor_options=expert_actor,
+            # Replicas of one expert on different nodes, where there are several.
+            max_replicas_per_node=1 if x.replicas > 1 and x.resources else None,
+        ).bind(cfg.model, group, cfg.dtype, x.num_threads)
+        for g, group in enumerate(expert_groups(num_experts, x.experts_per_worker))
+    ]
+    a = cfg.attention
+    attn_actor = {"num_cpus": a.num_cpus, "num_gpus": a.num_gpus, "resources": dict(a.resources)}
+    return AttentionWorker.options(num_replicas=a.replicas, ray_actor_options=attn_actor).bind(
+        cfg.model_dump(), num_experts, *experts
+    )
