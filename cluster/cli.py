@@ -85,6 +85,12 @@ def cmd_generate(a) -> int:
     return 0
 
 
+def cmd_serve(a) -> int:
+    print("mixserve: error: the HTTP/gRPC front (`mixserve serve`) is not built yet; "
+          "use `mixserve generate` or `cluster.app.build_app` with Ray Serve", file=sys.stderr)
+    return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mixserve", description="Serve Mixtral-architecture MoE models on Ray.")
     p.add_argument("--log-level", default=os.environ.get("MIXSERVE_LOG_LEVEL", "warning"))
@@ -108,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
     s.add_argument("--local", action="store_true", help="run in one process, without Ray")
     s.set_defaults(fn=cmd_generate)
+    s = sub.add_parser("serve", help="serve the OpenAI-compatible API (not built yet)")
+    s.set_defaults(fn=cmd_serve)
     return p
 
 

@@ -41,6 +41,12 @@ def test_streamed_generation_equals_in_process(app, tiny_dir):
         assert last["finished"] and last["finish_reason"] == "length" and last["completion_tokens"] == 12
     st = app.stats.remote().result()
     assert st["running"] == 0 and st["waiting"] == 0 and st["kv_usage"] == 0.0
+    # measured inside the attention replica: exactly the dense part, in the serving dtype (float32)
+    from math import prod
+
+    from model.checkpoint import Checkpoint, dense_names
+
+    assert st["dense_bytes"] == 4 * sum(prod(s) for s in dense_names(Checkpoint(tiny_dir).config).values())
 
 
 def test_bad_request_does_not_take_the_worker_down(app, tiny_dir):
