@@ -15,15 +15,11 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import RequestCancelledError
 
 from model.model import ExpertRequest
-from router.experts import split_by_group
+from router.experts import split_by_group, wait_with_retries
 from workers.expert import ExpertWorker
 
 
 RETRYABLE = (RayActorError, ActorDiedError, ActorUnavailableError, TimeoutError, RequestCancelledError)
-
-
-class ExpertUnavailable(RuntimeError):
-    pass
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
@@ -47,15 +43,12 @@ class ServeFuture:
         out: dict[int, torch.Tensor] = {}
         b = self.backend
         for g, (resp, part) in self.calls.items():
-            for attempt in range(1, b.max_tries + 1):
-                try:
-                    out.update(resp.result(timeout_s=b.call_timeout_s))
-                    break
-                except RETRYABLE as e:  # the replica died or hung: Serve routes the re-send to a live one
-                    b.retries += 1
-                    if attempt == b.max_tries:
-                        raise ExpertUnavailable(f"expert group {g} (layer {self.layer}) failed {attempt} times: {e!r}") from None
-                    resp = b.handles[g].run.remote(self.layer, part)
+            # A re-send through the handle is routed by Serve to a live replica.
+            out.update(wait_with_retries(
+                resp, lambda r: r.result(timeout_s=b.call_timeout_s),
+                lambda g=g, part=part: b.handles[g].run.remote(self.layer, part),
+                b.max_tries, RETRYABLE, b.on_retry, f"expert group {g} (layer {self.layer})",
+            ))
         return out
 
 
@@ -68,6 +61,9 @@ class ServeExperts:
         self.expert_map = expert_map
         self.max_tries, self.call_timeout_s = max_tries, call_timeout_s
         self.retries = 0
+
+    def on_retry(self, attempt: int, e: Exception) -> None:
+        self.retries += 1
 
     def submit(self, req: ExpertRequest) -> ServeFuture:
         parts = split_by_group(req.batches, self.expert_map)

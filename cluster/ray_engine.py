@@ -27,7 +27,7 @@ from model.checkpoint import Checkpoint
 from model.model import ExpertRequest, MixtralDense
 from model.tokenizer import Tokenizer
 from router.engine import EngineConfig, LLMEngine
-from router.experts import expert_groups, split_by_group
+from router.experts import expert_groups, split_by_group, wait_with_retries
 from workers.expert import ExpertWorker
 
 log = logging.getLogger(__name__)
@@ -49,10 +49,6 @@ class ExpertsConfig(BaseModel):
     max_tries: int = Field(4, ge=1, description="Attempts of one expert call before the request fails.")
     call_timeout_s: float = Field(30.0, gt=0, description="Seconds to wait for one expert call before retrying.")
     max_restarts: int = Field(-1, ge=-1, description="Ray restarts of a dead replica (-1 = always).")
-
-
-class ExpertUnavailable(RuntimeError):
-    pass
 
 
 @ray.remote
@@ -91,19 +87,16 @@ class RayFuture:
         out: dict[int, torch.Tensor] = {}
         b = self.backend
         for g, (ref, part, replica) in self.calls.items():
-            for attempt in range(1, b.cfg.max_tries + 1):
-                try:
-                    out.update(ray.get(ref, timeout=b.cfg.call_timeout_s))
-                    break
-                except RETRYABLE as e:
-                    b.retries += 1
-                    if attempt == b.cfg.max_tries:
-                        raise ExpertUnavailable(
-                            f"expert group {b.groups[g]} (layer {self.layer}) failed {attempt} times: {type(e).__name__}"
-                        ) from None
-                    replica = b.next_replica(g, avoid=replica)
-                    log.warning("expert call failed; re-sending", extra={"group": g, "attempt": attempt, "error": type(e).__name__})
-                    ref = b.replicas[g][replica].run.remote(self.layer, part)
+            tried = [replica]
+
+            def resend(g=g, part=part, tried=tried):
+                tried.append(b.next_replica(g, avoid=tried[-1]))
+                return b.replicas[g][tried[-1]].run.remote(self.layer, part)
+
+            out.update(wait_with_retries(
+                ref, lambda r: ray.get(r, timeout=b.cfg.call_timeout_s), resend, b.cfg.max_tries, RETRYABLE,
+                b.on_retry, f"expert group {b.groups[g]} (layer {self.layer})",
+            ))
         return out
 
 
@@ -136,6 +129,10 @@ class RayExperts:
             self.replicas.append(actors)
         self._rr = [itertools.count() for _ in self.groups]
         self.retries = 0
+
+    def on_retry(self, attempt: int, e: Exception) -> None:
+        self.retries += 1
+        log.warning("expert call failed; re-sending", extra={"attempt": attempt, "error": type(e).__name__})
 
     def wait_ready(self, timeout_s: float = 300) -> list[dict]:
         return ray.get([a.info.remote() for reps in self.replicas for a in reps], timeout=timeout_s)
