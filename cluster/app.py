@@ -15,7 +15,6 @@ import dataclasses
 import logging
 import threading
 
-from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve import Application
 
@@ -23,36 +22,13 @@ from model.checkpoint import Checkpoint
 from model.model import MixtralDense
 from model.sampling import SamplingParams
 from model.tokenizer import Tokenizer
-from router.engine import EngineConfig, LLMEngine
+from router.engine import LLMEngine
 from router.experts import expert_groups
 
 from .deployments import ExpertDeployment, ServeExperts
-from .ray_engine import ExpertsConfig
+from .config import AppConfig
 
 log = logging.getLogger(__name__)
-
-
-class AttentionConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    replicas: int = Field(1, ge=1, description="Data-parallel attention replicas.")
-    num_cpus: float = Field(1.0, ge=0, description="CPUs per attention replica.")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs per attention replica.")
-    resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per replica (attention nodes).")
-
-
-class AppConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    model: str = Field(description="Checkpoint folder (HF layout).")
-    dtype: str = Field("auto", pattern="^(auto|float32|bfloat16|float16)$", description="Weight and compute dtype.")
-    engine: EngineConfig = Field(default_factory=lambda: EngineConfig(num_microbatches=2))
-    attention: AttentionConfig = Field(default_factory=AttentionConfig)
-    experts: ExpertsConfig = Field(default_factory=ExpertsConfig)
-    expert_transport: str = Field(
-        "serve_grpc", pattern="^(serve_handle|serve_grpc)$",
-        description="serve_grpc: handles with _by_reference=False (measured faster); serve_handle: by reference.",
-    )
 
 
 @serve.deployment
@@ -130,8 +106,18 @@ class AttentionWorker:
 
 
 def build_app(cfg: AppConfig | dict) -> Application:
-    """Bind the deployments for `cfg`; no I/O beyond reading config.json for the expert count."""
+    """The whole application: OpenAI ingress -> AttentionWorker -> expert groups."""
+    from .openai_api import OpenAIIngress
+
     cfg = AppConfig.model_validate(cfg) if isinstance(cfg, dict) else cfg
+    return OpenAIIngress.bind(cfg.model_dump(), build_attention(cfg))
+
+
+def build_attention(cfg: AppConfig | dict) -> Application:
+    """AttentionWorker bound to its expert deployments; no I/O beyond reading config.json."""
+    cfg = AppConfig.model_validate(cfg) if isinstance(cfg, dict) else cfg
+    if cfg.model is None:
+        raise ValueError("config: model is not set (the CLI fills in the embedded tiny model)")
     from model.config import MixtralConfig
 
     num_experts = MixtralConfig.from_file(cfg.model).num_local_experts

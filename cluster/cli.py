@@ -85,10 +85,55 @@ def cmd_generate(a) -> int:
     return 0
 
 
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+
+
+def resolve_config(a):
+    """The YAML config (configs/tiny.yaml by default) with CLI flags applied over it."""
+    from cluster.config import load_config
+
+    overrides = {
+        "model": getattr(a, "model", None), "dtype": None if getattr(a, "dtype", "auto") == "auto" else a.dtype,
+        "server.host": getattr(a, "host", None), "server.port": getattr(a, "port", None),
+        "server.grpc_port": getattr(a, "grpc_port", None),
+        "server.served_model_name": getattr(a, "served_model_name", None), "server.api_key": getattr(a, "api_key", None),
+    }
+    cfg = load_config(a.config or DEFAULT_CONFIG, overrides)
+    cfg.model = str(resolve_model(os.path.expanduser(cfg.model) if cfg.model else None))
+    return cfg
+
+
 def cmd_serve(a) -> int:
-    print("mixserve: error: the HTTP/gRPC front (`mixserve serve`) is not built yet; "
-          "use `mixserve generate` or `cluster.app.build_app` with Ray Serve", file=sys.stderr)
-    return 2
+    import signal
+    import threading
+
+    import ray
+    from ray import serve
+
+    from cluster.app import build_app
+    from cluster.ray_engine import ensure_ray
+
+    cfg = resolve_config(a)
+    started = ensure_ray()
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": cfg.server.host, "port": cfg.server.port})
+        serve.run(build_app(cfg), name="mixserve", route_prefix="/")
+        name = cfg.server.served_model_name or os.path.basename(os.path.normpath(cfg.model))
+        url = f"http://{cfg.server.host}:{cfg.server.port}"
+        print(f"mixserve: serving {name} at {url}/v1", flush=True)
+        print(f"  curl {url}/v1/completions -H 'Content-Type: application/json' "
+              f"-d '{{\"model\": \"{name}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'", flush=True)
+        while not stop.wait(0.5):
+            pass
+        print("mixserve: shutting down", file=sys.stderr, flush=True)
+    finally:
+        serve.shutdown()
+        if started:
+            ray.shutdown()
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,8 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
     s.add_argument("--local", action="store_true", help="run in one process, without Ray")
-    s.set_defaults(fn=cmd_generate)
-    s = sub.add_parser("serve", help="serve the OpenAI-compatible API (not built yet)")
+    s.set_defaults(fn=cmd_generate, config=None)
+    s = sub.add_parser("serve", help="serve the OpenAI-compatible API on Ray Serve")
+    s.add_argument("--config", help="YAML config (default: configs/tiny.yaml)")
+    s.add_argument("--model", help="checkpoint folder (default: the config's, else the embedded tiny model)")
+    s.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.add_argument("--grpc-port", type=int)
+    s.add_argument("--served-model-name")
+    s.add_argument("--api-key", default=os.environ.get("MIXSERVE_API_KEY"))
     s.set_defaults(fn=cmd_serve)
     return p
 

@@ -6,7 +6,8 @@ import pytest
 import ray
 from ray import serve
 
-from cluster.app import AppConfig, build_app
+from cluster.app import build_attention
+from cluster.config import AppConfig
 from model.sampling import SamplingParams
 from router.engine import LLMEngine
 
@@ -18,7 +19,7 @@ def app(tiny_dir):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     cfg = AppConfig(model=tiny_dir, dtype="float32",
                     attention={"num_cpus": 0}, experts={"num_cpus": 0, "experts_per_worker": 2})
-    handle = serve.run(build_app(cfg), name="mixserve", route_prefix=None)
+    handle = serve.run(build_attention(cfg), name="mixserve", route_prefix=None)
     yield handle
     serve.shutdown()
     ray.shutdown()

@@ -1,0 +1,88 @@
+"""The one config: YAML -> pydantic (unknown keys are errors) -> each component takes its part.
+
+    model / dtype        which checkpoint, in which dtype
+    engine               router.engine.EngineConfig (scheduler, KV cache, micro-batches)
+    attention / experts  replicas and placement of the two kinds of worker
+    server               host, ports, served model name, API key, request limits
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from router.engine import EngineConfig
+
+from .ray_engine import ExpertsConfig
+
+
+class AttentionConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    replicas: int = Field(1, ge=1, description="Data-parallel attention replicas.")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs per attention replica.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per attention replica.")
+    resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per replica (attention nodes).")
+
+
+class ServerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field("127.0.0.1", description="HTTP bind address (loopback by default).")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
+    grpc_port: int = Field(9000, ge=1, le=65535, description="gRPC port.")
+    served_model_name: str | None = Field(None, description="Model id in the API; the checkpoint folder name when null.")
+    api_key: str | None = Field(None, description="Bearer key required on /v1 routes (or env MIXSERVE_API_KEY).")
+    max_request_bytes: int = Field(1 << 20, ge=1024, description="Largest request body accepted.")
+    max_tokens_default: int = Field(256, ge=1, description="max_tokens when a request gives none.")
+
+
+class AppConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="Checkpoint folder (HF layout); the embedded tiny model when null.")
+    dtype: str = Field("auto", pattern="^(auto|float32|bfloat16|float16)$", description="Weight and compute dtype.")
+    engine: EngineConfig = Field(default_factory=lambda: EngineConfig(num_microbatches=2))
+    attention: AttentionConfig = Field(default_factory=AttentionConfig)
+    experts: ExpertsConfig = Field(default_factory=ExpertsConfig)
+    expert_transport: str = Field(
+        "serve_grpc", pattern="^(serve_handle|serve_grpc)$",
+        description="serve_grpc: handles with _by_reference=False (measured faster); serve_handle: by reference.",
+    )
+    server: ServerConfig = Field(default_factory=ServerConfig)
+
+
+class ConfigFileError(ValueError):
+    pass
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> AppConfig:
+    """Read YAML (or start from defaults), apply dotted-key overrides ({"server.port": 8001}), validate."""
+    raw: dict = {}
+    where = str(path) if path else "<defaults>"
+    if path:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigFileError(f"{where}: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigFileError(f"{where}: the top level must be a mapping")
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        d = raw
+        *parents, last = key.split(".")
+        for p in parents:
+            d = d.setdefault(p, {})
+        d[last] = value
+    try:
+        return AppConfig.model_validate(raw)
+    except ValidationError as e:
+        msgs = []
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err["loc"])
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            msgs.append(f"{loc}: {msg}")
+        raise ConfigFileError(f"{where}: " + "; ".join(msgs)) from None

@@ -1,0 +1,321 @@
+"""OpenAI-compatible HTTP ingress (FastAPI inside Ray Serve).
+
+    client --HTTP--> OpenAIIngress: auth, size limit, parse + validate, tokenise / chat format
+                     --streaming handle--> AttentionWorker.generate --> outputs --> JSON or SSE
+
+Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}}: 400 bad input, 401 bad
+key, 404 unknown model or route, 413 body too large, 503 overloaded (with Retry-After). A bad request
+is answered here and never reaches a worker.
+"""
+
+import json
+import os
+import time
+import uuid
+from typing import Optional, Union
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from model.config import MixtralConfig
+from model.sampling import SamplingParams
+from model.tokenizer import ChatFormatError, Tokenizer
+
+from .config import AppConfig
+
+api = FastAPI(title="mixserve", description="OpenAI-compatible API of mixserve")
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        self.status, self.message, self.type, self.param, self.code, self.headers = status, message, type_, param, code, headers
+
+
+def error_response(e: APIError) -> JSONResponse:
+    body = {"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}}
+    return JSONResponse(body, status_code=e.status, headers=e.headers)
+
+
+@api.exception_handler(APIError)
+async def _api_error(_: Request, e: APIError):
+    return error_response(e)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation(_: Request, e: RequestValidationError):
+    return error_response(APIError(400, f"invalid request: {e.errors()[:1]}"))
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, e: StarletteHTTPException):
+    kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+    return error_response(APIError(e.status_code, str(e.detail), kind))
+
+
+# ---------------------------------------------------------------- request schemas
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="Extension: 0 disables it.")
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1)
+    stream: bool = False
+    stream_options: dict | None = None
+    ignore_eos: bool = False
+    user: str | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str] | list[int]
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: str
+    content: str | list[dict]
+    name: str | None = None
+
+
+class ChatRequest(_Common):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+def _validation_error(e: ValidationError) -> APIError:
+    err = e.errors()[0]
+    loc = ".".join(str(x) for x in err["loc"] if not isinstance(x, int) or True)
+    msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+    return APIError(400, f"{loc}: {msg}", param=loc or None)
+
+
+# ---------------------------------------------------------------- the ingress
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+@serve.ingress(api)
+class OpenAIIngress:
+    def __init__(self, cfg: dict, attention):
+        self.cfg = AppConfig.model_validate(cfg)
+        self.attention = attention
+        self.tokenizer = Tokenizer.for_model(self.cfg.model)
+        mc = MixtralConfig.from_file(self.cfg.model)
+        self.vocab = mc.vocab_size
+        self.max_model_len = min(self.cfg.engine.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        s = self.cfg.server
+        self.model_name = s.served_model_name or os.path.basename(os.path.normpath(self.cfg.model))
+        self.api_key = s.api_key or os.environ.get("MIXSERVE_API_KEY")
+        self.created = int(time.time())
+
+    # ------------------------------------------------------------ shared checks
+
+    async def _body(self, request: Request, schema):
+        if self.api_key and request.headers.get("authorization") != f"Bearer {self.api_key}":
+            raise APIError(401, "invalid or missing API key", "authentication_error", code="invalid_api_key")
+        raw = await request.body()
+        if len(raw) > self.cfg.server.max_request_bytes:
+            raise APIError(413, f"request body is {len(raw)} bytes; the limit is {self.cfg.server.max_request_bytes}")
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise APIError(400, "request body is not valid UTF-8") from None
+        except json.JSONDecodeError as e:
+            raise APIError(400, f"request body is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise APIError(400, "request body must be a JSON object")
+        try:
+            req = schema.model_validate(data)
+        except ValidationError as e:
+            raise _validation_error(e) from None
+        if req.model != self.model_name:
+            raise APIError(404, f"model {req.model!r} does not exist; this server serves {self.model_name!r}",
+                           "not_found_error", "model", "model_not_found")
+        if req.n != 1:
+            raise APIError(400, "only n=1 is supported", param="n")
+        for p in ("presence_penalty", "frequency_penalty"):
+            if getattr(req, p):
+                raise APIError(400, f"{p} is not supported (must be 0)", param=p)
+        return req
+
+    def _params(self, req, max_tokens: int | None, prompt_len: int, logprobs: int | None) -> SamplingParams:
+        if prompt_len >= self.max_model_len:
+            raise APIError(400, f"the prompt has {prompt_len} tokens; this model's context is {self.max_model_len} tokens",
+                           param="messages" if isinstance(req, ChatRequest) else "prompt", code="context_length_exceeded")
+        room = self.max_model_len - prompt_len
+        if max_tokens is None:
+            max_tokens = min(self.cfg.server.max_tokens_default, room)
+        elif max_tokens > room:
+            raise APIError(400, f"max_tokens={max_tokens} plus the prompt's {prompt_len} tokens exceeds the "
+                                f"context of {self.max_model_len} tokens", param="max_tokens", code="context_length_exceeded")
+        try:
+            return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                                  seed=req.seed, stop=req.stop or [], ignore_eos=req.ignore_eos, logprobs=logprobs)
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+
+    async def _outputs(self, prompt_ids: list[int], sp: SamplingParams):
+        """The request's outputs, with the first one already received: a refusal (overload) becomes
+        an HTTP status before any byte of a stream is sent."""
+        params = {k: getattr(sp, k) for k in SamplingParams.__dataclass_fields__}
+        resp = self.attention.options(stream=True).generate.remote(prompt_ids, params)
+        try:
+            first = await resp.__anext__()
+        except Exception as e:  # noqa: BLE001 - the worker's refusal, mapped to an HTTP status
+            if "Overloaded" in type(e).__name__ or "Overloaded" in str(e)[:300]:
+                raise APIError(503, "the server is overloaded; retry later", "server_error", code="overloaded",
+                               headers={"Retry-After": "1"}) from None
+            raise
+
+        async def rest():
+            finished = False
+            try:
+                out = first
+                while True:
+                    finished = out["finished"]
+                    yield out
+                    if finished:
+                        return
+                    out = await resp.__anext__()
+            finally:
+                if not finished:  # the client went away: free the sequence
+                    resp.cancel()
+
+        return rest()
+
+    # ------------------------------------------------------------ routes
+
+    @api.get("/health")
+    async def health(self):
+        return {"status": "ok"}
+
+    @api.get("/v1/models")
+    async def models(self, request: Request):
+        if self.api_key and request.headers.get("authorization") != f"Bearer {self.api_key}":
+            raise APIError(401, "invalid or missing API key", "authentication_error", code="invalid_api_key")
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
+                                            "owned_by": "mixserve", "max_model_len": self.max_model_len}]}
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request):
+        req = await self._body(request, CompletionRequest)
+        prompt = req.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            if len(prompt) != 1:
+                raise APIError(400, "only one prompt per request is supported", param="prompt")
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        else:
+            if not prompt or min(prompt) < 0 or max(prompt) >= self.vocab:
+                raise APIError(400, f"prompt token ids must be non-empty and in [0, {self.vocab})", param="prompt")
+            ids = list(prompt)
+        if req.echo:
+            raise APIError(400, "echo is not supported", param="echo")
+        sp = self._params(req, req.max_tokens, len(ids), req.logprobs)
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        if req.stream:
+            return self._sse(self._stream_completion(rid, req, await self._outputs(ids, sp)))
+        text, last, lps = "", None, []
+        outs = await self._outputs(ids, sp)
+        async for out in outs:
+            text += out["text"]
+            lps += out["logprobs"]
+            last = out
+        choice = {"index": 0, "text": text, "finish_reason": last["finish_reason"],
+                  "logprobs": self._completion_logprobs(lps) if req.logprobs is not None else None}
+        return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": self.model_name,
+                "choices": [choice], "usage": self._usage(last)}
+
+    @api.post("/v1/chat/completions")
+    async def chat(self, request: Request):
+        req = await self._body(request, ChatRequest)
+        try:
+            ids = self.tokenizer.encode_chat([m.model_dump() for m in req.messages])
+        except ChatFormatError as e:
+            raise APIError(400, str(e), param="messages") from None
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        sp = self._params(req, req.max_completion_tokens or req.max_tokens, len(ids), top)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        if req.stream:
+            return self._sse(self._stream_chat(rid, req, await self._outputs(ids, sp)))
+        text, last = "", None
+        outs = await self._outputs(ids, sp)
+        async for out in outs:
+            text += out["text"]
+            last = out
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": last["finish_reason"],
+                  "logprobs": None}
+        return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": self.model_name,
+                "choices": [choice], "usage": self._usage(last)}
+
+    # ------------------------------------------------------------ streaming
+
+    def _sse(self, gen):
+        return StreamingResponse(gen, media_type="text/event-stream")
+
+    async def _stream_completion(self, rid, req, outs):
+        created = int(time.time())
+        try:
+            async for out in outs:
+                if out["text"] or out["finished"]:
+                    choice = {"index": 0, "text": out["text"], "finish_reason": out["finish_reason"] if out["finished"] else None,
+                              "logprobs": self._completion_logprobs(out["logprobs"]) if req.logprobs is not None else None}
+                    chunk = {"id": rid, "object": "text_completion", "created": created, "model": self.model_name, "choices": [choice]}
+                    if out["finished"] and (req.stream_options or {}).get("include_usage"):
+                        chunk["usage"] = self._usage(out)
+                    yield f"data: {json.dumps(chunk)}\n\n"
+        except APIError as e:
+            yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.type, 'param': e.param, 'code': e.code}})}\n\n"
+        yield "data: [DONE]\n\n"
+
+    async def _stream_chat(self, rid, req, outs):
+        created = int(time.time())
+        head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name}
+        first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+        yield f"data: {json.dumps(head | {'choices': [first]})}\n\n"
+        try:
+            async for out in outs:
+                if out["text"] or out["finished"]:
+                    choice = {"index": 0, "delta": {"content": out["text"]} if out["text"] else {},
+                              "finish_reason": out["finish_reason"] if out["finished"] else None}
+                    chunk = head | {"choices": [choice]}
+                    if out["finished"] and (req.stream_options or {}).get("include_usage"):
+                        chunk["usage"] = self._usage(out)
+                    yield f"data: {json.dumps(chunk)}\n\n"
+        except APIError as e:
+            yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.type, 'param': e.param, 'code': e.code}})}\n\n"
+        yield "data: [DONE]\n\n"
+
+    # ------------------------------------------------------------ helpers
+
+    @staticmethod
+    def _usage(out) -> dict:
+        p, c = out["prompt_tokens"], out["completion_tokens"]
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+    def _completion_logprobs(self, lps) -> dict:
+        dec = lambda t: self.tokenizer.sp.id_to_piece(t).replace("\u2581", " ")
+        return {
+            "tokens": [dec(t) for t, _, _ in lps],
+            "token_logprobs": [lp for _, lp, _ in lps],
+            "top_logprobs": [{dec(a): v for a, v in alts} for _, _, alts in lps],
+            "text_offset": [],
+        }
