@@ -1,0 +1,155 @@
+"""The OpenAI API through a real Ray Serve HTTP proxy, driven by the official `openai` client."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import urllib.request
+from pathlib import Path
+
+import openai
+import pytest
+import ray
+from ray import serve
+
+from cluster.app import build_app
+from cluster.config import load_config
+from model.sampling import SamplingParams
+from router.engine import LLMEngine
+
+pytestmark = pytest.mark.ray
+CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir):
+    port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    cfg = load_config(CONFIG, {"model": tiny_dir, "dtype": "float32", "server.served_model_name": "tiny-test",
+                               "engine.max_model_len": 256})
+    serve.run(build_app(cfg), name="mixserve", route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def local(tiny_dir):
+    return LLMEngine.local(tiny_dir, "float32")
+
+
+def post(url: str, body: bytes, headers: dict | None = None) -> tuple[int, dict, dict]:
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, dict(r.headers), json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), json.loads(e.read())
+
+
+def test_models(client):
+    assert [m.id for m in client.models.list().data] == ["tiny-test"]
+
+
+def test_completion_equals_in_process_and_stream_equals_non_stream(client, local):
+    prompt = "The meaning of life is"
+    want = local.generate([local.tokenizer.encode(prompt)], SamplingParams(max_tokens=12, temperature=0))[0]
+    r = client.completions.create(model="tiny-test", prompt=prompt, max_tokens=12, temperature=0)
+    assert r.choices[0].text == want.text
+    assert r.choices[0].finish_reason == want.finish_reason
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (want.prompt_tokens, want.completion_tokens)
+    chunks = list(client.completions.create(model="tiny-test", prompt=prompt, max_tokens=12, temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == want.text
+    assert chunks[-1].choices[0].finish_reason == want.finish_reason
+
+
+def test_chat_equals_in_process_and_stream_equals_non_stream(client, local):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a color."}]
+    want = local.generate([local.tokenizer.encode_chat(msgs)], SamplingParams(max_tokens=10, temperature=0))[0]
+    r = client.chat.completions.create(model="tiny-test", messages=msgs, max_tokens=10, temperature=0)
+    assert r.choices[0].message.content == want.text and r.choices[0].message.role == "assistant"
+    assert r.usage.completion_tokens == want.completion_tokens
+    stream = client.chat.completions.create(model="tiny-test", messages=msgs, max_tokens=10, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want.text
+    assert chunks[-1].usage.completion_tokens == want.completion_tokens
+
+
+def test_concurrent_streaming_clients_each_get_their_solo_output(client, local):
+    prompts = [f"Request number {i} says" + " more" * (i % 5) for i in range(32)]
+    want = [o.text for o in local.generate([local.tokenizer.encode(p) for p in prompts],
+                                           SamplingParams(max_tokens=8, temperature=0))]
+    got = [None] * len(prompts)
+
+    def one(i):
+        s = client.completions.create(model="tiny-test", prompt=prompts[i], max_tokens=8, temperature=0, stream=True)
+        got[i] = "".join(c.choices[0].text for c in s)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert got == want
+
+
+BAD = [
+    (b"{not json", 400, None),
+    (b"\xff\xfe", 400, None),
+    (b"[1, 2]", 400, None),
+    (json.dumps({"model": "tiny-test", "prompt": "x", "max_tokens": -5}).encode(), 400, "max_tokens"),
+    (json.dumps({"model": "tiny-test", "prompt": "x", "max_tokens": "many"}).encode(), 400, "max_tokens"),
+    (json.dumps({"model": "tiny-test", "prompt": "x", "temperature": 9}).encode(), 400, "temperature"),
+    (json.dumps({"model": "tiny-test", "prompt": "x", "top_p": 0}).encode(), 400, "top_p"),
+    (json.dumps({"model": "tiny-test", "prompt": "x", "max_tokens": 10**9}).encode(), 400, "max_tokens"),
+    (json.dumps({"model": "tiny-test", "prompt": "x", "n": 2}).encode(), 400, "n"),
+    (json.dumps({"model": "nope", "prompt": "x"}).encode(), 404, "model"),
+    (json.dumps({"model": "tiny-test", "prompt": "word " * 400}).encode(), 400, "prompt"),
+    (json.dumps({"model": "tiny-test", "prompt": [1, 99999]}).encode(), 400, "prompt"),
+    (json.dumps({"model": "tiny-test", "prompt": "x", "bogus_field": 1}).encode(), 400, "bogus_field"),
+    (json.dumps({"model": "tiny-test"}).encode(), 400, "prompt"),
+]
+
+
+@pytest.mark.parametrize("body,status,param", BAD, ids=[f"bad{i}" for i in range(len(BAD))])
+def test_bad_completion_requests(server, body, status, param):
+    code, _, err = post(server + "/v1/completions", body)
+    assert code == status
+    assert set(err["error"]) == {"message", "type", "param", "code"} and err["error"]["message"]
+    if param:
+        assert err["error"]["param"] == param
+
+
+@pytest.mark.parametrize("messages", [[], [{"role": "wizard", "content": "x"}], [{"role": "user"}],
+                                      [{"role": "assistant", "content": "x"}]])
+def test_bad_chat_requests(server, messages):
+    code, _, err = post(server + "/v1/chat/completions", json.dumps({"model": "tiny-test", "messages": messages}).encode())
+    assert code == 400 and err["error"]["type"] == "invalid_request_error"
+
+
+def test_oversize_body_and_unknown_route(server):
+    code, _, err = post(server + "/v1/completions", b'{"model": "tiny-test", "prompt": "' + b"a" * (2 << 20) + b'"}')
+    assert code == 413 and "limit" in err["error"]["message"]
+    code, _, err = post(server + "/v1/nothing", b"{}")
+    assert code == 404 and err["error"]["type"] == "not_found_error"
+
+
+def test_server_still_answers_after_bad_input(client):
+    r = client.completions.create(model="tiny-test", prompt="Still alive", max_tokens=3, temperature=0)
+    assert r.usage.completion_tokens == 3
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny-test", prompt="x", max_tokens=-1)
