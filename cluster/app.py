@@ -101,7 +101,9 @@ class AttentionWorker:
             return {
                 "running": self.engine.num_running, "waiting": self.engine.num_waiting,
                 "kv_usage": self.engine.blocks.usage, "expert_retries": self.backend.retries,
-                "dense_bytes": self.engine.dense.nbytes(),
+                "dense_bytes": self.engine.dense.nbytes(), "preemptions": self.engine.scheduler.num_preemptions,
+                "routed_tokens": [[l, e, n] for (l, e), n in sorted(self.backend.routed.items())],
+                "expert_calls": self.backend.calls, "expert_call_seconds": self.backend.call_seconds,
             }
 
 

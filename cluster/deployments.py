@@ -8,6 +8,8 @@ deployments through Serve `DeploymentHandle`s (optionally by value over inter-de
 
 from __future__ import annotations
 
+import time
+
 import torch
 from ray import serve
 
@@ -38,6 +40,7 @@ class ExpertDeployment:
 class ServeFuture:
     def __init__(self, backend: "ServeExperts", layer: int, calls: dict[int, tuple]):
         self.backend, self.layer, self.calls = backend, layer, calls
+        self.t0 = time.perf_counter()
 
     def result(self) -> dict[int, torch.Tensor]:
         out: dict[int, torch.Tensor] = {}
@@ -49,6 +52,8 @@ class ServeFuture:
                 lambda g=g, part=part: b.handles[g].run.remote(self.layer, part),
                 b.max_tries, RETRYABLE, b.on_retry, f"expert group {g} (layer {self.layer})",
             ))
+        b.calls += 1
+        b.call_seconds += time.perf_counter() - self.t0
         return out
 
 
@@ -61,10 +66,16 @@ class ServeExperts:
         self.expert_map = expert_map
         self.max_tries, self.call_timeout_s = max_tries, call_timeout_s
         self.retries = 0
+        self.routed: dict[tuple[int, int], int] = {}  # (layer, expert) -> tokens sent
+        self.call_seconds = 0.0  # sum over layer round trips (submit to all results back)
+        self.calls = 0
 
     def on_retry(self, attempt: int, e: Exception) -> None:
         self.retries += 1
 
     def submit(self, req: ExpertRequest) -> ServeFuture:
+        for e, x in req.batches.items():
+            key = (req.layer, e)
+            self.routed[key] = self.routed.get(key, 0) + int(x.shape[0])
         parts = split_by_group(req.batches, self.expert_map)
         return ServeFuture(self, req.layer, {g: (self.handles[g].run.remote(req.layer, p), p) for g, p in parts.items()})

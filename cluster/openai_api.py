@@ -16,7 +16,7 @@ from typing import Optional, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -26,6 +26,7 @@ from model.sampling import SamplingParams
 from model.tokenizer import ChatFormatError, Tokenizer
 
 from .config import AppConfig
+from .metrics import Metrics
 
 api = FastAPI(title="mixserve", description="OpenAI-compatible API of mixserve")
 
@@ -42,17 +43,17 @@ def error_response(e: APIError) -> JSONResponse:
 
 
 @api.exception_handler(APIError)
-async def _api_error(_: Request, e: APIError):
+async def _api_error(request: Request, e: APIError):
     return error_response(e)
 
 
 @api.exception_handler(RequestValidationError)
-async def _validation(_: Request, e: RequestValidationError):
+async def _validation(request: Request, e: RequestValidationError):
     return error_response(APIError(400, f"invalid request: {e.errors()[:1]}"))
 
 
 @api.exception_handler(StarletteHTTPException)
-async def _http_error(_: Request, e: StarletteHTTPException):
+async def _http_error(request: Request, e: StarletteHTTPException):
     kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
     return error_response(APIError(e.status_code, str(e.detail), kind))
 
@@ -124,6 +125,9 @@ class OpenAIIngress:
         self.model_name = s.served_model_name or os.path.basename(os.path.normpath(self.cfg.model))
         self.api_key = s.api_key or os.environ.get("MIXSERVE_API_KEY")
         self.created = int(time.time())
+        self.metrics = Metrics()
+        self.app_name = serve.get_replica_context().app_name
+
 
     # ------------------------------------------------------------ shared checks
 
@@ -175,6 +179,7 @@ class OpenAIIngress:
         """The request's outputs, with the first one already received: a refusal (overload) becomes
         an HTTP status before any byte of a stream is sent."""
         params = {k: getattr(sp, k) for k in SamplingParams.__dataclass_fields__}
+        t0 = time.perf_counter()
         resp = self.attention.options(stream=True).generate.remote(prompt_ids, params)
         try:
             first = await resp.__anext__()
@@ -183,13 +188,23 @@ class OpenAIIngress:
                 raise APIError(503, "the server is overloaded; retry later", "server_error", code="overloaded",
                                headers={"Retry-After": "1"}) from None
             raise
+        m = self.metrics
+        m.prompt_tokens.inc(len(prompt_ids))
+        if first["new_token_ids"]:
+            m.ttft.observe(time.perf_counter() - t0)
 
         async def rest():
-            finished = False
+            finished, last = False, time.perf_counter()
             try:
                 out = first
                 while True:
                     finished = out["finished"]
+                    n = len(out["new_token_ids"])
+                    m.generated_tokens.inc(n)
+                    if out is not first and n:
+                        now = time.perf_counter()
+                        m.itl.observe((now - last) / n)
+                        last = now
                     yield out
                     if finished:
                         return
@@ -206,6 +221,21 @@ class OpenAIIngress:
     async def health(self):
         return {"status": "ok"}
 
+    @api.get("/metrics")
+    async def metrics_text(self):
+        stats = await self.attention.stats.remote()
+        replicas = {}
+        try:  # replica counts as Serve sees them; absent where the controller cannot be asked
+            app = serve.status().applications.get(self.app_name)
+            for name, d in (app.deployments.items() if app else []):
+                if name.startswith("expert-group-"):
+                    replicas[name.removeprefix("expert-group-")] = sum(
+                        n for st, n in d.replica_states.items() if str(st).endswith("RUNNING"))
+        except Exception:  # noqa: BLE001
+            pass
+        self.metrics.update_from(stats, replicas)
+        return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
+
     @api.get("/v1/models")
     async def models(self, request: Request):
         if self.api_key and request.headers.get("authorization") != f"Bearer {self.api_key}":
@@ -213,8 +243,25 @@ class OpenAIIngress:
         return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
                                             "owned_by": "mixserve", "max_model_len": self.max_model_len}]}
 
+    async def _counted(self, route: str, fn, request: Request):
+        """Run a route, counting its outcome; an APIError becomes its OpenAI-shaped response."""
+        try:
+            resp = await fn(request)
+            status = 200
+        except APIError as e:
+            resp, status = error_response(e), e.status
+        self.metrics.requests.labels(route, str(status)).inc()
+        return resp
+
     @api.post("/v1/completions")
     async def completions(self, request: Request):
+        return await self._counted("/v1/completions", self._completions, request)
+
+    @api.post("/v1/chat/completions")
+    async def chat(self, request: Request):
+        return await self._counted("/v1/chat/completions", self._chat, request)
+
+    async def _completions(self, request: Request):
         req = await self._body(request, CompletionRequest)
         prompt = req.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
@@ -244,8 +291,7 @@ class OpenAIIngress:
         return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": self.model_name,
                 "choices": [choice], "usage": self._usage(last)}
 
-    @api.post("/v1/chat/completions")
-    async def chat(self, request: Request):
+    async def _chat(self, request: Request):
         req = await self._body(request, ChatRequest)
         try:
             ids = self.tokenizer.encode_chat([m.model_dump() for m in req.messages])

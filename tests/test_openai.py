@@ -153,3 +153,45 @@ def test_server_still_answers_after_bad_input(client):
     assert r.usage.completion_tokens == 3
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="tiny-test", prompt="x", max_tokens=-1)
+
+
+def test_metrics_parse_and_move_with_traffic(server, client):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape() -> dict:
+        with urllib.request.urlopen(server + "/metrics", timeout=60) as r:
+            text = r.read().decode()
+        out = {}
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+        return out
+
+    before = scrape()
+    client.completions.create(model="tiny-test", prompt="Count me", max_tokens=5, temperature=0, stream=True).close()
+    client.completions.create(model="tiny-test", prompt="Count me too", max_tokens=5, temperature=0)
+    after = scrape()
+    key = ("mixserve_requests_total", (("route", "/v1/completions"), ("status", "200")))
+    assert after[key] - before.get(key, 0) == 2
+    assert after[("mixserve_generation_tokens_total", ())] - before.get(("mixserve_generation_tokens_total", ()), 0) >= 5
+    assert after[("mixserve_time_to_first_token_seconds_count", ())] > before.get(("mixserve_time_to_first_token_seconds_count", ()), 0)
+    routed = sum(v for (n, _), v in after.items() if n == "mixserve_expert_routed_tokens")
+    assert routed > sum(v for (n, _), v in before.items() if n == "mixserve_expert_routed_tokens")
+    assert after[("mixserve_running_sequences", ())] == 0
+    assert after[("mixserve_expert_replicas", (("group", "0"),))] == 1
+
+
+def test_api_key_is_enforced(server, tiny_dir):
+    cfg = load_config(CONFIG, {"model": tiny_dir, "dtype": "float32", "server.api_key": "sesame",
+                               "experts.experts_per_worker": 8})
+    serve.run(build_app(cfg), name="keyed", route_prefix="/keyed")
+    try:
+        body = json.dumps({"model": Path(tiny_dir).name, "prompt": "x", "max_tokens": 2}).encode()
+        code, _, err = post(server + "/keyed/v1/completions", body)
+        assert code == 401 and err["error"]["type"] == "authentication_error"
+        code, _, err = post(server + "/keyed/v1/completions", body, {"Authorization": "Bearer wrong"})
+        assert code == 401
+        good = openai.OpenAI(base_url=server + "/keyed/v1", api_key="sesame", max_retries=0)
+        assert good.completions.create(model=Path(tiny_dir).name, prompt="x", max_tokens=2).usage.completion_tokens == 2
+    finally:
+        serve.delete("keyed")

@@ -1,0 +1,48 @@
+"""Prometheus metrics of the ingress, in a registry of its own, rendered at GET /metrics.
+
+Request-side figures (requests by route and status, prompt/generated tokens, TTFT and inter-token
+latency) are counted as they happen; engine and expert figures (running/waiting sequences, KV-cache
+use, tokens routed per (layer, expert), expert round-trip time, replicas per expert group) are read
+from the attention worker and Serve at scrape time.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    def __init__(self):
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("mixserve_requests_total", "HTTP requests by route and status", ["route", "status"], registry=r)
+        self.prompt_tokens = Counter("mixserve_prompt_tokens_total", "Prompt tokens of admitted requests", registry=r)
+        self.generated_tokens = Counter("mixserve_generation_tokens_total", "Generated tokens", registry=r)
+        self.ttft = Histogram("mixserve_time_to_first_token_seconds", "Time to first token", buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("mixserve_inter_token_latency_seconds", "Time between tokens", buckets=LATENCY_BUCKETS, registry=r)
+        self.running = Gauge("mixserve_running_sequences", "Sequences in the running batch", registry=r)
+        self.waiting = Gauge("mixserve_waiting_sequences", "Sequences waiting for admission", registry=r)
+        self.kv_usage = Gauge("mixserve_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use", registry=r)
+        self.preemptions = Gauge("mixserve_preemptions", "Sequences preempted for KV space so far", registry=r)
+        self.routed = Gauge("mixserve_expert_routed_tokens", "Tokens routed to an expert in a layer so far", ["layer", "expert"], registry=r)
+        self.expert_calls = Gauge("mixserve_expert_layer_calls", "Layer fan-outs to the experts so far", registry=r)
+        self.expert_seconds = Gauge("mixserve_expert_layer_call_seconds", "Summed layer fan-out round-trip time", registry=r)
+        self.retries = Gauge("mixserve_expert_retries", "Expert calls re-sent after a failure so far", registry=r)
+        self.replicas = Gauge("mixserve_expert_replicas", "Running replicas per expert group", ["group"], registry=r)
+
+    def update_from(self, stats: dict, replicas: dict[str, int]) -> None:
+        self.running.set(stats["running"])
+        self.waiting.set(stats["waiting"])
+        self.kv_usage.set(stats["kv_usage"])
+        self.preemptions.set(stats["preemptions"])
+        for l, e, n in stats["routed_tokens"]:
+            self.routed.labels(str(l), str(e)).set(n)
+        self.expert_calls.set(stats["expert_calls"])
+        self.expert_seconds.set(stats["expert_call_seconds"])
+        self.retries.set(stats["expert_retries"])
+        for g, n in replicas.items():
+            self.replicas.labels(g).set(n)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
