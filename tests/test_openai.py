@@ -195,3 +195,43 @@ def test_api_key_is_enforced(server, tiny_dir):
         assert good.completions.create(model=Path(tiny_dir).name, prompt="x", max_tokens=2).usage.completion_tokens == 2
     finally:
         serve.delete("keyed")
+
+
+def test_fuzzed_requests_never_get_a_5xx(server):
+    """Bounded property-based fuzz: random JSON bodies (valid fields with wild values, unknown fields,
+    wrong types) to both generation routes. Every answer is < 500 and, if an error, OpenAI-shaped."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    scalar = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12), st.floats(allow_nan=False),
+                       st.text(max_size=40))
+    value = st.recursive(scalar, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+                         max_leaves=8)
+    fields = st.fixed_dictionaries({}, optional={
+        "model": st.sampled_from(["tiny-test", "other"]) | value,
+        "prompt": st.text(max_size=60) | st.lists(st.integers(-5, 40000), max_size=6) | value,
+        "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "x"]),
+                                                    "content": st.text(max_size=30)}), max_size=3) | value,
+        "max_tokens": st.integers(-3, 6) | value, "temperature": st.floats(-1, 3) | value,
+        "top_p": st.floats(-0.5, 1.5) | value, "top_k": st.integers(-2, 50) | value,
+        "seed": st.integers(-2**70, 2**70) | value, "stop": st.lists(st.text(max_size=3), max_size=3) | value,
+        "stream": st.booleans() | value, "n": st.integers(0, 3) | value, "logprobs": st.integers(-1, 25) | value,
+    }) | st.dictionaries(st.text(max_size=10), value, max_size=4)
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @given(route=st.sampled_from(["/v1/completions", "/v1/chat/completions"]), body=fields)
+    def check(route, body):
+        if isinstance(body.get("max_tokens"), int) and body["max_tokens"] > 6:
+            body["max_tokens"] = 6  # keep each generated answer short
+        req = urllib.request.Request(server + route, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                status, payload = r.status, r.read()
+        except urllib.error.HTTPError as e:
+            status, payload = e.code, e.read()
+        assert status < 500, (route, body, payload[:300])
+        if status >= 400:
+            assert set(json.loads(payload)["error"]) == {"message", "type", "param", "code"}
+
+    check()
