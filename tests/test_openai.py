@@ -235,3 +235,24 @@ def test_fuzzed_requests_never_get_a_5xx(server):
             assert set(json.loads(payload)["error"]) == {"message", "type", "param", "code"}
 
     check()
+
+
+def test_client_disconnect_frees_its_sequence(server, client):
+    import time
+
+    def running() -> float:
+        with urllib.request.urlopen(server + "/metrics", timeout=60) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith("mixserve_running_sequences "):
+                    return float(line.split()[1])
+        raise AssertionError("no running-sequences gauge")
+
+    stream = client.completions.create(model="tiny-test", prompt="Long story", max_tokens=240, temperature=0,
+                                       stream=True, extra_body={"ignore_eos": True})
+    next(iter(stream))
+    assert running() == 1  # ~240 tokens take far longer than this check
+    stream.close()
+    deadline = time.monotonic() + 5
+    while running() != 0:
+        assert time.monotonic() < deadline, "the abandoned sequence is still running"
+        time.sleep(0.2)
