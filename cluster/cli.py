@@ -103,6 +103,14 @@ def resolve_config(a):
     return cfg
 
 
+GRPC_SERVICER = "cluster.proto.mixserve_pb2_grpc.add_MixServeServicer_to_server"
+
+
+def grpc_options(cfg) -> dict:
+    """Serve's gRPC proxy on server.grpc_port with the mixserve.v1 service."""
+    return {"port": cfg.server.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]}
+
+
 def cmd_serve(a) -> int:
     import signal
     import threading
@@ -119,11 +127,11 @@ def cmd_serve(a) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        serve.start(http_options={"host": cfg.server.host, "port": cfg.server.port})
+        serve.start(http_options={"host": cfg.server.host, "port": cfg.server.port}, grpc_options=grpc_options(cfg))
         serve.run(build_app(cfg), name="mixserve", route_prefix="/")
         name = cfg.server.served_model_name or os.path.basename(os.path.normpath(cfg.model))
         url = f"http://{cfg.server.host}:{cfg.server.port}"
-        print(f"mixserve: serving {name} at {url}/v1", flush=True)
+        print(f"mixserve: serving {name} at {url}/v1 (gRPC mixserve.v1.MixServe on port {cfg.server.grpc_port})", flush=True)
         print(f"  curl {url}/v1/completions -H 'Content-Type: application/json' "
               f"-d '{{\"model\": \"{name}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'", flush=True)
         while not stop.wait(0.5):

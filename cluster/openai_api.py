@@ -18,7 +18,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+import grpc
 from ray import serve
+from ray.serve.grpc_util import RayServegRPCContext
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model.config import MixtralConfig
@@ -26,6 +28,7 @@ from model.sampling import SamplingParams
 from model.tokenizer import ChatFormatError, Tokenizer
 
 from .config import AppConfig
+from .proto import mixserve_pb2 as pb
 from .metrics import Metrics
 
 api = FastAPI(title="mixserve", description="OpenAI-compatible API of mixserve")
@@ -349,6 +352,50 @@ class OpenAIIngress:
         except APIError as e:
             yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.type, 'param': e.param, 'code': e.code}})}\n\n"
         yield "data: [DONE]\n\n"
+
+    # ------------------------------------------------------------ gRPC (mixserve.v1.MixServe)
+
+    def _grpc_request(self, request, grpc_context):
+        """proto GenerateRequest -> (prompt ids, SamplingParams); INVALID_ARGUMENT on bad input."""
+        try:
+            ids = list(request.prompt_token_ids) or self.tokenizer.encode(request.prompt)
+            if min(ids) < 0 or max(ids) >= self.vocab:
+                raise APIError(400, f"prompt token ids must be in [0, {self.vocab})")
+            if len(ids) >= self.max_model_len:
+                raise APIError(400, f"the prompt has {len(ids)} tokens; this model's context is {self.max_model_len} tokens")
+            room = self.max_model_len - len(ids)
+            mt = request.max_tokens or min(self.cfg.server.max_tokens_default, room)
+            if mt > room:
+                raise APIError(400, f"max_tokens={mt} plus the prompt exceeds the context of {self.max_model_len}")
+            sp = SamplingParams(max_tokens=mt, temperature=request.temperature, top_p=request.top_p or 1.0,
+                                top_k=request.top_k, seed=request.seed if request.HasField("seed") else None,
+                                stop=list(request.stop), ignore_eos=request.ignore_eos)
+            return ids, sp
+        except (APIError, ValueError) as e:
+            grpc_context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
+            grpc_context.set_details(getattr(e, "message", str(e)))
+            return None
+
+    async def Generate(self, request, grpc_context: RayServegRPCContext):
+        parsed = self._grpc_request(request, grpc_context)
+        if parsed is None:
+            return pb.GenerateResponse()
+        text, toks, last = "", [], None
+        async for out in await self._outputs(*parsed):
+            text += out["text"]
+            toks += out["new_token_ids"]
+            last = out
+        return pb.GenerateResponse(text=text, token_ids=toks, finished=True, finish_reason=last["finish_reason"],
+                                   prompt_tokens=last["prompt_tokens"], completion_tokens=last["completion_tokens"])
+
+    async def GenerateStream(self, request, grpc_context: RayServegRPCContext):
+        parsed = self._grpc_request(request, grpc_context)
+        if parsed is None:
+            return
+        async for out in await self._outputs(*parsed):
+            yield pb.GenerateResponse(text=out["text"], token_ids=out["new_token_ids"], finished=out["finished"],
+                                      finish_reason=out["finish_reason"] or "", prompt_tokens=out["prompt_tokens"],
+                                      completion_tokens=out["completion_tokens"])
 
     # ------------------------------------------------------------ helpers
 

@@ -14,6 +14,7 @@ import ray
 from ray import serve
 
 from cluster.app import build_app
+from cluster.cli import GRPC_SERVICER
 from cluster.config import load_config
 from model.sampling import SamplingParams
 from router.engine import LLMEngine
@@ -28,11 +29,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+GRPC_PORT = free_port()
+
+
 @pytest.fixture(scope="module")
 def server(tiny_dir):
     port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(http_options={"host": "127.0.0.1", "port": port},
+                grpc_options={"port": GRPC_PORT, "grpc_servicer_functions": [GRPC_SERVICER]})
     cfg = load_config(CONFIG, {"model": tiny_dir, "dtype": "float32", "server.served_model_name": "tiny-test",
                                "engine.max_model_len": 256})
     serve.run(build_app(cfg), name="mixserve", route_prefix="/")
@@ -256,3 +261,30 @@ def test_client_disconnect_frees_its_sequence(server, client):
     while running() != 0:
         assert time.monotonic() < deadline, "the abandoned sequence is still running"
         time.sleep(0.2)
+
+
+def test_grpc_unary_and_streaming(server, local):
+    import grpc
+
+    from cluster.proto import mixserve_pb2 as pb
+    from cluster.proto.mixserve_pb2_grpc import MixServeStub
+
+    prompt = "Over gRPC"
+    want = local.generate([local.tokenizer.encode(prompt)], SamplingParams(max_tokens=9, temperature=0))[0]
+    with grpc.insecure_channel(f"127.0.0.1:{GRPC_PORT}") as ch:
+        grpc.channel_ready_future(ch).result(timeout=30)
+        stub = MixServeStub(ch)
+        r = stub.Generate(pb.GenerateRequest(prompt=prompt, max_tokens=9, temperature=0), timeout=60)
+        assert (r.text, list(r.token_ids), r.finish_reason) == (want.text, want.new_token_ids, want.finish_reason)
+        assert (r.prompt_tokens, r.completion_tokens) == (want.prompt_tokens, want.completion_tokens)
+        parts = list(stub.GenerateStream(pb.GenerateRequest(prompt=prompt, max_tokens=9, temperature=0), timeout=60))
+        assert "".join(p.text for p in parts) == want.text and parts[-1].finished
+        assert [t for p in parts for t in p.token_ids] == want.new_token_ids
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Generate(pb.GenerateRequest(prompt=prompt, temperature=7), timeout=60)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "temperature" in e.value.details()
+        # Serve's own gRPC health service answers
+        from ray.serve.generated import serve_pb2, serve_pb2_grpc
+
+        health = serve_pb2_grpc.RayServeAPIServiceStub(ch).Healthz(serve_pb2.HealthzRequest(), timeout=30)
+        assert health.message == "success"
