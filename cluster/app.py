@@ -140,3 +140,33 @@ def build_attention(cfg: AppConfig | dict) -> Application:
     return AttentionWorker.options(num_replicas=a.replicas, ray_actor_options=attn_actor).bind(
         cfg.model_dump(), num_experts, *experts
     )
+
+
+def app_builder(args: dict) -> Application:
+    """Entry point for Ray's own tooling (`serve run configs/serve.yaml`, KubeRay's serveConfigV2).
+
+    args: {"config": path to a mixserve YAML (optional), <any config key>: value, ...}; nested mappings
+    and dotted keys both override the file. `model: null` resolves to the embedded tiny checkpoint,
+    written to the cache folder on first use (the one piece of I/O, done here and not in build_app).
+    """
+    from .cli import default_model_dir
+    from .config import load_config
+
+    args = dict(args or {})
+    path = args.pop("config", None)
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict) and k not in ("resources",):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    cfg = load_config(path, flat(args))
+    if cfg.model is None:
+        from model.tiny import init_preset
+
+        cfg.model = str(init_preset(default_model_dir(), "tiny"))
+    return build_app(cfg)
