@@ -305,13 +305,14 @@ class OpenAIIngress:
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if req.stream:
             return self._sse(self._stream_chat(rid, req, await self._outputs(ids, sp)))
-        text, last = "", None
+        text, last, lps = "", None, []
         outs = await self._outputs(ids, sp)
         async for out in outs:
             text += out["text"]
+            lps += out["logprobs"]
             last = out
         choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": last["finish_reason"],
-                  "logprobs": None}
+                  "logprobs": self._chat_logprobs(lps) if req.logprobs else None}
         return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": self.model_name,
                 "choices": [choice], "usage": self._usage(last)}
 
@@ -342,9 +343,10 @@ class OpenAIIngress:
         yield f"data: {json.dumps(head | {'choices': [first]})}\n\n"
         try:
             async for out in outs:
-                if out["text"] or out["finished"]:
+                if out["text"] or out["finished"] or (req.logprobs and out["logprobs"]):
                     choice = {"index": 0, "delta": {"content": out["text"]} if out["text"] else {},
-                              "finish_reason": out["finish_reason"] if out["finished"] else None}
+                              "finish_reason": out["finish_reason"] if out["finished"] else None,
+                              "logprobs": self._chat_logprobs(out["logprobs"]) if req.logprobs else None}
                     chunk = head | {"choices": [choice]}
                     if out["finished"] and (req.stream_options or {}).get("include_usage"):
                         chunk["usage"] = self._usage(out)
@@ -404,8 +406,16 @@ class OpenAIIngress:
         p, c = out["prompt_tokens"], out["completion_tokens"]
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
+    def _piece(self, t: int) -> str:
+        return self.tokenizer.sp.id_to_piece(t).replace("\u2581", " ")
+
+    def _chat_logprobs(self, lps) -> dict:
+        """OpenAI chat format: {"content": [{token, logprob, bytes, top_logprobs: [...]}]} per token."""
+        entry = lambda t, lp: {"token": self._piece(t), "logprob": lp, "bytes": list(self._piece(t).encode())}
+        return {"content": [entry(t, lp) | {"top_logprobs": [entry(a, v) for a, v in alts]} for t, lp, alts in lps]}
+
     def _completion_logprobs(self, lps) -> dict:
-        dec = lambda t: self.tokenizer.sp.id_to_piece(t).replace("\u2581", " ")
+        dec = self._piece
         return {
             "tokens": [dec(t) for t, _, _ in lps],
             "token_logprobs": [lp for _, lp, _ in lps],

@@ -288,3 +288,58 @@ def test_grpc_unary_and_streaming(server, local):
 
         health = serve_pb2_grpc.RayServeAPIServiceStub(ch).Healthz(serve_pb2.HealthzRequest(), timeout=30)
         assert health.message == "success"
+
+
+def test_logprobs_match_the_engine(client, local):
+    import math
+
+    prompt = "Probabilities please"
+    want = local.generate([local.tokenizer.encode(prompt)], SamplingParams(max_tokens=4, temperature=0, logprobs=2))[0]
+    r = client.completions.create(model="tiny-test", prompt=prompt, max_tokens=4, temperature=0, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert len(lp.token_logprobs) == 4 and all(len(t) == 2 for t in lp.top_logprobs)
+    for got, (_, ref, _) in zip(lp.token_logprobs, want.logprobs):
+        assert math.isclose(got, ref, abs_tol=1e-4)
+    msgs = [{"role": "user", "content": prompt}]
+    want = local.generate([local.tokenizer.encode_chat(msgs)], SamplingParams(max_tokens=4, temperature=0, logprobs=3))[0]
+    r = client.chat.completions.create(model="tiny-test", messages=msgs, max_tokens=4, temperature=0, logprobs=True,
+                                       top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert [round(c.logprob, 4) for c in content] == [round(x[1], 4) for x in want.logprobs]
+    assert all(len(c.top_logprobs) == 3 for c in content)
+    chunks = list(client.chat.completions.create(model="tiny-test", messages=msgs, max_tokens=4, temperature=0,
+                                                 logprobs=True, stream=True))
+    streamed = [c for ch in chunks if ch.choices and ch.choices[0].logprobs for c in ch.choices[0].logprobs.content]
+    assert len(streamed) == 4
+
+
+def test_overload_gets_503_with_retry_after(server, tiny_dir):
+    cfg = load_config(CONFIG, {"model": tiny_dir, "dtype": "float32", "experts.experts_per_worker": 8,
+                               "engine.max_num_seqs": 1, "engine.max_waiting": 1, "server.served_model_name": "small"})
+    serve.run(build_app(cfg), name="small", route_prefix="/small")
+    try:
+        body = json.dumps({"model": "small", "prompt": "Busy", "max_tokens": 40, "temperature": 0,
+                           "ignore_eos": True}).encode()
+        results = [None] * 8
+
+        def one(i):
+            results[i] = post(server + "/small/v1/completions", body)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(results))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        codes = sorted(r[0] for r in results)
+        assert set(codes) == {200, 503}, codes
+        assert codes.count(200) >= 2  # one running + one waiting are always admitted
+        for code, headers, payload in results:
+            if code == 503:
+                assert headers.get("retry-after") or headers.get("Retry-After")
+                assert payload["error"]["code"] == "overloaded"
+            else:
+                assert payload["usage"]["completion_tokens"] == 40
+        code, _, payload = post(server + "/small/v1/completions", body)  # and it still serves afterwards
+        assert code == 200
+    finally:
+        serve.delete("small")
