@@ -40,9 +40,12 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param, self.code, self.headers = status, message, type_, param, code, headers
 
 
+def error_body(e: APIError) -> dict:
+    return {"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}}
+
+
 def error_response(e: APIError) -> JSONResponse:
-    body = {"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}}
-    return JSONResponse(body, status_code=e.status, headers=e.headers)
+    return JSONResponse(error_body(e), status_code=e.status, headers=e.headers)
 
 
 @api.exception_handler(APIError)
@@ -283,12 +286,7 @@ class OpenAIIngress:
         rid = f"cmpl-{uuid.uuid4().hex}"
         if req.stream:
             return self._sse(self._stream_completion(rid, req, await self._outputs(ids, sp)))
-        text, last, lps = "", None, []
-        outs = await self._outputs(ids, sp)
-        async for out in outs:
-            text += out["text"]
-            lps += out["logprobs"]
-            last = out
+        text, lps, last = await self._collect(await self._outputs(ids, sp))
         choice = {"index": 0, "text": text, "finish_reason": last["finish_reason"],
                   "logprobs": self._completion_logprobs(lps) if req.logprobs is not None else None}
         return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": self.model_name,
@@ -305,16 +303,21 @@ class OpenAIIngress:
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if req.stream:
             return self._sse(self._stream_chat(rid, req, await self._outputs(ids, sp)))
-        text, last, lps = "", None, []
-        outs = await self._outputs(ids, sp)
-        async for out in outs:
-            text += out["text"]
-            lps += out["logprobs"]
-            last = out
+        text, lps, last = await self._collect(await self._outputs(ids, sp))
         choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": last["finish_reason"],
                   "logprobs": self._chat_logprobs(lps) if req.logprobs else None}
         return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": self.model_name,
                 "choices": [choice], "usage": self._usage(last)}
+
+    @staticmethod
+    async def _collect(outs) -> tuple[str, list, dict]:
+        """A whole non-streamed answer: its text, its logprobs, and the final output (usage, reason)."""
+        text, lps, last = "", [], None
+        async for out in outs:
+            text += out["text"]
+            lps += out["logprobs"]
+            last = out
+        return text, lps, last
 
     # ------------------------------------------------------------ streaming
 
@@ -332,8 +335,8 @@ class OpenAIIngress:
                     if out["finished"] and (req.stream_options or {}).get("include_usage"):
                         chunk["usage"] = self._usage(out)
                     yield f"data: {json.dumps(chunk)}\n\n"
-        except APIError as e:
-            yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.type, 'param': e.param, 'code': e.code}})}\n\n"
+        except APIError as e:  # after the first byte a status can no longer change: an error event
+            yield f"data: {json.dumps(error_body(e))}\n\n"
         yield "data: [DONE]\n\n"
 
     async def _stream_chat(self, rid, req, outs):
@@ -351,8 +354,8 @@ class OpenAIIngress:
                     if out["finished"] and (req.stream_options or {}).get("include_usage"):
                         chunk["usage"] = self._usage(out)
                     yield f"data: {json.dumps(chunk)}\n\n"
-        except APIError as e:
-            yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.type, 'param': e.param, 'code': e.code}})}\n\n"
+        except APIError as e:  # after the first byte a status can no longer change: an error event
+            yield f"data: {json.dumps(error_body(e))}\n\n"
         yield "data: [DONE]\n\n"
 
     # ------------------------------------------------------------ gRPC (mixserve.v1.MixServe)
