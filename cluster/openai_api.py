@@ -324,39 +324,45 @@ class OpenAIIngress:
     def _sse(self, gen):
         return StreamingResponse(gen, media_type="text/event-stream")
 
-    async def _stream_completion(self, rid, req, outs):
-        created = int(time.time())
+    async def _events(self, head: dict, req, outs, choice_of, first: dict | None = None):
+        """SSE framing shared by both routes: one chunk per output that `choice_of` turns into a choice
+        (None = nothing to send), usage on the last when asked, an error event, then [DONE]."""
+        if first is not None:
+            yield f"data: {json.dumps(head | {'choices': [first]})}\n\n"
         try:
             async for out in outs:
-                if out["text"] or out["finished"]:
-                    choice = {"index": 0, "text": out["text"], "finish_reason": out["finish_reason"] if out["finished"] else None,
-                              "logprobs": self._completion_logprobs(out["logprobs"]) if req.logprobs is not None else None}
-                    chunk = {"id": rid, "object": "text_completion", "created": created, "model": self.model_name, "choices": [choice]}
-                    if out["finished"] and (req.stream_options or {}).get("include_usage"):
-                        chunk["usage"] = self._usage(out)
-                    yield f"data: {json.dumps(chunk)}\n\n"
+                choice = choice_of(out)
+                if choice is None:
+                    continue
+                chunk = head | {"choices": [choice]}
+                if out["finished"] and (req.stream_options or {}).get("include_usage"):
+                    chunk["usage"] = self._usage(out)
+                yield f"data: {json.dumps(chunk)}\n\n"
         except APIError as e:  # after the first byte a status can no longer change: an error event
             yield f"data: {json.dumps(error_body(e))}\n\n"
         yield "data: [DONE]\n\n"
 
-    async def _stream_chat(self, rid, req, outs):
-        created = int(time.time())
-        head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name}
+    def _stream_completion(self, rid, req, outs):
+        def choice_of(out):
+            if not (out["text"] or out["finished"]):
+                return None
+            return {"index": 0, "text": out["text"], "finish_reason": out["finish_reason"] if out["finished"] else None,
+                    "logprobs": self._completion_logprobs(out["logprobs"]) if req.logprobs is not None else None}
+
+        head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": self.model_name}
+        return self._events(head, req, outs, choice_of)
+
+    def _stream_chat(self, rid, req, outs):
+        def choice_of(out):
+            if not (out["text"] or out["finished"] or (req.logprobs and out["logprobs"])):
+                return None
+            return {"index": 0, "delta": {"content": out["text"]} if out["text"] else {},
+                    "finish_reason": out["finish_reason"] if out["finished"] else None,
+                    "logprobs": self._chat_logprobs(out["logprobs"]) if req.logprobs else None}
+
+        head = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": self.model_name}
         first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-        yield f"data: {json.dumps(head | {'choices': [first]})}\n\n"
-        try:
-            async for out in outs:
-                if out["text"] or out["finished"] or (req.logprobs and out["logprobs"]):
-                    choice = {"index": 0, "delta": {"content": out["text"]} if out["text"] else {},
-                              "finish_reason": out["finish_reason"] if out["finished"] else None,
-                              "logprobs": self._chat_logprobs(out["logprobs"]) if req.logprobs else None}
-                    chunk = head | {"choices": [choice]}
-                    if out["finished"] and (req.stream_options or {}).get("include_usage"):
-                        chunk["usage"] = self._usage(out)
-                    yield f"data: {json.dumps(chunk)}\n\n"
-        except APIError as e:  # after the first byte a status can no longer change: an error event
-            yield f"data: {json.dumps(error_body(e))}\n\n"
-        yield "data: [DONE]\n\n"
+        return self._events(head, req, outs, choice_of, first)
 
     # ------------------------------------------------------------ gRPC (mixserve.v1.MixServe)
 
