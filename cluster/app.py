@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import threading
+from pathlib import Path
 
 from ray import serve
 from ray.serve import Application
@@ -22,6 +24,7 @@ from model.checkpoint import Checkpoint
 from model.model import MixtralDense
 from model.sampling import SamplingParams
 from model.tokenizer import Tokenizer
+from model.tiny import resolve_model
 from router.engine import LLMEngine
 from router.experts import expert_groups
 
@@ -38,6 +41,7 @@ class AttentionWorker:
     def __init__(self, cfg: dict, num_experts: int, *expert_handles):
         self.cfg = AppConfig.model_validate(cfg)
         c = self.cfg
+        c.model = resolve_model(c.model)
         ckpt = Checkpoint(c.model)
         ckpt.check_names()
         groups = expert_groups(num_experts, c.experts.experts_per_worker)
@@ -112,17 +116,18 @@ def build_app(cfg: AppConfig | dict) -> Application:
     from .openai_api import OpenAIIngress
 
     cfg = AppConfig.model_validate(cfg) if isinstance(cfg, dict) else cfg
-    return OpenAIIngress.bind(cfg.model_dump(), build_attention(cfg))
+    s = cfg.server
+    return OpenAIIngress.options(
+        num_replicas=s.replicas, ray_actor_options={"num_cpus": s.num_cpus, "resources": dict(s.resources)}
+    ).bind(cfg.model_dump(), build_attention(cfg))
 
 
 def build_attention(cfg: AppConfig | dict) -> Application:
     """AttentionWorker bound to its expert deployments; no I/O beyond reading config.json."""
     cfg = AppConfig.model_validate(cfg) if isinstance(cfg, dict) else cfg
-    if cfg.model is None:
-        raise ValueError("config: model is not set (the CLI fills in the embedded tiny model)")
     from model.config import MixtralConfig
 
-    num_experts = MixtralConfig.from_file(cfg.model).num_local_experts
+    num_experts = MixtralConfig.from_file(resolve_model(cfg.model)).num_local_experts
     x = cfg.experts
     expert_actor = {"num_cpus": x.num_cpus, "num_gpus": x.num_gpus, "resources": dict(x.resources)}
     if x.num_threads:
@@ -142,18 +147,26 @@ def build_attention(cfg: AppConfig | dict) -> Application:
     )
 
 
+def resolve_config_path(path: str | None) -> str | None:
+    """A relative config path is read from the working directory, else from the project root, so
+    `config: configs/tiny.yaml` works from a checkout, `serve run`, and the KubeRay image alike."""
+    if not path or os.path.isabs(path) or os.path.exists(path):
+        return path
+    root = Path(__file__).resolve().parent.parent
+    return str(root / path) if (root / path).exists() else path
+
+
 def app_builder(args: dict) -> Application:
     """Entry point for Ray's own tooling (`serve run configs/serve.yaml`, KubeRay's serveConfigV2).
 
     args: {"config": path to a mixserve YAML (optional), <any config key>: value, ...}; nested mappings
-    and dotted keys both override the file. `model: null` resolves to the embedded tiny checkpoint,
-    written to the cache folder on first use (the one piece of I/O, done here and not in build_app).
+    and dotted keys both override the file. `model: null` is the embedded tiny checkpoint, which each
+    process that needs it writes to its machine's cache folder (so it also works on a multi-node cluster).
     """
-    from .cli import default_model_dir
     from .config import load_config
 
     args = dict(args or {})
-    path = args.pop("config", None)
+    path = resolve_config_path(args.pop("config", None))
 
     def flat(d: dict, prefix: str = "") -> dict:
         out = {}
@@ -164,9 +177,4 @@ def app_builder(args: dict) -> Application:
                 out[f"{prefix}{k}"] = v
         return out
 
-    cfg = load_config(path, flat(args))
-    if cfg.model is None:
-        from model.tiny import init_preset
-
-        cfg.model = str(init_preset(default_model_dir(), "tiny"))
-    return build_app(cfg)
+    return build_app(load_config(path, flat(args)))

@@ -16,12 +16,6 @@ from pathlib import Path
 DTYPE_CHOICES = ["auto", "float32", "bfloat16", "float16"]
 
 
-def default_model_dir() -> Path:
-    """Where the embedded tiny checkpoint is written on first use."""
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return base / "mixserve" / "tiny"
-
-
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: ts, level, logger, msg and any `extra` fields."""
 
@@ -39,14 +33,6 @@ def setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper()), handlers=[h], force=True)
 
 
-def resolve_model(arg: str | None) -> Path:
-    if arg:
-        return Path(arg)
-    from model.tiny import init_preset
-
-    return init_preset(default_model_dir(), "tiny")
-
-
 def cmd_init_tiny(a) -> int:
     from model.tiny import preset_config, write_checkpoint
 
@@ -58,6 +44,8 @@ def cmd_init_tiny(a) -> int:
 def cmd_generate(a) -> int:
     from model.sampling import SamplingParams
     from router.engine import EngineConfig, LLMEngine
+
+    from model.tiny import resolve_model
 
     model_dir = resolve_model(a.model)
     params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed)
@@ -99,7 +87,9 @@ def resolve_config(a):
         "server.served_model_name": getattr(a, "served_model_name", None), "server.api_key": getattr(a, "api_key", None),
     }
     cfg = load_config(a.config or DEFAULT_CONFIG, overrides)
-    cfg.model = str(resolve_model(os.path.expanduser(cfg.model) if cfg.model else None))
+    from model.tiny import resolve_model
+
+    cfg.model = resolve_model(cfg.model)
     return cfg
 
 

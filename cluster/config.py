@@ -37,6 +37,9 @@ class ServerConfig(BaseModel):
     api_key: str | None = Field(None, description="Bearer key required on /v1 routes (or env MIXSERVE_API_KEY).")
     max_request_bytes: int = Field(1 << 20, ge=1024, description="Largest request body accepted.")
     max_tokens_default: int = Field(256, ge=1, description="max_tokens when a request gives none.")
+    replicas: int = Field(1, ge=1, description="Ingress replicas (OpenAI/gRPC front: tokenise, detokenise, admission).")
+    num_cpus: float = Field(0.0, ge=0, description="CPUs per ingress replica.")
+    resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per ingress replica, e.g. {ingress_slot: 1} for the head node.")
 
 
 class AppConfig(BaseModel):

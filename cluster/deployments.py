@@ -17,6 +17,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import RequestCancelledError
 
 from model.model import ExpertRequest
+from model.tiny import resolve_model
 from router.experts import split_by_group, wait_with_retries
 from workers.expert import ExpertWorker
 
@@ -26,8 +27,8 @@ RETRYABLE = (RayActorError, ActorDiedError, ActorUnavailableError, TimeoutError,
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 class ExpertDeployment:
-    def __init__(self, model_dir: str, experts: list[int], dtype: str = "auto", num_threads: int | None = None):
-        self.worker = ExpertWorker(model_dir, experts, dtype, num_threads)
+    def __init__(self, model_dir: str | None, experts: list[int], dtype: str = "auto", num_threads: int | None = None):
+        self.worker = ExpertWorker(resolve_model(model_dir), experts, dtype, num_threads)
 
     def run(self, layer: int, batches: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         return self.worker.run(layer, batches)

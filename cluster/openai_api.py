@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model.config import MixtralConfig
 from model.sampling import SamplingParams
+from model.tiny import resolve_model
 from model.tokenizer import ChatFormatError, Tokenizer
 
 from .config import AppConfig
@@ -122,6 +123,7 @@ def _validation_error(e: ValidationError) -> APIError:
 class OpenAIIngress:
     def __init__(self, cfg: dict, attention):
         self.cfg = AppConfig.model_validate(cfg)
+        self.cfg.model = resolve_model(self.cfg.model)
         self.attention = attention
         self.tokenizer = Tokenizer.for_model(self.cfg.model)
         mc = MixtralConfig.from_file(self.cfg.model)

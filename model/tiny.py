@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -31,6 +33,13 @@ PRESETS: dict[str, dict] = {
         hidden_size=512, intermediate_size=1792, num_hidden_layers=8, num_attention_heads=8,
         num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
         max_position_embeddings=4096, torch_dtype="bfloat16",
+    ),
+    # The real Mixtral-8x7B shapes (~46.7B parameters): config only, or layer slices, for GPU
+    # benchmarks and for building the deployment graph offline; far too big to write whole here.
+    "mixtral-8x7b": dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, vocab_size=32000,
+        max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-5, torch_dtype="bfloat16",
     ),
 }
 
@@ -86,7 +95,12 @@ def write_checkpoint(
 
 
 def init_preset(path: str | Path, preset: str = "tiny") -> Path:
-    """Write a preset checkpoint unless one with the same config is already there."""
+    """Write a preset checkpoint unless one with the same config is already there.
+
+    Safe when several processes of one machine race for it (replicas starting together): each writes
+    into a private temporary folder and renames it into place; the weights are deterministic, so
+    whichever rename wins, every process reads the same checkpoint.
+    """
     path = Path(path)
     cfg = preset_config(preset)
     cj = path / "config.json"
@@ -96,4 +110,31 @@ def init_preset(path: str | Path, preset: str = "tiny") -> Path:
                 return path
         except ValueError:
             pass
-    return write_checkpoint(path, cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        write_checkpoint(tmp, cfg)
+        if path.exists():
+            shutil.rmtree(path, ignore_errors=True)  # a stale or different checkpoint
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if not (path / "model.safetensors").is_file():  # not another process's finished copy
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def default_model_dir() -> Path:
+    """Where the embedded tiny checkpoint is written on first use (per machine)."""
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "mixserve" / "tiny"
+
+
+def resolve_model(model: str | Path | None) -> str:
+    """A config's `model`: a checkpoint folder, or None for the embedded tiny model, which every
+    process that needs it (CLI, ingress, attention and expert replicas on any node) writes locally."""
+    if model:
+        return os.path.expanduser(str(model))
+    return str(init_preset(default_model_dir(), "tiny"))

@@ -1,0 +1,355 @@
+"""k8s/: the KubeRay manifests and the image recipe, checked offline.
+
+- RayService objects against the KubeRay CRD OpenAPI schemas in ../shared/kuberay-crds/, strictly: a
+  field the schema does not know is an error here (the API server would prune it silently).
+- Native objects (and the pod templates and Service inside each RayService) against Kubernetes' own
+  schemas with `kubernetes-validate`, strictly.
+- serveConfigV2 against Ray's ServeDeploySchema with unknown keys rejected at any depth, agreeing with
+  configs/serve.yaml, its args building the application with the resources the manifest provides.
+- The CPU variant's serveConfigV2 running on a local Ray (`serve run`), answering /v1/completions.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import typing
+import urllib.request
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from pydantic import BaseModel
+
+ROOT = Path(__file__).resolve().parent.parent
+K8S = ROOT / "k8s"
+CRDS = ROOT.parent / "shared" / "kuberay-crds"
+K8S_VERSION = "1.32"  # the Kubernetes schemas the native objects are checked against
+
+MANIFESTS = sorted(K8S.glob("*.yaml"))
+RAYSERVICES = [p for p in MANIFESTS if any(d["kind"] == "RayService" for d in yaml.safe_load_all(p.read_text()))]
+
+
+def docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def rayservice(path: Path) -> dict:
+    return next(d for d in docs(path) if d["kind"] == "RayService")
+
+
+def serve_config(path: Path) -> dict:
+    return yaml.safe_load(rayservice(path)["spec"]["serveConfigV2"])
+
+
+# ---------------------------------------------------------------- KubeRay CRD schema
+
+
+def strict(schema):
+    """The CRD schema with additionalProperties: false wherever properties are listed and unknown
+    fields are not explicitly preserved: what `kubectl apply --validate=strict` enforces."""
+    if isinstance(schema, dict):
+        out = {k: strict(v) for k, v in schema.items()}
+        if "properties" in out and "additionalProperties" not in out and not out.get("x-kubernetes-preserve-unknown-fields"):
+            out["additionalProperties"] = False
+        return out
+    if isinstance(schema, list):
+        return [strict(v) for v in schema]
+    return schema
+
+
+def crd_validator(kind: str) -> jsonschema.Draft7Validator:
+    if not CRDS.is_dir():
+        pytest.skip(f"KubeRay CRDs not found at {CRDS} (the shared folder beside the checkout); cannot validate {kind}")
+    crd = yaml.safe_load((CRDS / f"ray.io_{kind.lower()}s.yaml").read_text())
+    assert crd["spec"]["names"]["kind"] == kind
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    return jsonschema.Draft7Validator(strict(version["schema"]["openAPIV3Schema"]))
+
+
+def crd_errors(obj: dict) -> list[str]:
+    assert obj["apiVersion"] == "ray.io/v1", obj["apiVersion"]
+    v = crd_validator(obj["kind"])
+    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in v.iter_errors(obj)]
+
+
+def test_k8s_folder_has_both_variants_and_the_image():
+    names = {p.name for p in MANIFESTS}
+    assert {"rayservice-mixtral-8x7b.yaml", "rayservice-tiny-cpu.yaml"} <= names
+    assert (K8S / "Dockerfile").is_file()
+
+
+@pytest.mark.parametrize("path", RAYSERVICES, ids=lambda p: p.name)
+def test_rayservice_validates_against_kuberay_crd(path):
+    assert crd_errors(rayservice(path)) == []
+
+
+def test_crd_validation_catches_a_typo_and_a_wrong_type():
+    obj = rayservice(K8S / "rayservice-mixtral-8x7b.yaml")
+    typo = copy.deepcopy(obj)
+    typo["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["minReplica"] = 1
+    assert any("minReplica" in e for e in crd_errors(typo))
+    wrong = copy.deepcopy(obj)
+    wrong["spec"]["rayClusterConfig"]["workerGroupSpecs"][1]["rayStartParams"]["num-cpus"] = 4  # must be a string
+    assert any("rayStartParams" in e for e in crd_errors(wrong))
+
+
+# ---------------------------------------------------------------- Kubernetes' own schemas
+
+
+def native_objects(path: Path) -> list[dict]:
+    """Every object Kubernetes itself validates: top-level native objects, plus each pod template and
+    the Serve Service inside a RayService."""
+    out = []
+    for d in docs(path):
+        if d["kind"] != "RayService":
+            out.append(d)
+            continue
+        rc = d["spec"]["rayClusterConfig"]
+        groups = [("head", rc["headGroupSpec"])] + [(g["groupName"], g) for g in rc["workerGroupSpecs"]]
+        for name, g in groups:
+            out.append({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": name}, "template": g["template"]})
+        if "serveService" in d["spec"]:
+            out.append({"apiVersion": "v1", "kind": "Service", **d["spec"]["serveService"]})
+    return out
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_native_objects_validate_against_kubernetes_schemas(path):
+    objs = native_objects(path)
+    assert objs
+    for obj in objs:
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+def test_kubernetes_validation_catches_a_bad_pod_template():
+    obj = next(o for o in native_objects(K8S / "rayservice-mixtral-8x7b.yaml") if o["kind"] == "PodTemplate")
+    bad = copy.deepcopy(obj)
+    bad["template"]["spec"]["containers"][0]["imagePullPolcy"] = "Always"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, K8S_VERSION, strict=True)
+
+
+def test_pods_expose_serve_ports_and_set_requests_and_limits():
+    for path in RAYSERVICES:
+        rc = rayservice(path)["spec"]["rayClusterConfig"]
+        assert rc["enableInTreeAutoscaling"] is True and rc["autoscalerOptions"]["idleTimeoutSeconds"] > 0
+        assert rc["rayVersion"] == ray_pin()
+        for g in [rc["headGroupSpec"], *rc["workerGroupSpecs"]]:
+            c = g["template"]["spec"]["containers"][0]
+            ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+            assert ports["serve"] == 8000 and ports["serve-grpc"] == 9000, path.name
+            assert c["resources"]["requests"] and c["resources"]["limits"], path.name
+        for g in rc["workerGroupSpecs"]:
+            assert 0 <= g["minReplicas"] <= g["replicas"] <= g["maxReplicas"], g["groupName"]
+        svc_ports = {p["name"]: p["port"] for p in rayservice(path)["spec"]["serveService"]["spec"]["ports"]}
+        assert svc_ports == {"serve": 8000, "serve-grpc": 9000}
+
+
+# ---------------------------------------------------------------- serveConfigV2
+
+
+def unknown_keys(model: type[BaseModel], data, where: str = "") -> list[str]:
+    """Keys of `data` that `model` (a pydantic schema of Ray's) does not define, at any depth.
+    Ray's deploy schema accepts and ignores some unknown keys; this does not."""
+    from ray.serve.config import AutoscalingConfig
+
+    free_form = {"autoscaling_config": AutoscalingConfig}  # typed as dict in the schema, a model in Ray
+    if not isinstance(data, dict):
+        return []
+    fields = {}
+    for name, f in model.model_fields.items():
+        fields[name] = f
+        if f.alias:
+            fields[f.alias] = f
+    bad = []
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in fields:
+            bad.append(path)
+            continue
+        sub = free_form.get(key) or submodel(fields[key].annotation)
+        if sub is None:
+            continue
+        items = value if isinstance(value, list) else [value]
+        for i, item in enumerate(items):
+            bad += unknown_keys(sub, item, f"{path}[{i}]" if isinstance(value, list) else path)
+    return bad
+
+
+def submodel(annotation):
+    """The pydantic model inside Optional[...] / List[...] / Union[...], if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        m = submodel(arg)
+        if m is not None:
+            return m
+    return None
+
+
+@pytest.mark.parametrize("path", RAYSERVICES, ids=lambda p: p.name)
+def test_serve_config_v2_validates_with_ray_schema_and_no_unknown_keys(path):
+    from ray.serve.schema import ServeDeploySchema
+
+    cfg = serve_config(path)
+    ServeDeploySchema.model_validate(cfg)
+    assert unknown_keys(ServeDeploySchema, cfg) == []
+
+
+def test_unknown_key_check_finds_keys_ray_would_ignore():
+    from ray.serve.schema import ServeDeploySchema
+
+    cfg = serve_config(K8S / "rayservice-tiny-cpu.yaml")
+    cfg["http_options"]["hots"] = "0.0.0.0"
+    cfg["applications"][0]["deployments"] = [
+        {"name": "AttentionWorker", "autoscaling_config": {"min_replicas": 1, "max_replica": 4}}
+    ]
+    ServeDeploySchema.model_validate(cfg)  # Ray itself accepts this
+    assert unknown_keys(ServeDeploySchema, cfg) == [
+        "http_options.hots", "applications[0].deployments[0].autoscaling_config.max_replica"
+    ]
+
+
+@pytest.mark.parametrize("path", RAYSERVICES, ids=lambda p: p.name)
+def test_serve_config_v2_is_configs_serve_yaml(path):
+    """Same application as configs/serve.yaml. Differences allowed: the bind address (the cluster's
+    proxies listen on all interfaces; locally loopback) and which mixserve config file args name."""
+    local = yaml.safe_load((ROOT / "configs" / "serve.yaml").read_text())
+    k8s = serve_config(path)
+    assert k8s["http_options"].pop("host") == "0.0.0.0"
+    assert local["http_options"].pop("host") == "127.0.0.1"
+    for app in local["applications"] + k8s["applications"]:
+        assert (ROOT / app["args"].pop("config")).is_file()
+    assert k8s == local
+
+
+def test_serve_config_v2_args_are_valid_mixserve_configs():
+    from cluster.app import resolve_config_path
+    from cluster.config import load_config
+
+    for path in RAYSERVICES:
+        for app in serve_config(path)["applications"]:
+            args = dict(app["args"])
+            load_config(resolve_config_path(args.pop("config")), args)
+            module, attr = app["import_path"].split(":")
+            assert callable(getattr(__import__(module, fromlist=[attr]), attr))
+
+
+def ray_pin() -> str:
+    pin = re.search(r'"ray\[serve\]==([0-9.]+)"', (ROOT / "pyproject.toml").read_text())
+    return pin.group(1)
+
+
+def group_resources(group: dict) -> dict[str, float]:
+    raw = group["rayStartParams"].get("resources")
+    return json.loads(json.loads(raw)) if raw else {}
+
+
+def test_mixtral_args_build_the_app_placed_on_the_manifests_groups(tmp_path):
+    """The GPU variant's args build the deployment graph (from the real Mixtral-8x7B config.json),
+    and every Ray resource a deployment asks for is offered by some group of the manifest."""
+    from ray.serve._private.build_app import build_app as build_serve_app
+
+    from cluster.app import app_builder
+    from model.tiny import preset_config
+
+    (tmp_path / "config.json").write_text(json.dumps(preset_config("mixtral-8x7b").to_hf_dict()))
+    obj = rayservice(K8S / "rayservice-mixtral-8x7b.yaml")
+    (app,) = serve_config(K8S / "rayservice-mixtral-8x7b.yaml")["applications"]
+    built = build_serve_app(app_builder({**app["args"], "model": str(tmp_path)}), name=app["name"])
+    deps = {d.name: d for d in built.deployments}
+    experts = [d for n, d in deps.items() if n.startswith("expert-group-")]
+    assert len(experts) == 8 and "AttentionWorker" in deps and built.ingress_deployment_name == "OpenAIIngress"
+
+    rc = obj["spec"]["rayClusterConfig"]
+    groups = [rc["headGroupSpec"], *rc["workerGroupSpecs"]]
+    demand: dict[str, float] = {}
+    for d in deps.values():
+        opts = d.ray_actor_options or {}
+        wants = {k: v for k, v in (opts.get("resources") or {}).items() if v > 0}
+        assert wants, f"{d.name} has no placement resource"
+        hosts = [g for g in groups if all(group_resources(g).get(k, 0) >= v for k, v in wants.items())]
+        assert hosts, f"no group offers {wants} for {d.name}"
+        for g in hosts:
+            limits = g["template"]["spec"]["containers"][0]["resources"]["limits"]
+            assert int(limits.get("nvidia.com/gpu", 0)) >= (opts.get("num_gpus") or 0), d.name
+        for k, v in wants.items():
+            demand[k] = demand.get(k, 0) + v * d.num_replicas
+    # At full size (maxReplicas of every group) the cluster holds every replica the config starts with.
+    for k, need in demand.items():
+        offer = sum(group_resources(g).get(k, 0) * g.get("maxReplicas", 1) for g in groups)
+        assert need <= offer, f"{k}: the config starts {need} replicas, the manifest offers {offer}"
+
+
+# ---------------------------------------------------------------- the image recipe
+
+
+def test_dockerfile_base_matches_the_pins_and_copies_what_exists():
+    text = (K8S / "Dockerfile").read_text()
+    base = re.search(r"ARG BASE_IMAGE=rayproject/ray:([0-9.]+)-py(\d)(\d+)", text)
+    assert base and base.group(1) == ray_pin()
+    for src in re.findall(r"^COPY (?:--\S+ )*(.+?) \S+$", text, re.M):
+        for s in src.split():
+            assert (ROOT / s).exists(), f"Dockerfile copies {s}, which is not in the repository"
+    assert re.search(r"pip install .* -e \.", text), "the image must install the project"
+    for path in RAYSERVICES:
+        for c in [rayservice(path)["spec"]["rayClusterConfig"]["headGroupSpec"]]:
+            assert "mixserve" in c["template"]["spec"]["containers"][0]["image"]
+
+
+# ---------------------------------------------------------------- the CPU variant runs
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.ray
+def test_tiny_cpu_serve_config_v2_runs_on_local_ray(tmp_path):
+    """`serve run` on the CPU variant's serveConfigV2, unchanged but for the ports and a loopback bind
+    address, from a folder outside the checkout with an empty cache (the tiny model gets written)."""
+    cfg = serve_config(K8S / "rayservice-tiny-cpu.yaml")
+    port, gport = free_port(), free_port()
+    cfg["http_options"].update(host="127.0.0.1", port=port)
+    cfg["grpc_options"]["port"] = gport
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    env.pop("RAY_ADDRESS", None)
+    serve_bin = Path(sys.executable).with_name("serve")
+    p = subprocess.Popen([str(serve_bin), "run", str(path)], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        body = json.dumps({"model": "tiny", "prompt": "Hello", "max_tokens": 4}).encode()
+        deadline, answer = time.monotonic() + 180, None
+        while time.monotonic() < deadline and answer is None:
+            assert p.poll() is None, "serve run exited"
+            try:
+                req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
+                                             headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(req, timeout=10) as r:
+                    answer = json.loads(r.read())
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(2)
+        assert answer is not None, "no answer from the serveConfigV2 within 180 s"
+        assert answer["object"] == "text_completion" and answer["usage"]["completion_tokens"] == 4
+        assert (tmp_path / "cache" / "mixserve" / "tiny" / "model.safetensors").is_file()
+    finally:
+        os.killpg(p.pid, signal.SIGINT)
+        try:
+            p.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
