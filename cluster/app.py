@@ -17,6 +17,7 @@ import os
 import threading
 from pathlib import Path
 
+import ray
 from ray import serve
 from ray.serve import Application
 
@@ -48,7 +49,7 @@ class AttentionWorker:
         emap = {e: g for g, es in enumerate(groups) for e in es}
         self.backend = ServeExperts(
             list(expert_handles), emap, by_reference=c.expert_transport == "serve_handle",
-            max_tries=c.experts.max_tries, call_timeout_s=c.experts.call_timeout_s,
+            max_tries=c.experts.max_tries, call_timeout_s=c.experts.call_timeout_s, split_tokens=c.experts.split_tokens,
         )
         self.engine = LLMEngine(MixtralDense.from_checkpoint(ckpt, c.dtype), self.backend, Tokenizer.for_model(c.model), c.engine)
         self.lock = threading.Lock()
@@ -101,8 +102,13 @@ class AttentionWorker:
                     self.engine.abort(rid)
 
     def stats(self) -> dict:
+        import resource
+
         with self.lock:
             return {
+                "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(), "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                "rss_bytes": _rss_bytes(), "kv_bytes": self.engine.kv.nbytes(),
+                "expert_in_flight_tokens": dict(self.backend.in_flight), "expert_chunks": self.backend.chunks_sent,
                 "running": self.engine.num_running, "waiting": self.engine.num_waiting,
                 "kv_usage": self.engine.blocks.usage, "expert_retries": self.backend.retries,
                 "dense_bytes": self.engine.dense.nbytes(), "preemptions": self.engine.scheduler.num_preemptions,
@@ -132,28 +138,37 @@ def build_attention(cfg: AppConfig | dict) -> Application:
     expert_actor = {"num_cpus": x.num_cpus, "num_gpus": x.num_gpus, "resources": dict(x.resources)}
     if x.num_threads:
         expert_actor["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(x.num_threads)}}
-    experts = [
-        ExpertDeployment.options(
-            name=f"expert-group-{g}", num_replicas=x.replicas, ray_actor_options=expert_actor,
+    experts = []
+    for g, group in enumerate(expert_groups(num_experts, x.experts_per_worker)):
+        scale = {"num_replicas": x.replicas} if x.autoscaling is None else {
+            "num_replicas": "auto", "autoscaling_config": x.autoscaling.serve_config(g)}
+        experts.append(ExpertDeployment.options(
+            name=f"expert-group-{g}", ray_actor_options=expert_actor, **scale,
+            graceful_shutdown_timeout_s=x.graceful_shutdown_timeout_s, graceful_shutdown_wait_loop_s=0.5,
             # Replicas of one expert on different nodes, where there are several.
-            max_replicas_per_node=1 if x.replicas > 1 and x.resources else None,
-        ).bind(cfg.model, group, cfg.dtype, x.num_threads)
-        for g, group in enumerate(expert_groups(num_experts, x.experts_per_worker))
-    ]
+            max_replicas_per_node=1 if (x.replicas > 1 or x.autoscaling) and x.resources else None,
+        ).bind(cfg.model, group, cfg.dtype, x.num_threads))
     a = cfg.attention
     attn_actor = {"num_cpus": a.num_cpus, "num_gpus": a.num_gpus, "resources": dict(a.resources)}
-    return AttentionWorker.options(num_replicas=a.replicas, ray_actor_options=attn_actor).bind(
-        cfg.model_dump(), num_experts, *experts
-    )
+    scale = {"num_replicas": a.replicas} if a.autoscaling is None else {
+        "num_replicas": "auto", "autoscaling_config": a.autoscaling.serve_config()}
+    return AttentionWorker.options(ray_actor_options=attn_actor, **scale).bind(cfg.model_dump(), num_experts, *experts)
 
 
-def resolve_config_path(path: str | None) -> str | None:
-    """A relative config path is read from the working directory, else from the project root, so
-    `config: configs/tiny.yaml` works from a checkout, `serve run`, and the KubeRay image alike."""
-    if not path or os.path.isabs(path) or os.path.exists(path):
-        return path
-    root = Path(__file__).resolve().parent.parent
-    return str(root / path) if (root / path).exists() else path
+def replica_counts(app_name: str) -> dict[str, int]:
+    """RUNNING replicas per deployment of an application, as the Serve controller sees them."""
+    app = serve.status().applications.get(app_name)
+    return {name: sum(n for st, n in d.replica_states.items() if str(st).endswith("RUNNING"))
+            for name, d in (app.deployments.items() if app else [])}
+
+
+def _rss_bytes() -> int:
+    """Current resident set size of this process (Linux), 0 where unknown."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def app_builder(args: dict) -> Application:

@@ -18,6 +18,21 @@ from router.engine import EngineConfig
 from .ray_engine import ExpertsConfig
 
 
+class AttentionAutoscaling(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(1, ge=1)
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(16, gt=0, description="Streams per replica Serve aims for.")
+    upscale_delay_s: float = Field(10.0, ge=0)
+    downscale_delay_s: float = Field(120.0, ge=0)
+
+    def serve_config(self):
+        from ray.serve.config import AutoscalingConfig
+
+        return AutoscalingConfig(**self.model_dump(), initial_replicas=self.min_replicas, look_back_period_s=30.0)
+
+
 class AttentionConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -25,6 +40,12 @@ class AttentionConfig(BaseModel):
     num_cpus: float = Field(1.0, ge=0, description="CPUs per attention replica.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per attention replica.")
     resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per replica (attention nodes).")
+    autoscaling: AttentionAutoscaling | None = Field(
+        None, description="Serve's request-based autoscaling of attention replicas; null = fixed `replicas`."
+    )
+    max_resubmits: int = Field(
+        3, ge=0, description="Times the ingress re-submits a request (prompt + tokens so far) whose attention replica died.",
+    )
 
 
 class ServerConfig(BaseModel):

@@ -2,11 +2,15 @@
 
 Request-side figures (requests by route and status, prompt/generated tokens, TTFT and inter-token
 latency) are counted as they happen; engine and expert figures (running/waiting sequences, KV-cache
-use, tokens routed per (layer, expert), expert round-trip time, replicas per expert group) are read
-from the attention worker and Serve at scrape time.
+use, tokens routed per (layer, expert) and their rate since the last scrape, tokens in flight per
+expert, expert round-trip time, replicas per expert group) are read from the attention worker and
+Serve at scrape time. Each expert replica also reports its own load (routed tokens/s, tokens in flight)
+to the Serve controller for autoscaling and to Ray's metrics endpoint (mixserve_expert_replica_*).
 """
 
 from __future__ import annotations
+
+import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -30,8 +34,27 @@ class Metrics:
         self.expert_seconds = Gauge("mixserve_expert_layer_call_seconds", "Summed layer fan-out round-trip time", registry=r)
         self.retries = Gauge("mixserve_expert_retries", "Expert calls re-sent after a failure so far", registry=r)
         self.replicas = Gauge("mixserve_expert_replicas", "Running replicas per expert group", ["group"], registry=r)
+        self.load = Gauge("mixserve_expert_load_tokens_per_second",
+                          "Tokens routed per second to an expert since the previous scrape (layer=all: summed)",
+                          ["layer", "expert"], registry=r)
+        self.queued = Gauge("mixserve_expert_queued_tokens", "Tokens sent to an expert and not yet returned", ["expert"], registry=r)
+        self.resubmits = Counter("mixserve_attention_resubmits_total",
+                                 "Requests re-submitted to another attention replica after theirs died", registry=r)
+        self._last: tuple[float, dict] | None = None
 
-    def update_from(self, stats: dict, replicas: dict[str, int]) -> None:
+    def update_from(self, stats: dict, replicas: dict[str, int], now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        totals: dict[tuple[str, str], int] = {}
+        for l, e, n in stats["routed_tokens"]:
+            totals[(str(l), str(e))] = n
+            totals[("all", str(e))] = totals.get(("all", str(e)), 0) + n
+        if self._last is not None and now > self._last[0]:
+            t0, before = self._last
+            for key, n in totals.items():
+                self.load.labels(*key).set((n - before.get(key, 0)) / (now - t0))
+        self._last = (now, totals)
+        for e, n in stats.get("expert_in_flight_tokens", {}).items():
+            self.queued.labels(str(e)).set(n)
         self.running.set(stats["running"])
         self.waiting.set(stats["waiting"])
         self.kv_usage.set(stats["kv_usage"])

@@ -9,6 +9,7 @@ is answered here and never reaches a worker.
 """
 
 import json
+import logging
 import os
 import time
 import uuid
@@ -20,6 +21,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 import grpc
 from ray import serve
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.grpc_util import RayServegRPCContext
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -31,6 +33,10 @@ from model.tokenizer import ChatFormatError, Tokenizer
 from .config import AppConfig
 from .proto import mixserve_pb2 as pb
 from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+# A streaming call fails with these when its attention replica's process is gone.
+ATTENTION_LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
 
 api = FastAPI(title="mixserve", description="OpenAI-compatible API of mixserve")
 
@@ -188,9 +194,9 @@ class OpenAIIngress:
         an HTTP status before any byte of a stream is sent."""
         params = {k: getattr(sp, k) for k in SamplingParams.__dataclass_fields__}
         t0 = time.perf_counter()
-        resp = self.attention.options(stream=True).generate.remote(prompt_ids, params)
+        outs = self._resilient(prompt_ids, params)
         try:
-            first = await resp.__anext__()
+            first = await outs.__anext__()
         except Exception as e:  # noqa: BLE001 - the worker's refusal, mapped to an HTTP status
             if "Overloaded" in type(e).__name__ or "Overloaded" in str(e)[:300]:
                 raise APIError(503, "the server is overloaded; retry later", "server_error", code="overloaded",
@@ -216,12 +222,46 @@ class OpenAIIngress:
                     yield out
                     if finished:
                         return
-                    out = await resp.__anext__()
+                    out = await outs.__anext__()
             finally:
                 if not finished:  # the client went away: free the sequence
-                    resp.cancel()
+                    await outs.aclose()
 
         return rest()
+
+    async def _resilient(self, prompt_ids: list[int], params: dict):
+        """One request's outputs from an attention replica. If that replica dies mid-request, the
+        request is re-submitted (prompt + the tokens generated so far, the rest of max_tokens) to
+        another replica, which re-prefills and goes on; the caller sees one uninterrupted stream whose
+        usage counts the original prompt. Greedy decoding gives the tokens of an undisturbed run."""
+        done: list[int] = []
+        resubmits = 0
+        while True:
+            p = dict(params, max_tokens=params["max_tokens"] - len(done))
+            resp = self.attention.options(stream=True).generate.remote(prompt_ids + done, p)
+            try:
+                while True:
+                    try:
+                        out = await resp.__anext__()
+                    except StopAsyncIteration:
+                        return
+                    done += out["new_token_ids"]
+                    out["prompt_tokens"] = len(prompt_ids)
+                    out["completion_tokens"] = len(done)
+                    yield out
+                    if out["finished"]:
+                        return
+            except ATTENTION_LOST as e:
+                resp.cancel()
+                resubmits += 1
+                if resubmits > self.cfg.attention.max_resubmits:
+                    raise
+                self.metrics.resubmits.inc()
+                log.warning("attention replica lost; re-submitting",
+                            extra={"tokens_so_far": len(done), "attempt": resubmits, "error": type(e).__name__})
+            except BaseException:  # the client went away (generator closed) or a real error: free the sequence
+                resp.cancel()
+                raise
 
     # ------------------------------------------------------------ routes
 
@@ -234,11 +274,10 @@ class OpenAIIngress:
         stats = await self.attention.stats.remote()
         replicas = {}
         try:  # replica counts as Serve sees them; absent where the controller cannot be asked
-            app = serve.status().applications.get(self.app_name)
-            for name, d in (app.deployments.items() if app else []):
-                if name.startswith("expert-group-"):
-                    replicas[name.removeprefix("expert-group-")] = sum(
-                        n for st, n in d.replica_states.items() if str(st).endswith("RUNNING"))
+            from .app import replica_counts
+
+            replicas = {name.removeprefix("expert-group-"): n for name, n in replica_counts(self.app_name).items()
+                        if name.startswith("expert-group-")}
         except Exception:  # noqa: BLE001
             pass
         self.metrics.update_from(stats, replicas)

@@ -30,6 +30,8 @@ from router.engine import EngineConfig, LLMEngine
 from router.experts import expert_groups, split_by_group, wait_with_retries
 from workers.expert import ExpertWorker
 
+from .autoscaling import ExpertAutoscalingConfig
+
 log = logging.getLogger(__name__)
 
 RETRYABLE = (RayActorError, ActorDiedError, ActorUnavailableError, GetTimeoutError)
@@ -49,6 +51,16 @@ class ExpertsConfig(BaseModel):
     max_tries: int = Field(4, ge=1, description="Attempts of one expert call before the request fails.")
     call_timeout_s: float = Field(30.0, gt=0, description="Seconds to wait for one expert call before retrying.")
     max_restarts: int = Field(-1, ge=-1, description="Ray restarts of a dead replica (-1 = always).")
+    autoscaling: ExpertAutoscalingConfig | None = Field(
+        None, description="Scale each expert group's replicas on routed-token load (Serve app); null = fixed `replicas`."
+    )
+    split_tokens: int | None = Field(
+        None, ge=1, description="Split one layer's batch for a group into calls of at most this many tokens, "
+        "so that Serve spreads a hot expert's batch over its replicas; null = one call per group and layer.",
+    )
+    graceful_shutdown_timeout_s: float = Field(
+        20.0, ge=0, description="A replica being removed gets nothing new and this long to finish its calls.",
+    )
 
 
 @ray.remote

@@ -68,12 +68,30 @@ def random_weights(cfg: MixtralConfig, seed: int = 0) -> dict[str, torch.Tensor]
     return {n: t.to(cfg.dtype).contiguous() for n, t in out.items()}
 
 
+def skew_routing(weights: dict[str, torch.Tensor], cfg: MixtralConfig, hot_expert: int, strength: float = 4.0) -> None:
+    """Make every layer's router prefer `hot_expert` (in place): a constant offset on hidden dimension 0
+    of every token embedding, which the residual stream carries through the layers, and a large weight
+    on that dimension in the hot expert's gate row. With top-k >= 2 the hot expert then takes one slot
+    of nearly every token, as a Mixtral router's favourite expert does in a burst of similar tokens."""
+    if not 0 <= hot_expert < cfg.num_local_experts:
+        raise ValueError(f"hot_expert must be in [0, {cfg.num_local_experts})")
+    emb = weights["model.embed_tokens.weight"]
+    emb[:, 0] += strength
+    for l in range(cfg.num_hidden_layers):
+        gate = weights[f"model.layers.{l}.block_sparse_moe.gate.weight"]
+        gate[hot_expert, 0] += strength
+
+
 def write_checkpoint(
-    path: str | Path, cfg: MixtralConfig, seed: int = 0, shards: int = 1) -> Path:
-    """Write config.json, safetensors (one file, or `shards` files plus the index) and tokenizer.model."""
+    path: str | Path, cfg: MixtralConfig, seed: int = 0, shards: int = 1, hot_expert: int | None = None
+) -> Path:
+    """Write config.json, safetensors (one file, or `shards` files plus the index) and tokenizer.model.
+    `hot_expert`: a checkpoint whose router sends most tokens to that expert (see `skew_routing`)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     weights = random_weights(cfg, seed)
+    if hot_expert is not None:
+        skew_routing(weights, cfg, hot_expert)
     (path / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2) + "\n")
     if shards <= 1:
         save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})

@@ -1,0 +1,148 @@
+"""Faults under a steady stream of requests on a multi-node cluster (several raylets on one machine):
+an expert replica dies, an attention replica dies, a whole expert node is removed (and a new one joins).
+Every request must complete with the tokens of an undisturbed run (greedy, float32)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+import urllib.request
+
+import openai
+import pytest
+import ray
+from ray import serve
+from ray.cluster_utils import Cluster
+
+from cluster.app import build_app, replica_counts
+from cluster.config import AppConfig
+from model.sampling import SamplingParams
+from router.engine import LLMEngine
+
+pytestmark = pytest.mark.ray
+APP = "chaos"
+GROUPS = [f"expert-group-{g}" for g in range(4)]  # 8 experts, 2 per worker
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def chaos(tiny_dir):
+    c = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "include_dashboard": False, "resources": {"ingress_slot": 2, "attention_slot": 2}})
+    nodes = [c.add_node(num_cpus=1, resources={"expert_slot": 4}) for _ in range(2)]
+    ray.init(address=c.address, log_to_driver=False)
+    c.wait_for_nodes()
+    port = free_port()
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+    cfg = AppConfig(model=tiny_dir, dtype="float32",
+                    server={"resources": {"ingress_slot": 1}, "served_model_name": "tiny"},
+                    attention={"replicas": 2, "num_cpus": 0, "resources": {"attention_slot": 1}},
+                    experts={"experts_per_worker": 2, "replicas": 2, "num_cpus": 0, "resources": {"expert_slot": 1},
+                             "call_timeout_s": 5, "max_tries": 6})
+    serve.run(build_app(cfg), name=APP, route_prefix="/")
+    yield c, nodes, f"http://127.0.0.1:{port}/v1"
+    serve.shutdown()
+    ray.shutdown()
+    c.shutdown()
+
+
+class Stream:
+    """`n` OpenAI clients sending greedy completions back to back; each answer is checked."""
+
+    def __init__(self, base_url: str, prompts: list[str], want: list[str], n: int):
+        self.client = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=120)
+        self.prompts, self.want = prompts, want
+        self.sent = self.completed = self.failed = self.identical = 0
+        self.errors: list[str] = []
+        self.lock, self.stop = threading.Lock(), threading.Event()
+        self.threads = [threading.Thread(target=self.run, args=(i,), daemon=True) for i in range(n)]
+
+    def run(self, i: int) -> None:
+        k = i
+        while not self.stop.is_set():
+            p, k = k % len(self.prompts), k + 1
+            with self.lock:
+                self.sent += 1
+            try:
+                r = self.client.completions.create(model="tiny", prompt=self.prompts[p], max_tokens=16, temperature=0,
+                                                   extra_body={"ignore_eos": True})
+                with self.lock:
+                    self.completed += 1
+                    self.identical += r.choices[0].text == self.want[p] and r.usage.completion_tokens == 16
+            except Exception as e:  # noqa: BLE001 - counted and reported
+                with self.lock:
+                    self.failed += 1
+                    self.errors.append(f"{type(e).__name__}: {e}"[:300])
+
+    def completed_now(self) -> int:
+        with self.lock:
+            return self.completed
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=180)
+
+
+def progress(stream: Stream, n: int, timeout: float = 90) -> None:
+    """Wait until `n` more requests have completed: the service is answering again."""
+    start, deadline = stream.completed_now(), time.monotonic() + timeout
+    while stream.completed_now() < start + n:
+        assert time.monotonic() < deadline and not stream.errors, f"no progress for {timeout} s; errors: {stream.errors[:3]}"
+        time.sleep(0.2)
+
+
+def test_requests_survive_replica_and_node_failures(chaos, tiny_dir):
+    c, nodes, url = chaos
+    local = LLMEngine.local(tiny_dir, "float32")
+    prompts = ["Once upon a time", "The capital of France is", "def f(x): return", "1 2 3 4", "Hello, how are you"]
+    outs = local.generate([local.tokenizer.encode(p) for p in prompts],
+                          SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
+    want = [o.text for o in outs]
+    events = []
+    with Stream(url, prompts, want, n=4) as stream:
+        progress(stream, 4)
+        # 1. An expert replica dies (its process is killed, as in a crash).
+        info = serve.get_deployment_handle(GROUPS[1], app_name=APP).info.remote().result()
+        os.kill(info["pid"], signal.SIGKILL)
+        events.append(("expert replica killed", stream.sent))
+        progress(stream, 6)
+        # 2. An attention replica dies mid-stream: the ingress re-submits its requests elsewhere.
+        st = serve.get_deployment_handle("AttentionWorker", app_name=APP).stats.remote().result()
+        os.kill(st["pid"], signal.SIGKILL)
+        events.append(("attention replica killed", stream.sent))
+        progress(stream, 6)
+        # 3. A whole expert node goes away; its replicas' twins on the other node carry on.
+        c.remove_node(nodes[0])
+        events.append(("expert node removed", stream.sent))
+        progress(stream, 6)
+        # ... and a new node joins: Serve places the lost replicas there.
+        c.add_node(num_cpus=1, resources={"expert_slot": 4})
+        deadline = time.monotonic() + 120
+        while not all(replica_counts(APP).get(g) == 2 for g in GROUPS):
+            assert time.monotonic() < deadline, f"replicas not rescheduled: {replica_counts(APP)}"
+            time.sleep(1)
+        events.append(("replicas back on the new node", stream.sent))
+        progress(stream, 4)
+    metrics = urllib.request.urlopen(url.removesuffix("/v1") + "/metrics", timeout=30).read().decode()
+    resubmits = next(float(line.split()[-1]) for line in metrics.splitlines()
+                     if line.startswith("mixserve_attention_resubmits_total "))
+    summary = (f"sent {stream.sent}, completed {stream.completed}, failed {stream.failed}, "
+               f"identical {stream.identical}, re-submitted after the attention kill {resubmits:.0f}; events {events}")
+    print("\nchaos:", summary)
+    assert stream.failed == 0, f"{summary}; errors: {stream.errors[:3]}"
+    assert stream.identical == stream.completed == stream.sent, summary
+    assert resubmits >= 1, f"the attention kill hit no request in flight: {summary}"
