@@ -171,6 +171,15 @@ def _rss_bytes() -> int:
         return 0
 
 
+def resolve_config_path(path: str | None) -> str | None:
+    """A relative config path is read from the working directory, else from the project root, so
+    `config: configs/tiny.yaml` works from a checkout, `serve run`, and the KubeRay image alike."""
+    if not path or os.path.isabs(path) or os.path.exists(path):
+        return path
+    root = Path(__file__).resolve().parent.parent
+    return str(root / path) if (root / path).exists() else path
+
+
 def app_builder(args: dict) -> Application:
     """Entry point for Ray's own tooling (`serve run configs/serve.yaml`, KubeRay's serveConfigV2).
 

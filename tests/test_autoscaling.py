@@ -177,5 +177,7 @@ def test_hot_expert_scales_up_under_load_and_back_down(deployed, skewed):
     print(f"\nskewed load: rates {({e: round(v) for e, v in rate.items()})} tok/s, capacity {capacity:.0f}; "
           f"up: sent {up.sent} completed {up.completed} failed {up.failed}; down: sent {down.sent} "
           f"completed {down.completed} failed {down.failed}")
-    print("replica counts of the hot group over time:",
-          [(t, c.get(groups[HOT])) for t, c in timeline][:: max(1, len(timeline) // 20)])
+    t0 = timeline[0][0]
+    changes = [(round(t - t0, 1), c.get(groups[HOT]), max(c.get(g, 0) for g in groups if g != groups[HOT]))
+               for i, (t, c) in enumerate(timeline) if i == 0 or c != timeline[i - 1][1]]
+    print("(seconds, hot group replicas, most replicas of any other group) at each change:", changes)

@@ -1,5 +1,6 @@
 """Faults under a steady stream of requests on a multi-node cluster (several raylets on one machine):
-an expert replica dies, an attention replica dies, a whole expert node is removed (and a new one joins).
+an expert replica dies, an attention replica dies, a whole expert node is removed (and a new one joins),
+an expert replica hangs.
 Every request must complete with the tokens of an undisturbed run (greedy, float32)."""
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def chaos(tiny_dir):
                     server={"resources": {"ingress_slot": 1}, "served_model_name": "tiny"},
                     attention={"replicas": 2, "num_cpus": 0, "resources": {"attention_slot": 1}},
                     experts={"experts_per_worker": 2, "replicas": 2, "num_cpus": 0, "resources": {"expert_slot": 1},
-                             "call_timeout_s": 5, "max_tries": 6})
+                             "call_timeout_s": 3, "max_tries": 6})
     serve.run(build_app(cfg), name=APP, route_prefix="/")
     yield c, nodes, f"http://127.0.0.1:{port}/v1"
     serve.shutdown()
@@ -137,6 +138,14 @@ def test_requests_survive_replica_and_node_failures(chaos, tiny_dir):
             time.sleep(1)
         events.append(("replicas back on the new node", stream.sent))
         progress(stream, 4)
+        # 4. An expert replica hangs (stopped, not dead): calls to it time out and are re-sent.
+        hung = serve.get_deployment_handle(GROUPS[2], app_name=APP).info.remote().result()["pid"]
+        os.kill(hung, signal.SIGSTOP)
+        events.append(("expert replica hung", stream.sent))
+        try:
+            progress(stream, 6)
+        finally:
+            os.kill(hung, signal.SIGCONT)
     metrics = urllib.request.urlopen(url.removesuffix("/v1") + "/metrics", timeout=30).read().decode()
     resubmits = next(float(line.split()[-1]) for line in metrics.splitlines()
                      if line.startswith("mixserve_attention_resubmits_total "))

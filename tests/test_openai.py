@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from ray import serve
 from cluster.app import build_app
 from cluster.cli import GRPC_SERVICER
 from cluster.config import load_config
+from model.config import MixtralConfig
 from model.sampling import SamplingParams
 from router.engine import LLMEngine
 
@@ -314,16 +316,23 @@ def test_logprobs_match_the_engine(client, local):
 
 
 def test_overload_gets_503_with_retry_after(server, tiny_dir):
+    """A burst far past capacity (1 running + 1 waiting allowed, 48 sent at once): the excess gets a
+    prompt 503 + Retry-After, admitted requests finish, and the attention worker's memory stays within
+    its KV budget (allocated up front) plus a fixed margin."""
     cfg = load_config(CONFIG, {"model": tiny_dir, "dtype": "float32", "experts.experts_per_worker": 8,
                                "engine.max_num_seqs": 1, "engine.max_waiting": 1, "server.served_model_name": "small"})
     serve.run(build_app(cfg), name="small", route_prefix="/small")
     try:
+        attention = serve.get_deployment_handle("AttentionWorker", app_name="small")
+        before = attention.stats.remote().result()
         body = json.dumps({"model": "small", "prompt": "Busy", "max_tokens": 40, "temperature": 0,
                            "ignore_eos": True}).encode()
-        results = [None] * 8
+        results, seconds = [None] * 48, [0.0] * 48
 
         def one(i):
+            t0 = time.perf_counter()
             results[i] = post(server + "/small/v1/completions", body)
+            seconds[i] = time.perf_counter() - t0
 
         threads = [threading.Thread(target=one, args=(i,)) for i in range(len(results))]
         for t in threads:
@@ -339,6 +348,17 @@ def test_overload_gets_503_with_retry_after(server, tiny_dir):
                 assert payload["error"]["code"] == "overloaded"
             else:
                 assert payload["usage"]["completion_tokens"] == 40
+        refused = sorted(t for t, r in zip(seconds, results) if r[0] == 503)
+        served = sorted(t for t, r in zip(seconds, results) if r[0] == 200)
+        assert refused[len(refused) // 2] < served[len(served) // 2], (refused, served)  # refusals are prompt
+        after = attention.stats.remote().result()
+        assert after["pid"] == before["pid"]
+        margin = 64 << 20
+        assert after["rss_bytes"] - before["rss_bytes"] < margin, (before["rss_bytes"], after["rss_bytes"])
+        mc = MixtralConfig.from_file(tiny_dir)
+        per_token = 2 * mc.num_hidden_layers * mc.num_key_value_heads * mc.head_dim * 4  # (k, v), float32
+        budget = cfg.engine.kv_cache_tokens // cfg.engine.block_size * cfg.engine.block_size * per_token
+        assert after["kv_bytes"] == before["kv_bytes"] == budget
         code, _, payload = post(server + "/small/v1/completions", body)  # and it still serves afterwards
         assert code == 200
     finally:
