@@ -30,6 +30,7 @@ from router.engine import LLMEngine
 from router.experts import expert_groups
 
 from .deployments import ExpertDeployment, ServeExperts
+from .ray_engine import rss_bytes
 from .config import AppConfig
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ class AttentionWorker:
         with self.lock:
             return {
                 "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(), "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                "rss_bytes": _rss_bytes(), "kv_bytes": self.engine.kv.nbytes(),
+                "rss_bytes": rss_bytes(), "kv_bytes": self.engine.kv.nbytes(),
                 "expert_in_flight_tokens": dict(self.backend.in_flight), "expert_chunks": self.backend.chunks_sent,
                 "running": self.engine.num_running, "waiting": self.engine.num_waiting,
                 "kv_usage": self.engine.blocks.usage, "expert_retries": self.backend.retries,
@@ -160,15 +161,6 @@ def replica_counts(app_name: str) -> dict[str, int]:
     app = serve.status().applications.get(app_name)
     return {name: sum(n for st, n in d.replica_states.items() if str(st).endswith("RUNNING"))
             for name, d in (app.deployments.items() if app else [])}
-
-
-def _rss_bytes() -> int:
-    """Current resident set size of this process (Linux), 0 where unknown."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
 
 
 def resolve_config_path(path: str | None) -> str | None:

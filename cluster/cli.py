@@ -167,7 +167,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--served-model-name")
     s.add_argument("--api-key", default=os.environ.get("MIXSERVE_API_KEY"))
     s.set_defaults(fn=cmd_serve)
+    from benchmarks.bench import add_arguments
+
+    s = sub.add_parser("bench", help="benchmark HF transformers, in-process, disaggregated and HTTP side by side")
+    add_arguments(s)
+    s.set_defaults(fn=cmd_bench)
     return p
+
+
+def cmd_bench(a) -> int:
+    from benchmarks.bench import main as bench_main
+
+    return bench_main(a)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import time
 from dataclasses import dataclass
 
 import ray
@@ -88,12 +89,23 @@ class ExpertActor:
             "node_id": ray.get_runtime_context().get_node_id(),
             "pid": os.getpid(),
             "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "rss_bytes": rss_bytes(),
         }
+
+
+def rss_bytes() -> int:
+    """Current resident set size of this process (Linux), 0 where unknown."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 class RayFuture:
     def __init__(self, backend: "RayExperts", layer: int, calls: dict[int, tuple]):
         self.backend, self.layer, self.calls = backend, layer, calls
+        self.t0 = time.perf_counter()
 
     def result(self) -> dict[int, torch.Tensor]:
         out: dict[int, torch.Tensor] = {}
@@ -109,6 +121,8 @@ class RayFuture:
                 ref, lambda r: ray.get(r, timeout=b.cfg.call_timeout_s), resend, b.cfg.max_tries, RETRYABLE,
                 b.on_retry, f"expert group {b.groups[g]} (layer {self.layer})",
             ))
+        b.calls += 1
+        b.call_seconds += time.perf_counter() - self.t0
         return out
 
 
@@ -141,6 +155,7 @@ class RayExperts:
             self.replicas.append(actors)
         self._rr = [itertools.count() for _ in self.groups]
         self.retries = 0
+        self.calls, self.call_seconds = 0, 0.0  # layer fan-outs and their summed round-trip time
 
     def on_retry(self, attempt: int, e: Exception) -> None:
         self.retries += 1

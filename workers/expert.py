@@ -60,7 +60,8 @@ class ExpertWorker:
             (l, e): tuple(loaded.tensors[f"model.layers.{l}.block_sparse_moe.experts.{e}.{w}.weight"] for w in ("w1", "w2", "w3"))
             for l, e in pairs
         }
-        self.dtype = next(iter(loaded.tensors.values())).dtype
+        # An empty group (no experts) holds nothing: the runtime baseline of a worker process.
+        self.dtype = next(iter(loaded.tensors.values())).dtype if loaded.tensors else self.cfg.dtype
         self.stats = ExpertStats()
         self._lock = threading.Lock()
 

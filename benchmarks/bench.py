@@ -1,0 +1,472 @@
+"""`mixserve bench`: one workload, four systems side by side, one run, one JSON + one markdown table.
+
+    mixserve bench [--preset tiny|mini|mixtral-8x7b] [--quick] [--concurrency 1 8 32 64]
+                   [--systems hf inprocess disaggregated http] [--out benchmarks/results]
+
+Systems, all on the same checkpoint, dtype and requests:
+    hf             Hugging Face transformers MixtralForCausalLM.generate, batched with left padding
+                   (batches of `concurrency` requests, each run to the batch's longest output)
+    inprocess      mixserve's engine with the experts in this process
+    disaggregated  the same engine with the experts as Ray actors on a local Ray (2 micro-batches)
+    http           the Serve application through the OpenAI endpoint (streaming completions)
+Workload: seeded random prompts (token ids) and output lengths, like vLLM's random dataset; at each
+concurrency level a closed loop keeps `concurrency` requests in flight. Also measured in the run:
+per-layer expert dispatch time, expert-FFN FLOP/s against a same-shape dense GEMM, resident memory of
+each expert worker against its weight bytes, active vs total parameters per token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from model.config import MixtralConfig
+from model.model import swiglu
+from model.sampling import SamplingParams
+from model.tiny import preset_config, write_checkpoint
+from router.engine import EngineConfig, LLMEngine
+
+SYSTEMS = ("hf", "inprocess", "disaggregated", "http")
+
+
+# ---------------------------------------------------------------- workload and timing
+
+
+@dataclass
+class Req:
+    prompt: list[int]
+    out_len: int
+
+
+def workload(n: int, seed: int, prompt_len: tuple[int, int], out_len: tuple[int, int], vocab: int) -> list[Req]:
+    """n requests with uniformly random prompt and output lengths and random prompt tokens (BOS first)."""
+    g = torch.Generator().manual_seed(seed)
+    reqs = []
+    for _ in range(n):
+        p = int(torch.randint(prompt_len[0], prompt_len[1] + 1, (), generator=g))
+        o = int(torch.randint(out_len[0], out_len[1] + 1, (), generator=g))
+        reqs.append(Req([1] + torch.randint(3, vocab, (p - 1,), generator=g).tolist(), o))
+    return reqs
+
+
+@dataclass
+class Timing:
+    start: float
+    token_times: list[float] = field(default_factory=list)
+
+
+def pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+def summarize(timings: list[Timing], wall: float) -> dict:
+    ttft = [(t.token_times[0] - t.start) * 1e3 for t in timings if t.token_times]
+    itl = [(b - a) * 1e3 for t in timings for a, b in zip(t.token_times, t.token_times[1:])]
+    tokens = sum(len(t.token_times) for t in timings)
+    return {
+        "requests": len(timings), "output_tokens": tokens, "seconds": round(wall, 3),
+        "output_tok_s": round(tokens / wall, 2), "req_s": round(len(timings) / wall, 3),
+        "ttft_ms_p50": round(pct(ttft, 50), 2), "ttft_ms_p99": round(pct(ttft, 99), 2),
+        "itl_ms_p50": round(pct(itl, 50), 2), "itl_ms_p99": round(pct(itl, 99), 2),
+    }
+
+
+class Progress:
+    """One self-overwriting status line on stderr."""
+
+    def __init__(self, what: str, total: int):
+        self.what, self.total, self.done, self.t0 = what, total, 0, time.perf_counter()
+        self.show()
+
+    def step(self, n: int = 1) -> None:
+        self.done += n
+        self.show()
+
+    def show(self) -> None:
+        w = 24
+        fill = int(w * self.done / max(1, self.total))
+        print(f"\r[bench] {self.what:<34} [{'#' * fill}{'.' * (w - fill)}] {self.done}/{self.total} "
+              f"{time.perf_counter() - self.t0:6.1f}s", end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        print(file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- systems
+
+
+def drive_engine(engine: LLMEngine, reqs: list[Req], concurrency: int, label: str) -> tuple[list[Timing], float]:
+    """Closed loop: keep `concurrency` requests in the engine; timestamps for every output token."""
+    pending = list(range(len(reqs)))[::-1]
+    timing: dict[str, Timing] = {}
+    order: list[str] = []
+    bar = Progress(label, len(reqs))
+    t0 = time.perf_counter()
+    while pending or engine.has_unfinished():
+        while pending and engine.num_running + engine.num_waiting < concurrency:
+            r = reqs[pending.pop()]
+            rid = engine.add_request(r.prompt, SamplingParams(max_tokens=r.out_len, temperature=0.0, ignore_eos=True))
+            timing[rid] = Timing(time.perf_counter())
+            order.append(rid)
+        outs = engine.step()
+        now = time.perf_counter()
+        for o in outs:
+            timing[o.req_id].token_times += [now] * len(o.new_token_ids)
+            if o.finished:
+                bar.step()
+    bar.close()
+    return [timing[r] for r in order], time.perf_counter() - t0
+
+
+class StepClock:
+    """A transformers streamer that timestamps each generation step (the first put is the prompt)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self.puts = 0
+
+    def put(self, value) -> None:
+        self.puts += 1
+        if self.puts > 1:
+            self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def run_hf(model, reqs: list[Req], concurrency: int, label: str) -> tuple[list[Timing], float]:
+    """HF generate in its best batched form here: batches of `concurrency`, left padding, greedy,
+    each request's own tokens counted (the batch runs to its longest output)."""
+    timings: list[Timing] = []
+    bar = Progress(label, len(reqs))
+    t0 = time.perf_counter()
+    for s in range(0, len(reqs), concurrency):
+        batch = reqs[s : s + concurrency]
+        L = max(len(r.prompt) for r in batch)
+        ids = torch.zeros(len(batch), L, dtype=torch.long)
+        mask = torch.zeros(len(batch), L, dtype=torch.long)
+        for i, r in enumerate(batch):
+            ids[i, L - len(r.prompt):] = torch.tensor(r.prompt)
+            mask[i, L - len(r.prompt):] = 1
+        n = max(r.out_len for r in batch)
+        clock = StepClock()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                           pad_token_id=0, streamer=clock)
+        for r in batch:
+            timings.append(Timing(start, clock.times[: r.out_len]))
+            bar.step()
+    bar.close()
+    return timings, time.perf_counter() - t0
+
+
+def run_http(port: int, model: str, reqs: list[Req], concurrency: int, label: str) -> tuple[list[Timing], float]:
+    """Streaming /v1/completions with token-id prompts from `concurrency` client threads."""
+    timings: list[Timing | None] = [None] * len(reqs)
+    nxt, lock = [0], threading.Lock()
+    bar = Progress(label, len(reqs))
+
+    def client():
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+        while True:
+            with lock:
+                i = nxt[0]
+                nxt[0] += 1
+            if i >= len(reqs):
+                return
+            r = reqs[i]
+            body = json.dumps({"model": model, "prompt": r.prompt, "max_tokens": r.out_len, "temperature": 0,
+                               "ignore_eos": True, "stream": True})
+            t = Timing(time.perf_counter())
+            conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            if resp.status != 200:
+                raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:300]!r}")
+            chunks = []
+            for line in resp:
+                if line.startswith(b"data: ") and line.strip() != b"data: [DONE]":
+                    chunks.append(time.perf_counter())
+            # One SSE chunk per engine output; the engine emits one token per step for a decoding request.
+            t.token_times = (chunks + [chunks[-1]] * r.out_len)[: r.out_len] if chunks else []
+            timings[i] = t
+            with lock:
+                bar.step()
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(concurrency)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    bar.close()
+    return [t for t in timings if t is not None], time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------- kernels and memory
+
+
+def ffn_vs_gemm(cfg: MixtralConfig, dtype: torch.dtype, tokens: list[int], reps: int) -> list[dict]:
+    """Achieved FLOP/s of one expert's SwiGLU FFN on n tokens vs a dense GEMM of the same shape
+    ([n, D] x [D, F]), both timed here, in this process, on the same threads."""
+    D, F = cfg.hidden_size, cfg.intermediate_size
+    g = torch.Generator().manual_seed(0)
+    w1, w3 = (torch.randn(F, D, generator=g).to(dtype) / D**0.5 for _ in range(2))
+    w2 = torch.randn(D, F, generator=g).to(dtype) / F**0.5
+    rows = []
+    for n in tokens:
+        x = torch.randn(n, D, generator=g).to(dtype)
+
+        def best(fn) -> float:
+            fn()
+            ts = []
+            for _ in range(reps):
+                t = time.perf_counter()
+                fn()
+                ts.append(time.perf_counter() - t)
+            return min(ts)
+
+        with torch.inference_mode():
+            t_ffn = best(lambda: swiglu(x, w1, w2, w3))
+            t_gemm = best(lambda: x @ w1.t())
+        ffn, gemm = 3 * 2 * n * D * F / t_ffn, 2 * n * D * F / t_gemm
+        rows.append({"tokens": n, "ffn_gflops": round(ffn / 1e9, 1), "gemm_gflops": round(gemm / 1e9, 1),
+                     "ratio": round(ffn / gemm, 3)})
+    return rows
+
+
+# ---------------------------------------------------------------- the run
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def preset_for(name: str, layers: int | None) -> MixtralConfig:
+    over = {"num_hidden_layers": layers} if layers else {}
+    if name == "mixtral-8x7b" and not torch.cuda.is_available() and not layers:
+        over = {"num_hidden_layers": 1}  # a layer slice on CPU: one real-shape layer is ~3.3 GB in bf16
+    return preset_config(name, **over)
+
+
+def run(a) -> dict:
+    cfg = preset_for(a.preset, a.layers)
+    dtype = cfg.dtype if a.dtype == "auto" else getattr(torch, a.dtype)
+    model_dir = a.model or tempfile.mkdtemp(prefix=f"mixserve-bench-{a.preset}-")
+    if not a.model:
+        print(f"[bench] writing the {a.preset} checkpoint ({cfg.total_params() / 1e6:.1f}M parameters)",
+              file=sys.stderr, flush=True)
+        write_checkpoint(model_dir, cfg)
+    cfg = MixtralConfig.from_file(model_dir)
+    dname = str(dtype).removeprefix("torch.")
+    n_req = max(a.concurrency) * a.rounds
+    reqs = workload(n_req, a.seed, tuple(a.prompt_len), tuple(a.output_len), cfg.vocab_size)
+    result: dict = {
+        "preset": a.preset, "dtype": dname, "model_dir": model_dir,
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                    "torch_threads": torch.get_num_threads(),
+                    "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+        "workload": {"requests_per_level": n_req, "seed": a.seed, "prompt_len": a.prompt_len, "output_len": a.output_len},
+        "params": {"total": cfg.total_params(), "active_per_token": cfg.active_params(),
+                   "active_fraction": round(cfg.active_params() / cfg.total_params(), 4),
+                   "experts": cfg.num_local_experts, "top_k": cfg.num_experts_per_tok},
+        "systems": {}, "ffn_vs_gemm": [], "dispatch_ms_per_layer": None, "expert_memory": [],
+    }
+    ecfg = EngineConfig(max_num_seqs=max(64, max(a.concurrency)), max_num_batched_tokens=a.max_batched_tokens,
+                        kv_cache_tokens=max(65536, 2 * max(a.concurrency) * (a.prompt_len[1] + a.output_len[1])))
+
+    def level(system: str, fn) -> None:
+        rows = result["systems"].setdefault(system, [])
+        for c in a.concurrency:
+            timings, wall = fn(reqs, c, f"{system} c={c}")
+            rows.append({"concurrency": c, **summarize(timings, wall)})
+
+    if "hf" in a.systems:
+        from transformers import MixtralForCausalLM
+
+        hf = MixtralForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+        hf.generate(input_ids=torch.tensor([reqs[0].prompt]), max_new_tokens=2, do_sample=False, pad_token_id=0)
+        level("hf", lambda r, c, lbl: run_hf(hf, r, c, lbl))
+        del hf
+    if "inprocess" in a.systems:
+        local = LLMEngine.local(model_dir, dname, ecfg)
+        local.generate([reqs[0].prompt], SamplingParams(max_tokens=2, temperature=0.0))  # warm-up
+        level("inprocess", lambda r, c, lbl: drive_engine(local, r, c, lbl))
+        del local
+    if {"disaggregated", "http"} & set(a.systems):
+        import ray
+
+        ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        try:
+            if "disaggregated" in a.systems:
+                disaggregated(result, model_dir, dname, ecfg, reqs, a, level)
+            if "http" in a.systems:
+                serve_http(model_dir, dname, ecfg, level)
+        finally:
+            ray.shutdown()
+    result["ffn_vs_gemm"] = ffn_vs_gemm(cfg, dtype, a.ffn_tokens, 3 if a.quick else 10)
+    result["targets"] = targets(result)
+    return result
+
+
+def disaggregated(result, model_dir, dname, ecfg, reqs, a, level) -> None:
+    import ray
+
+    from cluster.ray_engine import ExpertActor, ExpertsConfig, start_disaggregated
+
+    engine, runtime = start_disaggregated(model_dir, dname, EngineConfig(**{**ecfg.model_dump(), "num_microbatches": 2}),
+                                          ExpertsConfig(num_cpus=0))
+    try:
+        engine.generate([reqs[0].prompt], SamplingParams(max_tokens=2, temperature=0.0))
+        ex = runtime.experts
+        calls0, secs0 = ex.calls, ex.call_seconds
+        level("disaggregated", lambda r, c, lbl: drive_engine(engine, r, c, lbl))
+        result["dispatch_ms_per_layer"] = round(1e3 * (ex.call_seconds - secs0) / max(1, ex.calls - calls0), 3)
+        # Resident memory of each expert worker vs its weights, and of a worker holding nothing.
+        base_actor = ExpertActor.options(num_cpus=0).remote(model_dir, [], dname, None)
+        baseline = ray.get(base_actor.info.remote())["rss_bytes"]
+        ray.kill(base_actor)
+        for info in ex.wait_ready():
+            w, rss = info["weight_bytes"], info["rss_bytes"]
+            result["expert_memory"].append({"experts": info["experts"], "weight_mb": round(w / 2**20, 1),
+                                             "rss_mb": round(rss / 2**20, 1), "baseline_mb": round(baseline / 2**20, 1),
+                                             "within_target": rss <= 1.1 * w + baseline})
+    finally:
+        runtime.experts.shutdown()
+
+
+def serve_http(model_dir, dname, ecfg, level) -> None:
+    from ray import serve
+
+    from cluster.app import build_app
+    from cluster.config import AppConfig
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    cfg = AppConfig(model=model_dir, dtype=dname, engine=ecfg.model_dump() | {"num_microbatches": 2},
+                    attention={"num_cpus": 0}, experts={"num_cpus": 0}, server={"served_model_name": "bench"})
+    serve.run(build_app(cfg), name="bench", route_prefix="/")
+    try:
+        level("http", lambda r, c, lbl: run_http(port, "bench", r, c, lbl))
+    finally:
+        serve.shutdown()
+
+
+def targets(res: dict) -> list[dict]:
+    """The issue's targets, evaluated on this run's figures (meaningful on the `mini` preset)."""
+    def at(system: str, c: int) -> float | None:
+        for row in res["systems"].get(system, []):
+            if row["concurrency"] == c:
+                return row["output_tok_s"]
+        return None
+
+    out = []
+    hf, ip = at("hf", 32), at("inprocess", 32)
+    if hf and ip:
+        out.append({"target": "in-process vs transformers, c=32", "want": ">= 3.0", "got": round(ip / hf, 2), "met": ip / hf >= 3})
+    ip64, dis64 = at("inprocess", 64), at("disaggregated", 64)
+    if ip64 and dis64:
+        out.append({"target": "disaggregated vs in-process, c=64", "want": ">= 0.7", "got": round(dis64 / ip64, 3),
+                    "met": dis64 / ip64 >= 0.7})
+    big = [r for r in res["ffn_vs_gemm"] if r["tokens"] >= 256]
+    if big:
+        worst = min(r["ratio"] for r in big)
+        out.append({"target": "expert FFN vs dense GEMM FLOP/s, >= 256 tokens", "want": ">= 0.70", "got": worst, "met": worst >= 0.7})
+    if res["expert_memory"]:
+        ok = all(m["within_target"] for m in res["expert_memory"])
+        worst = max(m["rss_mb"] - m["baseline_mb"] - m["weight_mb"] * 1.1 for m in res["expert_memory"])
+        out.append({"target": "expert worker RSS <= 1.1 x weights + baseline", "want": "all",
+                    "got": f"worst margin {-worst:+.1f} MB", "met": ok})
+    return out
+
+
+def markdown(res: dict) -> str:
+    m = res["machine"]
+    lines = [f"### `{res['preset']}` ({res['dtype']}), {res['workload']['requests_per_level']} requests per level",
+             "",
+             f"Machine: {m['platform']}, {m['cpus']} CPUs, torch {m['torch']} ({m['torch_threads']} threads)"
+             + (f", {m['cuda']}" if m["cuda"] else "") + ". Prompt lengths "
+             f"{res['workload']['prompt_len'][0]}-{res['workload']['prompt_len'][1]}, output lengths "
+             f"{res['workload']['output_len'][0]}-{res['workload']['output_len'][1]}, seed {res['workload']['seed']}. "
+             f"Active parameters per token: {res['params']['active_per_token'] / 1e6:.1f}M of "
+             f"{res['params']['total'] / 1e6:.1f}M ({100 * res['params']['active_fraction']:.1f}%, top-{res['params']['top_k']} "
+             f"of {res['params']['experts']} experts).",
+             "",
+             "| system | concurrency | output tok/s | req/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | vs in-process |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    base = {r["concurrency"]: r["output_tok_s"] for r in res["systems"].get("inprocess", [])}
+    for system, rows in res["systems"].items():
+        for r in rows:
+            rel = f"{r['output_tok_s'] / base[r['concurrency']]:.3f}" if base.get(r["concurrency"]) else ""
+            lines.append(f"| {system} | {r['concurrency']} | {r['output_tok_s']} | {r['req_s']} | {r['ttft_ms_p50']} | "
+                         f"{r['ttft_ms_p99']} | {r['itl_ms_p50']} | {r['itl_ms_p99']} | {rel} |")
+    if res["dispatch_ms_per_layer"] is not None:
+        lines += ["", f"Disaggregated: {res['dispatch_ms_per_layer']} ms per layer fan-out to the experts (mean, submit to last result)."]
+    if res["ffn_vs_gemm"]:
+        lines += ["", "| expert FFN tokens | FFN GFLOP/s | dense GEMM GFLOP/s | ratio |", "|---:|---:|---:|---:|"]
+        lines += [f"| {r['tokens']} | {r['ffn_gflops']} | {r['gemm_gflops']} | {r['ratio']} |" for r in res["ffn_vs_gemm"]]
+    if res["expert_memory"]:
+        mem = res["expert_memory"]
+        lines += ["", f"Expert workers: weights {mem[0]['weight_mb']} MB each, resident {min(x['rss_mb'] for x in mem)}-"
+                      f"{max(x['rss_mb'] for x in mem)} MB; a worker holding no expert: {mem[0]['baseline_mb']} MB."]
+    if res["targets"]:
+        lines += ["", "| target | want | got | met |", "|---|---|---|---|"]
+        lines += [f"| {t['target']} | {t['want']} | {t['got']} | {'yes' if t['met'] else 'no'} |" for t in res["targets"]]
+    return "\n".join(lines) + "\n"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="mini", choices=["tiny", "mini", "mixtral-8x7b"])
+    p.add_argument("--model", help="an existing checkpoint folder instead of writing the preset")
+    p.add_argument("--layers", type=int, help="override the preset's layer count (mixtral-8x7b on CPU: 1)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
+    p.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32, 64])
+    p.add_argument("--rounds", type=int, default=2, help="requests per level = max concurrency x rounds")
+    p.add_argument("--prompt-len", nargs=2, type=int, default=[16, 128], metavar=("MIN", "MAX"))
+    p.add_argument("--output-len", nargs=2, type=int, default=[16, 64], metavar=("MIN", "MAX"))
+    p.add_argument("--max-batched-tokens", type=int, default=2048)
+    p.add_argument("--ffn-tokens", nargs="+", type=int, default=[256, 1024])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="a one-minute smoke run: tiny, c=1 and 4, short outputs")
+    p.add_argument("--out", default="benchmarks/results", help="folder for bench-<preset>.json and .md")
+
+
+def main(a: argparse.Namespace) -> int:
+    if a.quick:
+        a.preset, a.concurrency, a.rounds, a.layers = "tiny", [1, 4], 2, None
+        a.prompt_len, a.output_len, a.ffn_tokens = [8, 32], [4, 12], [256]
+    res = run(a)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"bench-{res['preset']}" + ("-quick" if a.quick else "")
+    (out / f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")
+    md = markdown(res)
+    (out / f"{stem}.md").write_text(md)
+    print(md)
+    print(f"[bench] wrote {out / stem}.json and .md", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(ap)
+    sys.exit(main(ap.parse_args()))
