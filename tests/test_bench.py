@@ -1,0 +1,59 @@
+"""The benchmark harness: its pieces, and one `mixserve bench --quick` run (the smoke version)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.bench import SYSTEMS, Timing, pct, summarize, workload
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_workload_is_seeded_and_within_ranges():
+    a = workload(20, 7, (8, 32), (4, 12), 32000)
+    assert [(r.prompt, r.out_len) for r in a] == [(r.prompt, r.out_len) for r in workload(20, 7, (8, 32), (4, 12), 32000)]
+    assert a[0].prompt != workload(20, 8, (8, 32), (4, 12), 32000)[0].prompt
+    assert all(8 <= len(r.prompt) <= 32 and 4 <= r.out_len <= 12 and r.prompt[0] == 1 for r in a)
+    assert all(3 <= t < 32000 for r in a for t in r.prompt[1:])
+    assert len({len(r.prompt) for r in a}) > 3 and len({r.out_len for r in a}) > 3  # varied, not constant
+
+
+def test_summary_figures():
+    ts = [Timing(0.0, [0.1, 0.2, 0.4]), Timing(1.0, [1.3, 1.4])]
+    s = summarize(ts, 2.0)
+    assert s["output_tokens"] == 5 and s["output_tok_s"] == 2.5 and s["req_s"] == 1.0
+    assert s["ttft_ms_p50"] == pytest.approx(100.0) and s["ttft_ms_p99"] == pytest.approx(300.0)
+    assert s["itl_ms_p50"] == pytest.approx(100.0) and s["itl_ms_p99"] == pytest.approx(200.0)
+    assert pct([3.0, 1.0, 2.0], 50) == 2.0
+
+
+@pytest.mark.ray
+def test_quick_bench_runs_all_systems_and_writes_json_and_table(tmp_path):
+    env = {**os.environ}
+    env.pop("RAY_ADDRESS", None)
+    p = subprocess.run([str(Path(sys.executable).with_name("mixserve")), "bench", "--quick", "--out", str(tmp_path)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads((tmp_path / "bench-tiny-quick.json").read_text())
+    assert set(res["systems"]) == set(SYSTEMS)
+    for system, rows in res["systems"].items():
+        assert [r["concurrency"] for r in rows] == [1, 4], system
+        for r in rows:
+            assert r["requests"] == 8 and r["output_tokens"] > 0 and r["output_tok_s"] > 0, (system, r)
+            assert r["ttft_ms_p50"] > 0 and r["itl_ms_p50"] > 0, (system, r)
+    # every system produced each request's own number of tokens
+    totals = {s: [r["output_tokens"] for r in rows] for s, rows in res["systems"].items()}
+    assert len({tuple(v) for v in totals.values()}) == 1, totals
+    assert res["dispatch_ms_per_layer"] > 0
+    assert res["ffn_vs_gemm"][0]["tokens"] == 256 and res["ffn_vs_gemm"][0]["gemm_gflops"] > 0
+    assert len(res["expert_memory"]) == 8 and all(m["weight_mb"] > 0 for m in res["expert_memory"])
+    assert 0 < res["params"]["active_fraction"] < 1
+    md = (tmp_path / "bench-tiny-quick.md").read_text()
+    assert "| system | concurrency | output tok/s" in md and "| http | 4 |" in md
+    assert "[bench]" in p.stderr  # progress is shown
