@@ -54,3 +54,49 @@ def small_cfg() -> MixtralConfig:
     return MixtralConfig(vocab_size=32000, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
                          torch_dtype="float32")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_run_answer(config_path, port: int, body: dict, cwd, env: dict, timeout_s: float = 180) -> dict:
+    """Start Ray's own `serve run CONFIG` as a subprocess, POST `body` to /v1/completions until it
+    answers (or `timeout_s` passes), stop it with SIGINT, and return the answer."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+    from pathlib import Path
+
+    env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
+    serve_bin = Path(sys.executable).with_name("serve")
+    p = subprocess.Popen([str(serve_bin), "run", str(config_path)], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        data = json.dumps(body).encode()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert p.poll() is None, "serve run exited"
+            try:
+                req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=data,
+                                             headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(req, timeout=10) as r:
+                    return json.loads(r.read())
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(2)
+        raise AssertionError(f"no answer from `serve run {config_path}` within {timeout_s} s")
+    finally:
+        os.killpg(p.pid, signal.SIGINT)
+        try:
+            p.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import threading
 import time
 import urllib.request
@@ -22,16 +21,11 @@ from cluster.app import build_app, replica_counts
 from cluster.config import AppConfig
 from model.sampling import SamplingParams
 from router.engine import LLMEngine
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.ray
 APP = "chaos"
 GROUPS = [f"expert-group-{g}" for g in range(4)]  # 8 experts, 2 per worker
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -15,12 +15,7 @@ import copy
 import json
 import os
 import re
-import signal
-import subprocess
-import sys
-import time
 import typing
-import urllib.request
 from pathlib import Path
 
 import jsonschema
@@ -28,6 +23,8 @@ import kubernetes_validate
 import pytest
 import yaml
 from pydantic import BaseModel
+
+from tests.conftest import free_port, serve_run_answer
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
@@ -311,14 +308,6 @@ def test_dockerfile_base_matches_the_pins_and_copies_what_exists():
 # ---------------------------------------------------------------- the CPU variant runs
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.ray
 def test_tiny_cpu_serve_config_v2_runs_on_local_ray(tmp_path):
     """`serve run` on the CPU variant's serveConfigV2, unchanged but for the ports and a loopback bind
@@ -330,28 +319,6 @@ def test_tiny_cpu_serve_config_v2_runs_on_local_ray(tmp_path):
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "XDG_CACHE_HOME": str(tmp_path / "cache")}
-    env.pop("RAY_ADDRESS", None)
-    serve_bin = Path(sys.executable).with_name("serve")
-    p = subprocess.Popen([str(serve_bin), "run", str(path)], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        body = json.dumps({"model": "tiny", "prompt": "Hello", "max_tokens": 4}).encode()
-        deadline, answer = time.monotonic() + 180, None
-        while time.monotonic() < deadline and answer is None:
-            assert p.poll() is None, "serve run exited"
-            try:
-                req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
-                                             headers={"Content-Type": "application/json"})
-                with urllib.request.urlopen(req, timeout=10) as r:
-                    answer = json.loads(r.read())
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                time.sleep(2)
-        assert answer is not None, "no answer from the serveConfigV2 within 180 s"
-        assert answer["object"] == "text_completion" and answer["usage"]["completion_tokens"] == 4
-        assert (tmp_path / "cache" / "mixserve" / "tiny" / "model.safetensors").is_file()
-    finally:
-        os.killpg(p.pid, signal.SIGINT)
-        try:
-            p.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
+    answer = serve_run_answer(path, port, {"model": "tiny", "prompt": "Hello", "max_tokens": 4}, tmp_path, env)
+    assert answer["object"] == "text_completion" and answer["usage"]["completion_tokens"] == 4
+    assert (tmp_path / "cache" / "mixserve" / "tiny" / "model.safetensors").is_file()

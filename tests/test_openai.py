@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 import urllib.request
@@ -20,15 +19,10 @@ from cluster.config import load_config
 from model.config import MixtralConfig
 from model.sampling import SamplingParams
 from router.engine import LLMEngine
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.ray
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 GRPC_PORT = free_port()
