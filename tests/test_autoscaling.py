@@ -80,8 +80,9 @@ def deployed(skewed):
 class Load:
     """`n` client threads sending greedy requests in a loop; checks every answer against `want`."""
 
-    def __init__(self, handle, prompts, want, n: int, max_tokens: int):
+    def __init__(self, handle, prompts, want, n: int, max_tokens: int, pause: float = 0.0):
         self.handle, self.prompts, self.want, self.max_tokens = handle, prompts, want, max_tokens
+        self.pause = pause  # think time between a client's requests: a paced, light load
         self.sent = self.completed = self.failed = self.identical = 0
         self.errors: list[str] = []
         self.stop = threading.Event()
@@ -107,6 +108,7 @@ class Load:
                 with self.lock:
                     self.failed += 1
                     self.errors.append(f"{type(e).__name__}: {e}"[:300])
+            self.stop.wait(self.pause)
 
     def __enter__(self):
         for t in self.threads:
@@ -167,8 +169,10 @@ def test_hot_expert_scales_up_under_load_and_back_down(deployed, skewed):
         time.sleep(3)  # keep the load on the grown deployment: new replicas take traffic
     peak = replica_counts(APP)
     assert peak[groups[HOT]] == 2 and all(peak[g] == 1 for i, g in enumerate(groups) if i != HOT), peak
-    # A light load while it shrinks: the replica being removed drains, no request fails.
-    with Load(handle, prompts, want, n=1, max_tokens=24) as down:
+    # A light, paced load while it shrinks: the replica being removed drains, no request fails.
+    # Unpaced, one client on 2 cores can still push the hot expert past `capacity` (a single
+    # stream runs faster per request than six), so the think time keeps its rate well below.
+    with Load(handle, prompts, want, n=1, max_tokens=24, pause=1.0) as down:
         wait_for(lambda c: c.get(groups[HOT]) == 1, 60, timeline, "hot expert back at min_replicas")
         time.sleep(1)
     for ld in (load, up, down):
