@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from model.checkpoint import Checkpoint, expert_names
-from model.model import swiglu
+from model.model import ExpertFFN
 
 
 @dataclass
@@ -56,17 +56,18 @@ class ExpertWorker:
         # Each worker holds exactly its own tensors: nothing missing, nothing extra.
         assert set(loaded.tensors) == expected, "expert worker received the wrong set of tensors"
         self.bytes_read = loaded.bytes_read
+        t = loaded.tensors
+        # An empty group (no experts) holds nothing: the runtime baseline of a worker process.
+        self.dtype = next(iter(t.values())).dtype if t else self.cfg.dtype
         self.weights = {
-            (l, e): tuple(loaded.tensors[f"model.layers.{l}.block_sparse_moe.experts.{e}.{w}.weight"] for w in ("w1", "w2", "w3"))
+            (l, e): ExpertFFN(*(t.pop(f"model.layers.{l}.block_sparse_moe.experts.{e}.{w}.weight") for w in ("w1", "w2", "w3")))
             for l, e in pairs
         }
-        # An empty group (no experts) holds nothing: the runtime baseline of a worker process.
-        self.dtype = next(iter(loaded.tensors.values())).dtype if loaded.tensors else self.cfg.dtype
         self.stats = ExpertStats()
         self._lock = threading.Lock()
 
     def weight_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for ws in self.weights.values() for t in ws)
+        return sum(f.nbytes for f in self.weights.values())
 
     @torch.inference_mode()
     def run(self, layer: int, batches: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
@@ -79,7 +80,7 @@ class ExpertWorker:
             for e, x in batches.items():
                 if (layer, e) not in self.weights:
                     raise KeyError(f"this worker holds experts {self.experts}, not (layer={layer}, expert={e})")
-                out[e] = swiglu(x.to(self.dtype), *self.weights[(layer, e)]).to(x.dtype)
+                out[e] = self.weights[(layer, e)](x.to(self.dtype)).to(x.dtype)
             return out
         finally:
             dt = time.perf_counter() - t0

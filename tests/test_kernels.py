@@ -1,0 +1,63 @@
+"""The matmul forms the model runs with: oneDNN-packed bf16 weights, fused w1|w3 and q|k|v, the
+decode attention path. Each must give the numbers of the plain PyTorch form it replaces."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as Fn
+
+from model import model as M
+from model.model import AttnMeta, ExpertFFN, PackedWeight, build_attn_meta, linear, prepare_weight, swiglu
+
+G = torch.Generator().manual_seed(0)
+
+
+def randn(*shape, dtype=torch.bfloat16):
+    return torch.randn(*shape, generator=G).to(dtype)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 64, 300])
+def test_packed_linear_equals_plain(rows):
+    w = randn(384, 256) / 16
+    x = randn(rows, 256)
+    pw = prepare_weight(w)
+    if not M._can_pack(w):
+        pytest.skip("this torch build/CPU cannot pack bf16 weights for oneDNN (the model then runs plain)")
+    assert type(pw) is PackedWeight and pw.nbytes == w.numel() * 2
+    got, want = linear(x, pw), Fn.linear(x, w)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, 384)
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+    assert linear(x[:0], pw).shape == (0, 384)
+
+
+def test_float32_and_opt_out_stay_plain(monkeypatch):
+    w32 = randn(64, 32, dtype=torch.float32)
+    assert prepare_weight(w32) is w32
+    monkeypatch.setenv("MIXSERVE_PACKED_WEIGHTS", "0")
+    wb = randn(64, 32)
+    assert prepare_weight(wb) is wb
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_expert_ffn_equals_swiglu(dtype):
+    D, F = 128, 352
+    w1, w3 = randn(F, D, dtype=dtype) / D**0.5, randn(F, D, dtype=dtype) / D**0.5
+    w2 = randn(D, F, dtype=dtype) / F**0.5
+    ffn = ExpertFFN(w1, w2, w3)
+    for n in (1, 9, 260):
+        x = randn(n, D, dtype=dtype)
+        tol = 1e-5 if dtype == torch.float32 else 3e-2
+        torch.testing.assert_close(ffn(x).float(), swiglu(x, w1, w2, w3).float(), rtol=tol, atol=tol)
+    assert ffn.nbytes == 3 * D * F * w1.element_size()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_mask_handles_ragged_contexts(dtype):
+    """Sequences of different lengths in one decode batch: padding is masked out, never attended."""
+    meta = build_attn_meta([(list(range(5)), 1), (list(range(10, 13)), 1)])
+    bias = meta.dec_bias(dtype)
+    assert bias.shape == (2, 1, 1, 5) and bias.dtype == dtype
+    assert torch.isinf(bias[1, 0, 0, 3:]).all() and (bias[1, 0, 0, :3] == 0).all() and (bias[0] == 0).all()
+    assert meta.dec_bias(dtype) is bias  # built once per step, shared by the layers
+    assert isinstance(meta, AttnMeta)
