@@ -4,7 +4,10 @@
     [gate -> dispatch] --run.remote(layer, {e: x_e})--> [ExpertWorker.run: one SwiGLU per expert]
     [combine] <------------------- {e: y_e} -----------
 
-Every group that has tokens gets one call per layer, all in flight at once. A call that fails because
+Every group that has tokens gets one call per layer, all in flight at once. With `transport: channel`
+(the default) the batches go over a persistent TCP connection to each replica (cluster/channel.py)
+and Ray is the control plane and the fallback; with `transport: ray` every call is a Ray actor call.
+A call that fails because
 its replica died (or timed out) is re-sent to the next replica of the group, or to the restarted one;
 calls are idempotent, so the step's result is unchanged. Only after `max_tries` does it fail.
 """
@@ -16,6 +19,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import ray
 import torch
@@ -32,10 +36,11 @@ from router.experts import expert_groups, split_by_group, wait_with_retries
 from workers.expert import ExpertWorker
 
 from .autoscaling import ExpertAutoscalingConfig
+from .channel import ChannelClient, ChannelError, ChannelServer
 
 log = logging.getLogger(__name__)
 
-RETRYABLE = (RayActorError, ActorDiedError, ActorUnavailableError, GetTimeoutError)
+RETRYABLE = (RayActorError, ActorDiedError, ActorUnavailableError, GetTimeoutError, ChannelError)
 
 
 class ExpertsConfig(BaseModel):
@@ -62,6 +67,11 @@ class ExpertsConfig(BaseModel):
     graceful_shutdown_timeout_s: float = Field(
         20.0, ge=0, description="A replica being removed gets nothing new and this long to finish its calls.",
     )
+    transport: Literal["channel", "ray"] = Field(
+        "channel", description="How token batches reach expert actors: `channel` = a direct TCP connection per "
+        "replica (Ray as control plane and fallback), `ray` = one Ray actor call per group and layer. "
+        "Used by the Ray-actor engine (`start_disaggregated`); the Serve app routes through Serve handles.",
+    )
 
 
 @ray.remote
@@ -70,6 +80,10 @@ class ExpertActor:
 
     def __init__(self, model_dir: str, experts: list[int], dtype: str, num_threads: int | None):
         self.worker = ExpertWorker(model_dir, experts, dtype, num_threads)
+        self.channel = ChannelServer(self.worker, ray.util.get_node_ip_address())
+
+    def channel_address(self) -> tuple[str, int]:
+        return self.channel.address
 
     def run(self, layer: int, batches: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         return self.worker.run(layer, batches)
@@ -110,15 +124,15 @@ class RayFuture:
     def result(self) -> dict[int, torch.Tensor]:
         out: dict[int, torch.Tensor] = {}
         b = self.backend
-        for g, (ref, part, replica) in self.calls.items():
+        for g, (pending, part, replica) in self.calls.items():
             tried = [replica]
 
-            def resend(g=g, part=part, tried=tried):
+            def resend(g=g, part=part, tried=tried):  # through Ray: the channel may be what broke
                 tried.append(b.next_replica(g, avoid=tried[-1]))
                 return b.replicas[g][tried[-1]].run.remote(self.layer, part)
 
             out.update(wait_with_retries(
-                ref, lambda r: ray.get(r, timeout=b.cfg.call_timeout_s), resend, b.cfg.max_tries, RETRYABLE,
+                pending, b.wait, resend, b.cfg.max_tries, RETRYABLE,
                 b.on_retry, f"expert group {b.groups[g]} (layer {self.layer})",
             ))
         b.calls += 1
@@ -156,6 +170,41 @@ class RayExperts:
         self._rr = [itertools.count() for _ in self.groups]
         self.retries = 0
         self.calls, self.call_seconds = 0, 0.0  # layer fan-outs and their summed round-trip time
+        # Data plane: (group, replica) -> open channel; and the address lookups in flight.
+        self.channels: dict[tuple[int, int], ChannelClient] = {}
+        self.addresses: dict[tuple[int, int], ray.ObjectRef] = {}
+        self.channel_calls = self.ray_calls = 0
+        if c.transport == "channel":
+            for g, reps in enumerate(self.replicas):
+                for r, a in enumerate(reps):
+                    self.addresses[(g, r)] = a.channel_address.remote()
+
+    def channel(self, g: int, r: int) -> ChannelClient | None:
+        """The open channel to replica r of group g, or None (use a Ray call this time). A broken
+        channel is replaced once the (possibly restarted) actor answers a new address lookup."""
+        if self.cfg.transport != "channel":
+            return None
+        ch = self.channels.get((g, r))
+        if ch is not None and ch.alive:
+            return ch
+        ref = self.addresses.get((g, r))
+        if ref is None:
+            self.addresses[(g, r)] = self.replicas[g][r].channel_address.remote()
+            return None
+        if not ray.wait([ref], timeout=0)[0]:
+            return None
+        del self.addresses[(g, r)]
+        try:
+            self.channels[(g, r)] = ch = ChannelClient(ray.get(ref), self.cfg.call_timeout_s)
+        except (OSError, *RETRYABLE) as e:
+            log.warning("expert channel unavailable; using Ray calls", extra={"group": g, "error": type(e).__name__})
+            return None
+        return ch
+
+    def wait(self, pending):
+        if isinstance(pending, tuple):  # (channel, call id)
+            return pending[0].result(pending[1])
+        return ray.get(pending, timeout=self.cfg.call_timeout_s)
 
     def on_retry(self, attempt: int, e: Exception) -> None:
         self.retries += 1
@@ -175,10 +224,23 @@ class RayExperts:
         calls = {}
         for g, part in split_by_group(req.batches, self.expert_map).items():
             r = self.next_replica(g)
-            calls[g] = (self.replicas[g][r].run.remote(req.layer, part), part, r)
+            ch = self.channel(g, r)
+            pending = None
+            if ch is not None:
+                try:
+                    pending = (ch, ch.send(req.layer, part))
+                    self.channel_calls += 1
+                except ChannelError:
+                    pending = None
+            if pending is None:
+                pending = self.replicas[g][r].run.remote(req.layer, part)
+                self.ray_calls += 1
+            calls[g] = (pending, part, r)
         return RayFuture(self, req.layer, calls)
 
     def shutdown(self) -> None:
+        for ch in self.channels.values():
+            ch.close()
         for reps in self.replicas:
             for a in reps:
                 ray.kill(a, no_restart=True)

@@ -311,7 +311,7 @@ class MixtralDense:
         return sum(weight_nbytes(t) for t in [*self.w.values(), *self.lin.values()])
 
     def attention(self, l: int, x: torch.Tensor, meta: AttnMeta, kv: KVPool, cos, sin) -> torch.Tensor:
-        c, p = self.cfg, f"model.layers.{l}.self_attn."
+        c = self.cfg
         T, H, K, d = x.shape[0], c.num_attention_heads, c.num_key_value_heads, c.head_dim
         qkv = linear(x, self.lin[(l, "qkv")])
         q = apply_rope(qkv[:, : H * d].view(T, H, d), cos, sin)

@@ -41,10 +41,11 @@ def disaggregated(model_dir, experts_cfg, engine_cfg=None):
     return eng, local, experts
 
 
-@pytest.mark.parametrize("which,per_worker", [("tiny", 1), ("tiny", 2), ("top3", 1), ("top3", 2)])
-def test_same_tokens_as_in_process(request, tiny_dir, top3_dir, which, per_worker):
+@pytest.mark.parametrize("which,per_worker,transport", [
+    ("tiny", 1, "channel"), ("tiny", 2, "channel"), ("top3", 1, "channel"), ("top3", 2, "channel"), ("tiny", 1, "ray")])
+def test_same_tokens_as_in_process(request, tiny_dir, top3_dir, which, per_worker, transport):
     model_dir = tiny_dir if which == "tiny" else top3_dir
-    eng, local, experts = disaggregated(model_dir, ExpertsConfig(num_cpus=0, experts_per_worker=per_worker))
+    eng, local, experts = disaggregated(model_dir, ExpertsConfig(num_cpus=0, experts_per_worker=per_worker, transport=transport))
     try:
         ps = [local.tokenizer.encode(t) for t in TEXTS]
         got = [o.new_token_ids for o in eng.generate(ps, GREEDY)]
@@ -52,6 +53,11 @@ def test_same_tokens_as_in_process(request, tiny_dir, top3_dir, which, per_worke
         assert got == want
         infos = experts.wait_ready()
         assert sum(i["stats"]["calls"] for i in infos) > 0
+        # The data plane really in use: every call over the channels, or every call through Ray.
+        if transport == "channel":
+            assert experts.channel_calls > 0 and experts.ray_calls == 0
+        else:
+            assert experts.ray_calls > 0 and experts.channel_calls == 0
         assert sorted(e for i in infos for e in i["experts"]) == list(range(local.dense.cfg.num_local_experts))
     finally:
         experts.shutdown()
@@ -94,6 +100,7 @@ def test_expert_replica_killed_mid_generation(tiny_dir):
                 got[o.req_id] += o.new_token_ids
             steps += 1
         assert [got[r] for r in rids] == want
-        assert experts.retries > 0
+        assert experts.retries > 0  # the broken channels' calls were re-sent (through Ray)
+        assert experts.channel_calls > 0 and experts.ray_calls > 0
     finally:
         experts.shutdown()
