@@ -7,7 +7,9 @@ Systems, all on the same checkpoint, dtype and requests:
     hf             Hugging Face transformers MixtralForCausalLM.generate, batched with left padding
                    (batches of `concurrency` requests, each run to the batch's longest output)
     inprocess      mixserve's engine with the experts in this process
-    disaggregated  the same engine with the experts as Ray actors on a local Ray (2 micro-batches)
+    disaggregated  the same engine with the experts as Ray actors on a local Ray, one per expert, batches
+                   over the direct TCP data plane; `disaggregated-epwN` the same with N experts per
+                   actor (--experts-per-worker; default 1 and 4: one actor per expert, one per core here)
     http           the Serve application through the OpenAI endpoint (streaming completions)
 Workload: seeded random prompts (token ids) and output lengths, like vLLM's random dataset; at each
 concurrency level a closed loop keeps `concurrency` requests in flight. Also measured in the run:
@@ -23,7 +25,6 @@ import json
 import os
 import platform
 import socket
-import statistics
 import sys
 import tempfile
 import threading
@@ -34,7 +35,7 @@ from pathlib import Path
 import torch
 
 from model.config import MixtralConfig
-from model.model import swiglu
+from model.model import ExpertFFN, linear, prepare_weight
 from model.sampling import SamplingParams
 from model.tiny import preset_config, write_checkpoint
 from router.engine import EngineConfig, LLMEngine
@@ -224,12 +225,14 @@ def run_http(port: int, model: str, reqs: list[Req], concurrency: int, label: st
 
 
 def ffn_vs_gemm(cfg: MixtralConfig, dtype: torch.dtype, tokens: list[int], reps: int) -> list[dict]:
-    """Achieved FLOP/s of one expert's SwiGLU FFN on n tokens vs a dense GEMM of the same shape
-    ([n, D] x [D, F]), both timed here, in this process, on the same threads."""
+    """Achieved FLOP/s of one expert's SwiGLU FFN on n tokens, as the expert workers run it
+    (`ExpertFFN`), vs a dense GEMM of the same shape ([n, D] x [D, F]) in its fastest form here
+    (the same prepared weight format), both timed in this process on the same threads."""
     D, F = cfg.hidden_size, cfg.intermediate_size
     g = torch.Generator().manual_seed(0)
     w1, w3 = (torch.randn(F, D, generator=g).to(dtype) / D**0.5 for _ in range(2))
     w2 = torch.randn(D, F, generator=g).to(dtype) / F**0.5
+    ffn, dense = ExpertFFN(w1, w2, w3), prepare_weight(w1)
     rows = []
     for n in tokens:
         x = torch.randn(n, D, generator=g).to(dtype)
@@ -244,11 +247,11 @@ def ffn_vs_gemm(cfg: MixtralConfig, dtype: torch.dtype, tokens: list[int], reps:
             return min(ts)
 
         with torch.inference_mode():
-            t_ffn = best(lambda: swiglu(x, w1, w2, w3))
-            t_gemm = best(lambda: x @ w1.t())
-        ffn, gemm = 3 * 2 * n * D * F / t_ffn, 2 * n * D * F / t_gemm
-        rows.append({"tokens": n, "ffn_gflops": round(ffn / 1e9, 1), "gemm_gflops": round(gemm / 1e9, 1),
-                     "ratio": round(ffn / gemm, 3)})
+            t_ffn = best(lambda: ffn(x))
+            t_gemm = best(lambda: linear(x, dense))
+        f, gm = 3 * 2 * n * D * F / t_ffn, 2 * n * D * F / t_gemm
+        rows.append({"tokens": n, "ffn_gflops": round(f / 1e9, 1), "gemm_gflops": round(gm / 1e9, 1),
+                     "ratio": round(f / gm, 3)})
     return rows
 
 
@@ -289,7 +292,7 @@ def run(a) -> dict:
         "params": {"total": cfg.total_params(), "active_per_token": cfg.active_params(),
                    "active_fraction": round(cfg.active_params() / cfg.total_params(), 4),
                    "experts": cfg.num_local_experts, "top_k": cfg.num_experts_per_tok},
-        "systems": {}, "ffn_vs_gemm": [], "dispatch_ms_per_layer": None, "expert_memory": [],
+        "systems": {}, "ffn_vs_gemm": [], "dispatch_ms_per_layer": {}, "expert_memory": [],
     }
     ecfg = EngineConfig(max_num_seqs=max(64, max(a.concurrency)), max_num_batched_tokens=a.max_batched_tokens,
                         kv_cache_tokens=max(65536, 2 * max(a.concurrency) * (a.prompt_len[1] + a.output_len[1])))
@@ -320,7 +323,7 @@ def run(a) -> dict:
             if "disaggregated" in a.systems:
                 disaggregated(result, model_dir, dname, ecfg, reqs, a, level)
             if "http" in a.systems:
-                serve_http(model_dir, dname, ecfg, level)
+                serve_http(model_dir, dname, ecfg, level, a.microbatches)
         finally:
             ray.shutdown()
     result["ffn_vs_gemm"] = ffn_vs_gemm(cfg, dtype, a.ffn_tokens, 3 if a.quick else 10)
@@ -328,37 +331,46 @@ def run(a) -> dict:
     return result
 
 
+def disaggregated_name(experts_per_worker: int) -> str:
+    return "disaggregated" if experts_per_worker == 1 else f"disaggregated-epw{experts_per_worker}"
+
+
 def disaggregated(result, model_dir, dname, ecfg, reqs, a, level) -> None:
+    """The engine with its experts as Ray actors (direct TCP data plane), once per --experts-per-worker."""
     import ray
 
     from cluster.ray_engine import ExpertActor, ExpertsConfig, start_disaggregated
+    from model.env import worker_env
 
-    engine, runtime = start_disaggregated(model_dir, dname, EngineConfig(**{**ecfg.model_dump(), "num_microbatches": 2}),
-                                          ExpertsConfig(num_cpus=0))
-    try:
-        engine.generate([reqs[0].prompt], SamplingParams(max_tokens=2, temperature=0.0))
-        ex = runtime.experts
-        calls0, secs0 = ex.calls, ex.call_seconds
-        level("disaggregated", lambda r, c, lbl: drive_engine(engine, r, c, lbl))
-        result["dispatch_ms_per_layer"] = round(1e3 * (ex.call_seconds - secs0) / max(1, ex.calls - calls0), 3)
-        # Resident memory of each expert worker vs its weights, and of a worker holding nothing.
-        # The runtime baseline: the resident size of an expert worker process that holds no expert (Python,
-        # torch, Ray) plus a fixed allowance for serving (call buffers, allocator caches).
-        base_actor = ExpertActor.options(num_cpus=0).remote(model_dir, [], dname, None)
-        empty = ray.get(base_actor.info.remote())["rss_bytes"]
-        ray.kill(base_actor)
-        baseline = empty + SERVING_ALLOWANCE
-        for info in ex.wait_ready():
-            w, rss = info["weight_bytes"], info["rss_bytes"]
-            result["expert_memory"].append({
-                "experts": info["experts"], "weight_mb": round(w / 2**20, 1), "rss_mb": round(rss / 2**20, 1),
-                "empty_worker_mb": round(empty / 2**20, 1), "baseline_mb": round(baseline / 2**20, 1),
-                "within_target": rss <= 1.1 * w + baseline})
-    finally:
-        runtime.experts.shutdown()
+    # The runtime baseline: the resident size of an expert worker process that holds no expert (Python,
+    # torch, Ray; same environment) plus a fixed allowance for serving (call buffers, kernel caches).
+    base_actor = ExpertActor.options(num_cpus=0, runtime_env={"env_vars": worker_env()}).remote(model_dir, [], dname, None)
+    empty = ray.get(base_actor.info.remote())["rss_bytes"]
+    ray.kill(base_actor)
+    baseline = empty + SERVING_ALLOWANCE
+    for epw in a.experts_per_worker:
+        name = disaggregated_name(epw)
+        engine, runtime = start_disaggregated(
+            model_dir, dname, EngineConfig(**{**ecfg.model_dump(), "num_microbatches": a.microbatches}),
+            ExpertsConfig(num_cpus=0, experts_per_worker=epw))
+        try:
+            engine.generate([reqs[0].prompt], SamplingParams(max_tokens=2, temperature=0.0))
+            ex = runtime.experts
+            calls0, secs0 = ex.calls, ex.call_seconds
+            level(name, lambda r, c, lbl: drive_engine(engine, r, c, lbl))
+            result["dispatch_ms_per_layer"][name] = round(1e3 * (ex.call_seconds - secs0) / max(1, ex.calls - calls0), 3)
+            # Resident memory of each expert worker after the run vs its weights.
+            for info in ex.wait_ready():
+                w, rss = info["weight_bytes"], info["rss_bytes"]
+                result["expert_memory"].append({
+                    "system": name, "experts": info["experts"], "weight_mb": round(w / 2**20, 1),
+                    "rss_mb": round(rss / 2**20, 1), "empty_worker_mb": round(empty / 2**20, 1),
+                    "baseline_mb": round(baseline / 2**20, 1), "within_target": rss <= 1.1 * w + baseline})
+        finally:
+            runtime.experts.shutdown()
 
 
-def serve_http(model_dir, dname, ecfg, level) -> None:
+def serve_http(model_dir, dname, ecfg, level, microbatches: int) -> None:
     from ray import serve
 
     from cluster.app import build_app
@@ -366,7 +378,7 @@ def serve_http(model_dir, dname, ecfg, level) -> None:
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    cfg = AppConfig(model=model_dir, dtype=dname, engine=ecfg.model_dump() | {"num_microbatches": 2},
+    cfg = AppConfig(model=model_dir, dtype=dname, engine=ecfg.model_dump() | {"num_microbatches": microbatches},
                     attention={"num_cpus": 0}, experts={"num_cpus": 0}, server={"served_model_name": "bench"})
     serve.run(build_app(cfg), name="bench", route_prefix="/")
     try:
@@ -387,18 +399,21 @@ def targets(res: dict) -> list[dict]:
     hf, ip = at("hf", 32), at("inprocess", 32)
     if hf and ip:
         out.append({"target": "in-process vs transformers, c=32", "want": ">= 3.0", "got": round(ip / hf, 2), "met": ip / hf >= 3})
-    ip64, dis64 = at("inprocess", 64), at("disaggregated", 64)
-    if ip64 and dis64:
-        out.append({"target": "disaggregated vs in-process, c=64", "want": ">= 0.7", "got": round(dis64 / ip64, 3),
-                    "met": dis64 / ip64 >= 0.7})
+    ip64 = at("inprocess", 64)
+    for name in res["systems"]:
+        dis64 = at(name, 64) if name.startswith("disaggregated") else None
+        if ip64 and dis64:
+            out.append({"target": f"{name} vs in-process, c=64", "want": ">= 0.7", "got": round(dis64 / ip64, 3),
+                        "met": dis64 / ip64 >= 0.7})
     big = [r for r in res["ffn_vs_gemm"] if r["tokens"] >= 256]
     if big:
         worst = min(r["ratio"] for r in big)
         out.append({"target": "expert FFN vs dense GEMM FLOP/s, >= 256 tokens", "want": ">= 0.70", "got": worst, "met": worst >= 0.7})
-    if res["expert_memory"]:
-        ok = all(m["within_target"] for m in res["expert_memory"])
-        worst = max(m["rss_mb"] - m["baseline_mb"] - m["weight_mb"] * 1.1 for m in res["expert_memory"])
-        out.append({"target": "expert worker RSS <= 1.1 x weights + baseline", "want": "all",
+    for name in dict.fromkeys(m["system"] for m in res["expert_memory"]):
+        mem = [m for m in res["expert_memory"] if m["system"] == name]
+        ok = all(m["within_target"] for m in mem)
+        worst = max(m["rss_mb"] - m["baseline_mb"] - m["weight_mb"] * 1.1 for m in mem)
+        out.append({"target": f"{name}: expert worker RSS <= 1.1 x weights + baseline", "want": "all",
                     "got": f"worst margin {-worst:+.1f} MB", "met": ok})
     return out
 
@@ -423,14 +438,14 @@ def markdown(res: dict) -> str:
             rel = f"{r['output_tok_s'] / base[r['concurrency']]:.3f}" if base.get(r["concurrency"]) else ""
             lines.append(f"| {system} | {r['concurrency']} | {r['output_tok_s']} | {r['req_s']} | {r['ttft_ms_p50']} | "
                          f"{r['ttft_ms_p99']} | {r['itl_ms_p50']} | {r['itl_ms_p99']} | {rel} |")
-    if res["dispatch_ms_per_layer"] is not None:
-        lines += ["", f"Disaggregated: {res['dispatch_ms_per_layer']} ms per layer fan-out to the experts (mean, submit to last result)."]
+    for name, ms in res["dispatch_ms_per_layer"].items():
+        lines += ["", f"{name}: {ms} ms per layer fan-out to the experts (mean, submit to last result)."]
     if res["ffn_vs_gemm"]:
         lines += ["", "| expert FFN tokens | FFN GFLOP/s | dense GEMM GFLOP/s | ratio |", "|---:|---:|---:|---:|"]
         lines += [f"| {r['tokens']} | {r['ffn_gflops']} | {r['gemm_gflops']} | {r['ratio']} |" for r in res["ffn_vs_gemm"]]
-    if res["expert_memory"]:
-        mem = res["expert_memory"]
-        lines += ["", f"Expert workers after the run: weights {mem[0]['weight_mb']} MB each, resident "
+    for name in dict.fromkeys(m["system"] for m in res["expert_memory"]):
+        mem = [m for m in res["expert_memory"] if m["system"] == name]
+        lines += ["", f"{name}, expert workers after the run: weights {mem[0]['weight_mb']} MB each, resident "
                       f"{min(x['rss_mb'] for x in mem)}-{max(x['rss_mb'] for x in mem)} MB; runtime baseline "
                       f"{mem[0]['baseline_mb']} MB = a worker holding no expert ({mem[0]['empty_worker_mb']} MB) "
                       f"+ a fixed {SERVING_ALLOWANCE >> 20} MB serving allowance."]
@@ -451,6 +466,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-len", nargs=2, type=int, default=[16, 128], metavar=("MIN", "MAX"))
     p.add_argument("--output-len", nargs=2, type=int, default=[16, 64], metavar=("MIN", "MAX"))
     p.add_argument("--max-batched-tokens", type=int, default=2048)
+    p.add_argument("--experts-per-worker", nargs="+", type=int, default=[1, 4],
+                   help="disaggregated runs: experts per worker process (1 = one process per expert)")
+    p.add_argument("--microbatches", type=int, default=1,
+                   help="micro-batches per step for disaggregated and http (overlap pays where the "
+                        "expert side has its own cores or GPUs)")
     p.add_argument("--ffn-tokens", nargs="+", type=int, default=[256, 1024])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a one-minute smoke run: tiny, c=1 and 4, short outputs")
@@ -460,7 +480,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(a: argparse.Namespace) -> int:
     if a.quick:
         a.preset, a.concurrency, a.rounds, a.layers = "tiny", [1, 4], 2, None
-        a.prompt_len, a.output_len, a.ffn_tokens = [8, 32], [4, 12], [256]
+        a.prompt_len, a.output_len, a.ffn_tokens, a.experts_per_worker = [8, 32], [4, 12], [256], [1]
     res = run(a)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -50,9 +50,12 @@ def test_quick_bench_runs_all_systems_and_writes_json_and_table(tmp_path):
     # every system produced each request's own number of tokens
     totals = {s: [r["output_tokens"] for r in rows] for s, rows in res["systems"].items()}
     assert len({tuple(v) for v in totals.values()}) == 1, totals
-    assert res["dispatch_ms_per_layer"] > 0
+    assert res["dispatch_ms_per_layer"]["disaggregated"] > 0
     assert res["ffn_vs_gemm"][0]["tokens"] == 256 and res["ffn_vs_gemm"][0]["gemm_gflops"] > 0
-    assert len(res["expert_memory"]) == 8 and all(m["weight_mb"] > 0 for m in res["expert_memory"])
+    assert len(res["expert_memory"]) == 8 and all(m["weight_mb"] > 0 and m["system"] == "disaggregated"
+                                                   for m in res["expert_memory"])
+    assert {t["target"].split(":")[0] for t in res["targets"]} >= {"expert FFN vs dense GEMM FLOP/s, >= 256 tokens",
+                                                                  "disaggregated"}
     assert 0 < res["params"]["active_fraction"] < 1
     md = (tmp_path / "bench-tiny-quick.md").read_text()
     assert "| system | concurrency | output tok/s" in md and "| http | 4 |" in md

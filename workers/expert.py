@@ -7,6 +7,8 @@ their input (idempotent), so a call lost with a dead replica can be re-sent anyw
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import threading
 import time
 from dataclasses import dataclass, field
@@ -15,6 +17,37 @@ import torch
 
 from model.checkpoint import Checkpoint, expert_names
 from model.model import ExpertFFN
+
+
+TRIM_INTERVAL_S = 5.0
+
+
+def _libc():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim, libc.mallopt
+    except (OSError, AttributeError):  # not glibc
+        return None, None
+
+
+_MALLOC_TRIM, _MALLOPT = _libc()
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 256 << 10
+
+
+def bound_heap_growth() -> None:
+    """Serve every allocation of MMAP_THRESHOLD bytes or more from its own mapping, returned to
+    the OS on free. glibc otherwise raises that threshold to the largest block freed so far, after
+    which FFN intermediates and call buffers of every size pile up in the heap and stay resident."""
+    if _MALLOPT is not None:
+        _MALLOPT(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+
+
+def release_free_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them, and per-thread arenas keep the peak of
+    transient buffers: call inputs, FFN intermediates). No-op where malloc_trim is missing."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 @dataclass
@@ -43,6 +76,7 @@ class ExpertWorker:
     """Experts `experts` of every layer, loaded alone from the checkpoint (lazy safetensors reads)."""
 
     def __init__(self, model_dir: str, experts: list[int], dtype: str = "auto", num_threads: int | None = None):
+        bound_heap_growth()
         if num_threads:
             torch.set_num_threads(num_threads)
         ckpt = Checkpoint(model_dir)
@@ -65,6 +99,9 @@ class ExpertWorker:
         }
         self.stats = ExpertStats()
         self._lock = threading.Lock()
+        # Loading churns the heap (read, fuse, pack, free); serving then trims every TRIM_INTERVAL_S.
+        release_free_heap()
+        self._trimmed_at = time.monotonic()
 
     def weight_bytes(self) -> int:
         return sum(f.nbytes for f in self.weights.values())
@@ -93,3 +130,8 @@ class ExpertWorker:
                 s.tokens_per_layer[layer] = s.tokens_per_layer.get(layer, 0) + n
                 for e, x in batches.items():
                     s.tokens_per_expert[e] = s.tokens_per_expert.get(e, 0) + int(x.shape[0])
+                trim = t0 - self._trimmed_at > TRIM_INTERVAL_S and s.in_flight_tokens == 0
+                if trim:
+                    self._trimmed_at = t0
+            if trim:
+                release_free_heap()
