@@ -340,11 +340,10 @@ def disaggregated(result, model_dir, dname, ecfg, reqs, a, level) -> None:
     import ray
 
     from cluster.ray_engine import ExpertActor, ExpertsConfig, start_disaggregated
-    from model.env import worker_env
 
     # The runtime baseline: the resident size of an expert worker process that holds no expert (Python,
-    # torch, Ray; same environment) plus a fixed allowance for serving (call buffers, kernel caches).
-    base_actor = ExpertActor.options(num_cpus=0, runtime_env={"env_vars": worker_env()}).remote(model_dir, [], dname, None)
+    # torch, Ray) plus a fixed allowance for serving (call buffers, kernel caches).
+    base_actor = ExpertActor.options(num_cpus=0).remote(model_dir, [], dname, None)
     empty = ray.get(base_actor.info.remote())["rss_bytes"]
     ray.kill(base_actor)
     baseline = empty + SERVING_ALLOWANCE

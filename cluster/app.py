@@ -22,7 +22,6 @@ from ray import serve
 from ray.serve import Application
 
 from model.checkpoint import Checkpoint
-from model.env import worker_env
 from model.model import MixtralDense
 from model.sampling import SamplingParams
 from model.tokenizer import Tokenizer
@@ -137,9 +136,9 @@ def build_attention(cfg: AppConfig | dict) -> Application:
 
     num_experts = MixtralConfig.from_file(resolve_model(cfg.model)).num_local_experts
     x = cfg.experts
-    threads = {"OMP_NUM_THREADS": str(x.num_threads)} if x.num_threads else {}
-    expert_actor = {"num_cpus": x.num_cpus, "num_gpus": x.num_gpus, "resources": dict(x.resources),
-                    "runtime_env": {"env_vars": worker_env(threads)}}
+    expert_actor = {"num_cpus": x.num_cpus, "num_gpus": x.num_gpus, "resources": dict(x.resources)}
+    if x.num_threads:
+        expert_actor["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(x.num_threads)}}
     experts = []
     for g, group in enumerate(expert_groups(num_experts, x.experts_per_worker)):
         scale = {"num_replicas": x.replicas} if x.autoscaling is None else {
@@ -151,8 +150,7 @@ def build_attention(cfg: AppConfig | dict) -> Application:
             max_replicas_per_node=1 if (x.replicas > 1 or x.autoscaling) and x.resources else None,
         ).bind(cfg.model, group, cfg.dtype, x.num_threads))
     a = cfg.attention
-    attn_actor = {"num_cpus": a.num_cpus, "num_gpus": a.num_gpus, "resources": dict(a.resources),
-                  "runtime_env": {"env_vars": worker_env()}}
+    attn_actor = {"num_cpus": a.num_cpus, "num_gpus": a.num_gpus, "resources": dict(a.resources)}
     scale = {"num_replicas": a.replicas} if a.autoscaling is None else {
         "num_replicas": "auto", "autoscaling_config": a.autoscaling.serve_config()}
     return AttentionWorker.options(ray_actor_options=attn_actor, **scale).bind(cfg.model_dump(), num_experts, *experts)

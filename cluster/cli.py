@@ -13,10 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-from model.env import apply_kernel_env
-
-apply_kernel_env()  # before anything imports torch: the kernels read it once, at load
-
 DTYPE_CHOICES = ["auto", "float32", "bfloat16", "float16"]
 
 

@@ -29,7 +29,6 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from model.checkpoint import Checkpoint
-from model.env import worker_env
 from model.model import ExpertRequest, MixtralDense
 from model.tokenizer import Tokenizer
 from router.engine import EngineConfig, LLMEngine
@@ -154,8 +153,7 @@ class RayExperts:
         bundle = {"CPU": c.num_cpus, "GPU": c.num_gpus, **c.resources}
         bundle = {k: v for k, v in bundle.items() if v > 0}
         for g in self.groups:
-            opts = dict(num_cpus=c.num_cpus, num_gpus=c.num_gpus, resources=dict(c.resources), max_restarts=c.max_restarts,
-                        runtime_env={"env_vars": worker_env()})
+            opts = dict(num_cpus=c.num_cpus, num_gpus=c.num_gpus, resources=dict(c.resources), max_restarts=c.max_restarts)
             if bundle and c.replicas > 1:
                 # One bundle per replica, on different nodes where possible (best-effort spread).
                 pg = placement_group([dict(bundle) for _ in range(c.replicas)], strategy="SPREAD")

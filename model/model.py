@@ -112,12 +112,29 @@ def prepare_weight(w: torch.Tensor) -> torch.Tensor | PackedWeight:
     return PackedWeight(w) if _can_pack(w) else w
 
 
+def row_bucket(n: int) -> int:
+    """The row count a packed matmul of n rows runs at: n rounded up to a multiple of 4, or of an
+    eighth of the power of two below it (at most 12.5% padding; 8 buckets per doubling).
+
+    oneDNN compiles and caches (1024 entries, each holding its own buffers) one kernel per distinct
+    input shape. Token counts change every step, so without buckets a long-running worker's memory
+    grows by tens of MB as the cache fills (measured +85 MB for a worker with four `mini` experts),
+    and capping the cache instead costs a third of the throughput. With buckets the shapes, and so
+    the cache and its memory, stay bounded (~70 shapes per weight up to 8192 rows)."""
+    step = max(4, 1 << max(0, (n - 1).bit_length() - 4))
+    return -(-n // step) * step
+
+
 def linear(x: torch.Tensor, w: torch.Tensor | PackedWeight) -> torch.Tensor:
-    """x [n, in] @ w.T for a plain or packed weight."""
+    """x [n, in] @ w.T for a plain or packed weight (packed: run at `row_bucket(n)` rows)."""
     if type(w) is PackedWeight:
-        if x.shape[0] == 0:
+        n = x.shape[0]
+        if n == 0:
             return x.new_empty(0, w.shape[0])
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w.t, None, "none", [], "")
+        b = row_bucket(n)
+        x = Fn.pad(x, (0, 0, 0, b - n)) if b != n else x.contiguous()
+        y = torch.ops.mkldnn._linear_pointwise(x, w.t, None, "none", [], "")
+        return y[:n] if b != n else y
     return Fn.linear(x, w)
 
 

@@ -61,3 +61,13 @@ def test_decode_attention_mask_handles_ragged_contexts(dtype):
     assert torch.isinf(bias[1, 0, 0, 3:]).all() and (bias[1, 0, 0, :3] == 0).all() and (bias[0] == 0).all()
     assert meta.dec_bias(dtype) is bias  # built once per step, shared by the layers
     assert isinstance(meta, AttnMeta)
+
+
+def test_row_buckets_bound_the_shapes_and_the_padding():
+    sizes = range(1, 8193)
+    buckets = [M.row_bucket(n) for n in sizes]
+    assert all(b >= n for n, b in zip(sizes, buckets))
+    assert all(a <= b for a, b in zip(buckets, buckets[1:]))  # monotonic
+    assert max((b - n) / n for n, b in zip(sizes, buckets) if n > 32) <= 0.125
+    assert len(set(buckets)) <= 80  # a bounded number of kernel shapes per weight, however long it serves
+    assert M.row_bucket(1) == 4 and M.row_bucket(32) == 32 and M.row_bucket(1025) == 1152
