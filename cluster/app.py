@@ -125,8 +125,12 @@ def build_app(cfg: AppConfig | dict) -> Application:
     cfg = AppConfig.model_validate(cfg) if isinstance(cfg, dict) else cfg
     s = cfg.server
     return OpenAIIngress.options(
-        num_replicas=s.replicas, ray_actor_options={"num_cpus": s.num_cpus, "resources": dict(s.resources)}
+        num_replicas=s.replicas, ray_actor_options={"num_cpus": s.num_cpus, "resources": dict(s.resources)},
+        max_ongoing_requests=s.max_ongoing_requests,
     ).bind(cfg.model_dump(), build_attention(cfg))
+
+
+ADMISSION_HEADROOM = 64  # requests beyond the engine's admission that still reach it, to be refused
 
 
 def build_attention(cfg: AppConfig | dict) -> Application:
@@ -144,7 +148,7 @@ def build_attention(cfg: AppConfig | dict) -> Application:
         scale = {"num_replicas": x.replicas} if x.autoscaling is None else {
             "num_replicas": "auto", "autoscaling_config": x.autoscaling.serve_config(g)}
         experts.append(ExpertDeployment.options(
-            name=f"expert-group-{g}", ray_actor_options=expert_actor, **scale,
+            name=f"expert-group-{g}", ray_actor_options=expert_actor, **scale, max_ongoing_requests=x.max_ongoing_requests,
             graceful_shutdown_timeout_s=x.graceful_shutdown_timeout_s, graceful_shutdown_wait_loop_s=0.5,
             # Replicas of one expert on different nodes, where there are several.
             max_replicas_per_node=1 if (x.replicas > 1 or x.autoscaling) and x.resources else None,
@@ -153,7 +157,12 @@ def build_attention(cfg: AppConfig | dict) -> Application:
     attn_actor = {"num_cpus": a.num_cpus, "num_gpus": a.num_gpus, "resources": dict(a.resources)}
     scale = {"num_replicas": a.replicas} if a.autoscaling is None else {
         "num_replicas": "auto", "autoscaling_config": a.autoscaling.serve_config()}
-    return AttentionWorker.options(ray_actor_options=attn_actor, **scale).bind(cfg.model_dump(), num_experts, *experts)
+    # Admission is the engine's (max_num_seqs running + max_waiting queued, then Overloaded = HTTP 503).
+    # Serve's per-replica cap sits above it, so excess requests reach the engine and get a prompt 503
+    # instead of waiting in Serve's queue; Serve's default (5) would cap continuous batching at 5 streams.
+    admit = cfg.engine.max_num_seqs + cfg.engine.max_waiting + ADMISSION_HEADROOM
+    return AttentionWorker.options(ray_actor_options=attn_actor, max_ongoing_requests=admit, **scale).bind(
+        cfg.model_dump(), num_experts, *experts)
 
 
 def replica_counts(app_name: str) -> dict[str, int]:

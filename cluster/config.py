@@ -59,6 +59,10 @@ class ServerConfig(BaseModel):
     max_request_bytes: int = Field(1 << 20, ge=1024, description="Largest request body accepted.")
     max_tokens_default: int = Field(256, ge=1, description="max_tokens when a request gives none.")
     replicas: int = Field(1, ge=1, description="Ingress replicas (OpenAI/gRPC front: tokenise, detokenise, admission).")
+    max_ongoing_requests: int = Field(
+        1024, ge=1, description="Requests one ingress replica holds at once (Serve's default is 5). Admission "
+        "is the engine's (engine.max_num_seqs + engine.max_waiting, then 503), not this.",
+    )
     num_cpus: float = Field(0.0, ge=0, description="CPUs per ingress replica.")
     resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per ingress replica, e.g. {ingress_slot: 1} for the head node.")
 

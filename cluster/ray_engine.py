@@ -67,6 +67,10 @@ class ExpertsConfig(BaseModel):
     graceful_shutdown_timeout_s: float = Field(
         20.0, ge=0, description="A replica being removed gets nothing new and this long to finish its calls.",
     )
+    max_ongoing_requests: int = Field(
+        64, ge=1, description="Calls one expert replica of the Serve app takes at once (Serve's default is 5; "
+        "each attention replica has up to num_microbatches x split chunks in flight per group).",
+    )
     transport: Literal["channel", "ray"] = Field(
         "channel", description="How token batches reach expert actors: `channel` = a direct TCP connection per "
         "replica (Ray as control plane and fallback), `ray` = one Ray actor call per group and layer. "

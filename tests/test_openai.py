@@ -90,22 +90,38 @@ def test_chat_equals_in_process_and_stream_equals_non_stream(client, local):
     assert chunks[-1].usage.completion_tokens == want.completion_tokens
 
 
-def test_concurrent_streaming_clients_each_get_their_solo_output(client, local):
+def test_concurrent_streaming_clients_each_get_their_solo_output(server, client, local):
     prompts = [f"Request number {i} says" + " more" * (i % 5) for i in range(32)]
     want = [o.text for o in local.generate([local.tokenizer.encode(p) for p in prompts],
-                                           SamplingParams(max_tokens=8, temperature=0))]
+                                           SamplingParams(max_tokens=48, temperature=0, ignore_eos=True))]
     got = [None] * len(prompts)
+    peak, done = [0.0], threading.Event()
 
     def one(i):
-        s = client.completions.create(model="tiny-test", prompt=prompts[i], max_tokens=8, temperature=0, stream=True)
+        s = client.completions.create(model="tiny-test", prompt=prompts[i], max_tokens=48, temperature=0, stream=True,
+                                      extra_body={"ignore_eos": True})
         got[i] = "".join(c.choices[0].text for c in s)
 
+    def watch():  # the engine's running batch, as /metrics reports it, while the streams are open
+        while not done.is_set():
+            for line in urllib.request.urlopen(server + "/metrics", timeout=30).read().decode().splitlines():
+                if line.startswith("mixserve_running_sequences "):
+                    peak[0] = max(peak[0], float(line.split()[1]))
+            time.sleep(0.05)
+
     threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+    watcher = threading.Thread(target=watch)
+    watcher.start()
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=300)
+    done.set()
+    watcher.join()
     assert got == want
+    # The streams really share the engine's batch: no deployment-level cap (Serve's default is 5
+    # requests per replica) holds them back in a queue.
+    assert peak[0] > 8, f"at most {peak[0]} of 32 concurrent streams were ever in the running batch"
 
 
 BAD = [
