@@ -297,34 +297,42 @@ def run(a) -> dict:
     ecfg = EngineConfig(max_num_seqs=max(64, max(a.concurrency)), max_num_batched_tokens=a.max_batched_tokens,
                         kv_cache_tokens=max(65536, 2 * max(a.concurrency) * (a.prompt_len[1] + a.output_len[1])))
 
-    def level(system: str, fn) -> None:
-        rows = result["systems"].setdefault(system, [])
-        for c in a.concurrency:
-            timings, wall = fn(reqs, c, f"{system} c={c}")
-            rows.append({"concurrency": c, **summarize(timings, wall)})
+    def record(system: str, c: int, fn) -> None:
+        timings, wall = fn(reqs, c, f"{system} c={c}")
+        result["systems"].setdefault(system, []).append({"concurrency": c, **summarize(timings, wall)})
 
+    # The in-process systems (HF, in-process, disaggregated: this process drives them all) run
+    # interleaved, level by level, so that the ratios at one concurrency compare runs minutes, not
+    # tens of minutes, apart: on a shared machine throughput drifts over a long run.
+    runners: dict = {}
     if "hf" in a.systems:
         from transformers import MixtralForCausalLM
 
         hf = MixtralForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
         hf.generate(input_ids=torch.tensor([reqs[0].prompt]), max_new_tokens=2, do_sample=False, pad_token_id=0)
-        level("hf", lambda r, c, lbl: run_hf(hf, r, c, lbl))
-        del hf
+        runners["hf"] = lambda r, c, lbl: run_hf(hf, r, c, lbl)
     if "inprocess" in a.systems:
         local = LLMEngine.local(model_dir, dname, ecfg)
         local.generate([reqs[0].prompt], SamplingParams(max_tokens=2, temperature=0.0))  # warm-up
-        level("inprocess", lambda r, c, lbl: drive_engine(local, r, c, lbl))
-        del local
+        runners["inprocess"] = lambda r, c, lbl: drive_engine(local, r, c, lbl)
     if {"disaggregated", "http"} & set(a.systems):
         import ray
 
         ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    try:
+        finish = disaggregated(result, model_dir, dname, ecfg, reqs, a, runners) if "disaggregated" in a.systems else None
         try:
-            if "disaggregated" in a.systems:
-                disaggregated(result, model_dir, dname, ecfg, reqs, a, level)
-            if "http" in a.systems:
-                serve_http(model_dir, dname, ecfg, level, a.microbatches)
+            for c in a.concurrency:
+                for system, fn in runners.items():
+                    record(system, c, fn)
         finally:
+            if finish is not None:
+                finish()
+        runners.clear()
+        if "http" in a.systems:
+            serve_http(model_dir, dname, ecfg, lambda c, fn: record("http", c, fn), a)
+    finally:
+        if {"disaggregated", "http"} & set(a.systems):
             ray.shutdown()
     result["ffn_vs_gemm"] = ffn_vs_gemm(cfg, dtype, a.ffn_tokens, 3 if a.quick else 10)
     result["targets"] = targets(result)
@@ -335,8 +343,10 @@ def disaggregated_name(experts_per_worker: int) -> str:
     return "disaggregated" if experts_per_worker == 1 else f"disaggregated-epw{experts_per_worker}"
 
 
-def disaggregated(result, model_dir, dname, ecfg, reqs, a, level) -> None:
-    """The engine with its experts as Ray actors (direct TCP data plane), once per --experts-per-worker."""
+def disaggregated(result, model_dir, dname, ecfg, reqs, a, runners: dict):
+    """Start the engine with its experts as Ray actors (direct TCP data plane), once per
+    --experts-per-worker, and add each to `runners`; returns `finish()`, which records the dispatch
+    time and each expert worker's memory after the runs and stops the actors."""
     import ray
 
     from cluster.ray_engine import ExpertActor, ExpertsConfig, start_disaggregated
@@ -347,29 +357,36 @@ def disaggregated(result, model_dir, dname, ecfg, reqs, a, level) -> None:
     empty = ray.get(base_actor.info.remote())["rss_bytes"]
     ray.kill(base_actor)
     baseline = empty + SERVING_ALLOWANCE
+    started = []
     for epw in a.experts_per_worker:
         name = disaggregated_name(epw)
         engine, runtime = start_disaggregated(
             model_dir, dname, EngineConfig(**{**ecfg.model_dump(), "num_microbatches": a.microbatches}),
             ExpertsConfig(num_cpus=0, experts_per_worker=epw))
-        try:
-            engine.generate([reqs[0].prompt], SamplingParams(max_tokens=2, temperature=0.0))
-            ex = runtime.experts
-            calls0, secs0 = ex.calls, ex.call_seconds
-            level(name, lambda r, c, lbl: drive_engine(engine, r, c, lbl))
-            result["dispatch_ms_per_layer"][name] = round(1e3 * (ex.call_seconds - secs0) / max(1, ex.calls - calls0), 3)
-            # Resident memory of each expert worker after the run vs its weights.
-            for info in ex.wait_ready():
-                w, rss = info["weight_bytes"], info["rss_bytes"]
-                result["expert_memory"].append({
-                    "system": name, "experts": info["experts"], "weight_mb": round(w / 2**20, 1),
-                    "rss_mb": round(rss / 2**20, 1), "empty_worker_mb": round(empty / 2**20, 1),
-                    "baseline_mb": round(baseline / 2**20, 1), "within_target": rss <= 1.1 * w + baseline})
-        finally:
-            runtime.experts.shutdown()
+        started.append((name, runtime.experts))
+        engine.generate([reqs[0].prompt], SamplingParams(max_tokens=2, temperature=0.0))
+        ex = runtime.experts
+        ex.calls = 0
+        ex.call_seconds = 0.0
+        runners[name] = lambda r, c, lbl, engine=engine: drive_engine(engine, r, c, lbl)
+
+    def finish() -> None:
+        for name, ex in started:
+            try:
+                result["dispatch_ms_per_layer"][name] = round(1e3 * ex.call_seconds / max(1, ex.calls), 3)
+                for info in ex.wait_ready():  # resident memory of each expert worker after the runs
+                    w, rss = info["weight_bytes"], info["rss_bytes"]
+                    result["expert_memory"].append({
+                        "system": name, "experts": info["experts"], "weight_mb": round(w / 2**20, 1),
+                        "rss_mb": round(rss / 2**20, 1), "empty_worker_mb": round(empty / 2**20, 1),
+                        "baseline_mb": round(baseline / 2**20, 1), "within_target": rss <= 1.1 * w + baseline})
+            finally:
+                ex.shutdown()
+
+    return finish
 
 
-def serve_http(model_dir, dname, ecfg, level, microbatches: int) -> None:
+def serve_http(model_dir, dname, ecfg, record, a) -> None:
     from ray import serve
 
     from cluster.app import build_app
@@ -377,11 +394,12 @@ def serve_http(model_dir, dname, ecfg, level, microbatches: int) -> None:
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    cfg = AppConfig(model=model_dir, dtype=dname, engine=ecfg.model_dump() | {"num_microbatches": microbatches},
+    cfg = AppConfig(model=model_dir, dtype=dname, engine=ecfg.model_dump() | {"num_microbatches": a.microbatches},
                     attention={"num_cpus": 0}, experts={"num_cpus": 0}, server={"served_model_name": "bench"})
     serve.run(build_app(cfg), name="bench", route_prefix="/")
     try:
-        level("http", lambda r, c, lbl: run_http(port, "bench", r, c, lbl))
+        for c in a.concurrency:
+            record(c, lambda r, c, lbl: run_http(port, "bench", r, c, lbl))
     finally:
         serve.shutdown()
 
