@@ -13,7 +13,6 @@ import logging
 import os
 import time
 import uuid
-from typing import Optional, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
