@@ -363,17 +363,15 @@ def disaggregated(result, model_dir, dname, ecfg, reqs, a, runners: dict):
         engine, runtime = start_disaggregated(
             model_dir, dname, EngineConfig(**{**ecfg.model_dump(), "num_microbatches": a.microbatches}),
             ExpertsConfig(num_cpus=0, experts_per_worker=epw))
-        started.append((name, runtime.experts))
         engine.generate([reqs[0].prompt], SamplingParams(max_tokens=2, temperature=0.0))
         ex = runtime.experts
-        ex.calls = 0
-        ex.call_seconds = 0.0
+        started.append((name, ex, ex.calls, ex.call_seconds))  # the warm-up's calls are not counted
         runners[name] = lambda r, c, lbl, engine=engine: drive_engine(engine, r, c, lbl)
 
     def finish() -> None:
-        for name, ex in started:
+        for name, ex, calls0, secs0 in started:
             try:
-                result["dispatch_ms_per_layer"][name] = round(1e3 * ex.call_seconds / max(1, ex.calls), 3)
+                result["dispatch_ms_per_layer"][name] = round(1e3 * (ex.call_seconds - secs0) / max(1, ex.calls - calls0), 3)
                 for info in ex.wait_ready():  # resident memory of each expert worker after the runs
                     w, rss = info["weight_bytes"], info["rss_bytes"]
                     result["expert_memory"].append({

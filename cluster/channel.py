@@ -43,10 +43,9 @@ class RemoteExpertError(RuntimeError):
     """The expert worker raised on this call (not a transport problem; re-sending will not help)."""
 
 
-def _recv_exact(sock: socket.socket, n: int) -> memoryview:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
+def _recv_into(sock: socket.socket, view: memoryview) -> memoryview:
+    """Fill `view` (bytes) from the socket; the peer closing first is a ChannelError."""
+    got, n = 0, len(view)
     while got < n:
         r = sock.recv_into(view[got:], n - got)
         if r == 0:
@@ -55,15 +54,13 @@ def _recv_exact(sock: socket.socket, n: int) -> memoryview:
     return view
 
 
+def _recv_exact(sock: socket.socket, n: int) -> memoryview:
+    return _recv_into(sock, memoryview(bytearray(n)))
+
+
 def _recv_tensor(sock: socket.socket, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty(rows, cols, dtype=dtype)
-    view = memoryview(out.view(torch.uint8).numpy()).cast("B")
-    got, n = 0, len(view)
-    while got < n:
-        r = sock.recv_into(view[got:], n - got)
-        if r == 0:
-            raise ChannelError("connection closed by the peer")
-        got += r
+    _recv_into(sock, memoryview(out.view(torch.uint8).numpy()).cast("B"))
     return out
 
 

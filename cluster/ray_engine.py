@@ -7,9 +7,9 @@
 Every group that has tokens gets one call per layer, all in flight at once. With `transport: channel`
 (the default) the batches go over a persistent TCP connection to each replica (cluster/channel.py)
 and Ray is the control plane and the fallback; with `transport: ray` every call is a Ray actor call.
-A call that fails because
-its replica died (or timed out) is re-sent to the next replica of the group, or to the restarted one;
-calls are idempotent, so the step's result is unchanged. Only after `max_tries` does it fail.
+A call that fails because its replica died (or timed out) is re-sent to the next replica of the
+group, or to the restarted one; calls are idempotent, so the step's result is unchanged. Only after
+`max_tries` does it fail.
 """
 
 from __future__ import annotations
@@ -228,14 +228,13 @@ class RayExperts:
         calls = {}
         for g, part in split_by_group(req.batches, self.expert_map).items():
             r = self.next_replica(g)
-            ch = self.channel(g, r)
-            pending = None
+            ch, pending = self.channel(g, r), None
             if ch is not None:
                 try:
                     pending = (ch, ch.send(req.layer, part))
                     self.channel_calls += 1
                 except ChannelError:
-                    pending = None
+                    pass  # the channel closed itself; this call goes through Ray
             if pending is None:
                 pending = self.replicas[g][r].run.remote(req.layer, part)
                 self.ray_calls += 1

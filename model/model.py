@@ -15,7 +15,7 @@ in router/ overlaps several micro-batches against remote ones. The model never k
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generator
 
 import torch
@@ -228,12 +228,10 @@ class AttnMeta:
     dec_ctx: torch.Tensor | None  # [B, Lmax] their context slots, padded
     dec_mask: torch.Tensor | None  # [B, 1, 1, Lmax] bool, True = attend
     prefills: list[PrefillPiece]
-    _bias: dict | None = None
+    _bias: dict = field(default_factory=dict, repr=False)
 
     def dec_bias(self, dtype: torch.dtype) -> torch.Tensor:
         """dec_mask as an additive mask (0 / -inf) in `dtype`; built once per step, used by every layer."""
-        if self._bias is None:
-            self._bias = {}
         if dtype not in self._bias:
             self._bias[dtype] = torch.zeros(self.dec_mask.shape, dtype=dtype).masked_fill_(~self.dec_mask, float("-inf"))
         return self._bias[dtype]
