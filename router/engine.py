@@ -23,7 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from model.model import KVPool, MixtralDense, build_attn_meta
-from model.sampling import SamplingParams, find_stop, logprobs_of, sample
+from model.sampling import SamplingParams, bad_rows, find_stop, logprobs_of, sample
 from model.tokenizer import IncrementalDetokenizer, Tokenizer
 
 from .experts import ExpertBackend
@@ -55,14 +55,28 @@ class Overloaded(RuntimeError):
 
 @dataclass
 class RequestOutput:
+    """What one step produced for one request; the last one has `finished` set."""
+
     req_id: str
     new_token_ids: list[int]
     text: str  # new text since the last output
     finished: bool
-    finish_reason: str | None = None
+    finish_reason: str | None = None  # stop | length | abort | error
     prompt_tokens: int = 0
     completion_tokens: int = 0
     logprobs: list = field(default_factory=list)  # [(token, logprob, [(alt, logprob)])] per new token
+    error: str | None = None  # with finish_reason "error": why this request (and only it) failed
+
+
+@dataclass
+class Resume:
+    """A request continued on this engine after the replica that ran it was lost: the tokens it had
+    produced (re-prefilled here with the prompt) and how many characters of text the client has.
+    Replaying the detokeniser over `output_ids` restores text that was held back (a possible stop
+    string, an incomplete UTF-8 character), so the client's stream goes on exactly where it was."""
+
+    output_ids: list[int]
+    emitted_chars: int
 
 
 def run_pipelined(gens: list, backend: ExpertBackend) -> list[torch.Tensor]:
@@ -111,15 +125,23 @@ class LLMEngine:
 
     # ------------------------------------------------------------ requests
 
-    def add_request(self, prompt_ids: list[int], params: SamplingParams, req_id: str | None = None) -> str:
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, req_id: str | None = None,
+                    resume: Resume | None = None) -> str:
         if req_id in self.seqs:
             raise EngineError(f"request id {req_id!r} is already in use")
         if not prompt_ids:
             raise EngineError("the prompt is empty")
         V = self.dense.cfg.vocab_size
-        if min(prompt_ids) < 0 or max(prompt_ids) >= V:
+        done = list(resume.output_ids) if resume else []
+        if min(prompt_ids + done) < 0 or max(prompt_ids + done) >= V:
             raise EngineError(f"prompt token ids must be in [0, {V})")
-        n = len(prompt_ids)
+        try:
+            params = params.for_vocab(V)
+        except ValueError as e:
+            raise EngineError(str(e)) from None
+        if len(done) >= params.max_tokens:
+            raise EngineError(f"resume: {len(done)} tokens already meet max_tokens={params.max_tokens}")
+        n = len(prompt_ids) + len(done)
         if n >= self.max_model_len:
             raise EngineError(f"the prompt has {n} tokens; this model's context is {self.max_model_len} tokens")
         # A sequence never grows past the context nor the whole cache; it is cut with "length".
@@ -132,6 +154,12 @@ class LLMEngine:
         seq = Sequence(req_id, list(prompt_ids), params, self.cfg.block_size)
         if self.tokenizer is not None:
             seq.detok = IncrementalDetokenizer(self.tokenizer, prompt_ids)
+        if resume:
+            seq.output_ids = done
+            seq.emitted_tokens = len(done)
+            if seq.detok is not None:
+                seq.text = "".join(seq.detok.add([t]) for t in done)
+            seq.emitted_chars = min(resume.emitted_chars, len(seq.text))
         self.seqs[req_id] = seq
         self.scheduler.add(seq)
         return req_id
@@ -189,29 +217,73 @@ class LLMEngine:
 
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
+        """One engine step. Never raises for one request's sake: a sequence whose sampling,
+        detokenising or stop handling fails is finished with an error output and the rest of the
+        batch goes on. If the forward itself fails (an expert group unreachable after all retries),
+        the sequences of this step are failed with that error; earlier steps' outputs were already
+        returned, and requests outside this step are untouched."""
         sched = self.scheduler.schedule()
         if not sched:
             return []
         mbs = self._microbatches(sched)
-        logits = run_pipelined([self._forward(mb) for mb in mbs], self.experts)
+        try:
+            logits = run_pipelined([self._forward(mb) for mb in mbs], self.experts)
+        except Exception as e:  # noqa: BLE001 - not one sequence's fault: fail this step's sequences
+            log.warning("engine step failed", extra={"error": f"{type(e).__name__}: {e}"[:500]})
+            msg = f"the engine step failed: {type(e).__name__}: {e}"
+            return [self._fail(s.seq, msg) for s in sched if s.seq.req_id in self.seqs]
         self.steps += 1
         outputs = []
         for mb, lg in zip(mbs, logits):
             sampling = [s.seq for s in mb if s.samples]
             for s in mb:
                 s.seq.num_computed += s.num_new
-            if not sampling:
-                continue
-            toks = sample(lg, [q.params for q in sampling], [q.generator for q in sampling])
-            lps = None
-            want = [q.params.logprobs for q in sampling if q.params.logprobs is not None]
-            if want:
-                lps = logprobs_of(lg, toks, max(want))
-            for j, (seq, t) in enumerate(zip(sampling, toks.tolist())):
-                out = self._append(seq, t, lps[j] if lps else None)
-                if out is not None:
-                    outputs.append(out)
+            if sampling:
+                outputs += self._sample_and_append(sampling, lg)
         return outputs
+
+    def _sample_and_append(self, seqs: list[Sequence], lg: torch.Tensor) -> list[RequestOutput]:
+        bad = set(bad_rows(lg))
+        if bad:  # a row that overflowed fails its sequence; the others sample from clean rows
+            lg = lg.clone()
+            lg[sorted(bad)] = 0.0
+        params = [q.params for q in seqs]
+        try:
+            toks = sample(lg, params, [q.generator for q in seqs]).tolist()
+        except Exception:  # noqa: BLE001 - cannot happen for validated params; find the row that fails
+            log.exception("batched sampling failed; sampling row by row")
+            toks = []
+            for j, q in enumerate(seqs):
+                try:
+                    toks.append(int(sample(lg[j : j + 1], [q.params], [q.generator])[0]))
+                except Exception:  # noqa: BLE001
+                    bad.add(j)
+                    toks.append(0)
+        want = [p.logprobs for p in params if p.logprobs is not None]
+        lps = logprobs_of(lg, torch.tensor(toks), max(want)) if want else None
+        outputs = []
+        for j, (seq, t) in enumerate(zip(seqs, toks)):
+            if seq.req_id not in self.seqs:  # aborted during the step
+                continue
+            if j in bad:
+                outputs.append(self._fail(seq, "this request's logits are not finite (numerical overflow)"))
+                continue
+            try:
+                out = self._append(seq, t, lps[j] if lps else None)
+            except Exception as e:  # noqa: BLE001 - this sequence's output handling failed: it alone ends
+                log.exception("output handling failed", extra={"req_id": seq.req_id})
+                out = self._fail(seq, f"output handling failed: {type(e).__name__}: {e}")
+            if out is not None:
+                outputs.append(out)
+        return outputs
+
+    def _fail(self, seq: Sequence, message: str) -> RequestOutput:
+        """Finish one sequence with an error; its KV blocks are freed, nothing else is touched."""
+        return self._finish(seq, "error", message)
+
+    def fail_all(self, message: str) -> list[RequestOutput]:
+        """Every unfinished request ends with `message` (the engine loop's last resort)."""
+        return [self._fail(seq, message) for seq in list(self.seqs.values())]
 
     def _append(self, seq: Sequence, t: int, lp) -> RequestOutput | None:
         if seq.req_id not in self.seqs:  # aborted during the step
@@ -251,11 +323,13 @@ class LLMEngine:
     def _cap(self, seq: Sequence) -> int:
         return min(self.max_model_len, self.blocks.num_blocks * self.blocks.block_size)
 
-    def _finish(self, seq: Sequence, reason: str) -> RequestOutput:
+    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> RequestOutput:
         seq.finish_reason = reason
         self.scheduler.remove(seq)
         seq.status = Status.FINISHED
-        del self.seqs[seq.req_id]
+        self.seqs.pop(seq.req_id, None)
+        if error is not None:  # held-back text is not sent after an error
+            return RequestOutput(seq.req_id, [], "", True, reason, len(seq.prompt_ids), len(seq.output_ids), error=error)
         return self._emit(seq, len(seq.text), True)
 
     def _emit(self, seq: Sequence, upto: int, finished: bool) -> RequestOutput:
@@ -285,6 +359,6 @@ class LLMEngine:
                 a.new_token_ids += o.new_token_ids
                 a.text += o.text
                 a.logprobs += o.logprobs
-                a.finished, a.finish_reason = o.finished, o.finish_reason
+                a.finished, a.finish_reason, a.error = o.finished, o.finish_reason, o.error
                 a.prompt_tokens, a.completion_tokens = o.prompt_tokens, o.completion_tokens
         return [acc[r] for r in rids]
