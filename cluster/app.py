@@ -11,9 +11,11 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import concurrent.futures
+import itertools
 import logging
 import os
+import queue
 import threading
 from pathlib import Path
 
@@ -26,7 +28,7 @@ from model.model import MixtralDense
 from model.sampling import SamplingParams
 from model.tokenizer import Tokenizer
 from model.tiny import resolve_model
-from router.engine import LLMEngine
+from router.engine import EngineError, LLMEngine, Overloaded, RequestOutput, Resume
 from router.experts import expert_groups
 
 from .deployments import ExpertDeployment, ServeExperts
@@ -38,7 +40,12 @@ log = logging.getLogger(__name__)
 
 @serve.deployment
 class AttentionWorker:
-    """Runs the engine loop in a thread; `generate` streams one request's outputs."""
+    """Runs the engine loop in a thread of its own; `generate` streams one request's outputs.
+
+    The engine loop owns the engine: requests, aborts and stats queries reach it through a
+    thread-safe inbox that it drains between steps, so an async handler never waits on a step.
+    Each step's outputs go back to the event loop in one hand-off and are fanned out to the streams.
+    """
 
     def __init__(self, cfg: dict, num_experts: int, *expert_handles):
         self.cfg = AppConfig.model_validate(cfg)
@@ -53,69 +60,121 @@ class AttentionWorker:
             max_tries=c.experts.max_tries, call_timeout_s=c.experts.call_timeout_s, split_tokens=c.experts.split_tokens,
         )
         self.engine = LLMEngine(MixtralDense.from_checkpoint(ckpt, c.dtype), self.backend, Tokenizer.for_model(c.model), c.engine)
-        self.lock = threading.Lock()
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.wake = threading.Event()
-        self.streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        threading.Thread(target=self._loop, daemon=True, name="engine-loop").start()
+        self.streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}  # engine thread's
+        self._ids = itertools.count()
+        self.thread = threading.Thread(target=self._run, daemon=True, name="engine-loop")
+        self.thread.start()
 
-    def _deliver(self, rid: str, item) -> None:
-        s = self.streams.get(rid)
-        if s is not None:
-            s[0].call_soon_threadsafe(s[1].put_nowait, item)
+    # ------------------------------------------------------------ the engine thread
 
-    def _loop(self) -> None:
-        while True:
-            self.wake.wait()
-            with self.lock:
+    def _run(self) -> None:
+        try:
+            while True:
+                self._drain()
+                if not self.engine.has_unfinished():
+                    self.wake.wait()
+                    self.wake.clear()
+                    continue
                 try:
                     outs = self.engine.step()
-                except Exception as e:  # an expert group is gone for good: fail what is running, keep serving
-                    log.exception("engine step failed")
-                    outs = []
-                    for rid in list(self.engine.seqs):
-                        self.engine.abort(rid)
-                        self._deliver(rid, e)
-                if not self.engine.has_unfinished():
-                    self.wake.clear()
-            for o in outs:
-                self._deliver(o.req_id, o)
+                except Exception as e:  # noqa: BLE001 - a bug, not a request's fault: end every stream, go on
+                    log.exception("engine step raised; failing the running requests")
+                    outs = self.engine.fail_all(f"internal engine error: {type(e).__name__}")
+                self._deliver(outs)
+        except BaseException:
+            log.exception("engine loop died")  # check_health now fails and Serve replaces this replica
+            raise
 
-    async def generate(self, prompt_ids: list[int], params: dict):
-        """Stream dicts of RequestOutput for one request; a closed stream aborts the sequence."""
-        loop, q = asyncio.get_running_loop(), asyncio.Queue()
-        sp = SamplingParams(**params)
-        with self.lock:
-            rid = self.engine.add_request(prompt_ids, sp)
-            self.streams[rid] = (loop, q)
+    def _drain(self) -> None:
+        refused = []
+        while True:
+            try:
+                op, *args = self.inbox.get_nowait()
+            except queue.Empty:
+                break
+            if op == "add":
+                rid, prompt_ids, params, resume, stream = args
+                self.streams[rid] = stream
+                try:
+                    self.engine.add_request(prompt_ids, params, rid, resume)
+                except (EngineError, Overloaded) as e:
+                    kind = "overloaded" if isinstance(e, Overloaded) else "invalid"
+                    refused.append(RequestOutput(rid, [], "", True, "error", error=str(e), error_kind=kind))
+            elif op == "abort":
+                self.engine.abort(args[0])
+                self.streams.pop(args[0], None)
+            elif op == "stats":
+                fut = args[0]
+                try:
+                    fut.set_result(self._stats())
+                except Exception as e:  # noqa: BLE001 - the caller gets it
+                    fut.set_exception(e)
+        self._deliver(refused)
+
+    def _deliver(self, outs: list[RequestOutput]) -> None:
+        """One hand-off to the event loop per step, whatever the number of streams."""
+        batches: dict[asyncio.AbstractEventLoop, list] = {}
+        for o in outs:
+            s = self.streams.pop(o.req_id, None) if o.finished else self.streams.get(o.req_id)
+            if s is not None:
+                batches.setdefault(s[0], []).append((s[1], o))
+        for loop, batch in batches.items():
+            loop.call_soon_threadsafe(_fan_out, batch)
+
+    def _stats(self) -> dict:
+        import resource
+
+        e, b = self.engine, self.backend
+        return {
+            "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
+            "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "rss_bytes": rss_bytes(), "kv_bytes": e.kv.nbytes(),
+            "expert_in_flight_tokens": dict(b.in_flight), "expert_chunks": b.chunks_sent,
+            "running": e.num_running, "waiting": e.num_waiting,
+            "kv_usage": e.blocks.usage, "expert_retries": b.retries,
+            "dense_bytes": e.dense.nbytes(), "preemptions": e.scheduler.num_preemptions,
+            "routed_tokens": [[l, x, n] for (l, x), n in sorted(b.routed.items())],
+            "expert_calls": b.calls, "expert_call_seconds": b.call_seconds,
+        }
+
+    # ------------------------------------------------------------ the replica's event loop
+
+    def _post(self, *op) -> None:
+        self.inbox.put(op)
         self.wake.set()
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, resume: Resume | None = None):
+        """Stream the request's `RequestOutput`s; a refusal or failure is an output with `error` set.
+        A stream closed early (client gone) aborts the sequence."""
+        q: asyncio.Queue = asyncio.Queue()
+        rid = f"{os.getpid()}-{next(self._ids)}"
+        self._post("add", rid, list(prompt_ids), params, resume, (asyncio.get_running_loop(), q))
         finished = False
         try:
             while not finished:
-                item = await q.get()
-                if isinstance(item, Exception):
-                    raise item
-                finished = item.finished
-                yield dataclasses.asdict(item)
+                out = await q.get()
+                finished = out.finished
+                yield out
         finally:
-            self.streams.pop(rid, None)
             if not finished:
-                with self.lock:
-                    self.engine.abort(rid)
+                self._post("abort", rid)
 
-    def stats(self) -> dict:
-        import resource
+    async def stats(self) -> dict:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._post("stats", fut)
+        return await asyncio.wrap_future(fut)
 
-        with self.lock:
-            return {
-                "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(), "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                "rss_bytes": rss_bytes(), "kv_bytes": self.engine.kv.nbytes(),
-                "expert_in_flight_tokens": dict(self.backend.in_flight), "expert_chunks": self.backend.chunks_sent,
-                "running": self.engine.num_running, "waiting": self.engine.num_waiting,
-                "kv_usage": self.engine.blocks.usage, "expert_retries": self.backend.retries,
-                "dense_bytes": self.engine.dense.nbytes(), "preemptions": self.engine.scheduler.num_preemptions,
-                "routed_tokens": [[l, e, n] for (l, e), n in sorted(self.backend.routed.items())],
-                "expert_calls": self.backend.calls, "expert_call_seconds": self.backend.call_seconds,
-            }
+    def check_health(self) -> None:
+        """Serve's health check: a replica whose engine loop has died is replaced."""
+        if not self.thread.is_alive():
+            raise RuntimeError("the engine loop is not running")
+
+
+def _fan_out(batch: list) -> None:
+    for q, out in batch:
+        q.put_nowait(out)
 
 
 def build_app(cfg: AppConfig | dict) -> Application:

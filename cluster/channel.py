@@ -1,38 +1,61 @@
-"""A direct TCP data plane between an attention worker and its expert actors.
+"""A direct TCP data plane between an attention worker and its expert replicas.
 
 Ray stays the control plane (placement, restarts, failure detection, the fallback path); the
 per-layer token batches go over one persistent TCP connection per expert replica instead of a Ray
-actor call each. A Ray call costs several milliseconds of scheduling and (de)serialisation on a
-small machine; a framed send/recv on an open socket costs tens of microseconds plus the bytes
-(benchmarks/README, `mixserve bench`). It works the same between processes of one node and across
-nodes (the actor listens on its node's IP).
+call each. A Ray call costs several milliseconds of scheduling and (de)serialisation on a small
+machine; a framed send/recv on an open socket costs tens of microseconds plus the bytes
+(`mixserve bench` measures both). It works the same between processes of one node and across nodes
+(the replica listens on its node's IP).
 
-Frames (little-endian), one request and one response per call, matched by call id:
+Every connection starts with a mutual handshake on a per-application secret that Ray hands to both
+sides (never sent, never logged); nothing is read beyond the fixed-size handshake until the peer
+has proved it holds the secret, compared in constant time:
+
+    server -> client   HELLO u32 | nonce_s 16B
+    client -> server   nonce_c 16B | HMAC-SHA256(secret, "mxch-client" | nonce_s | nonce_c)
+    server -> client   HMAC-SHA256(secret, "mxch-server" | nonce_c | nonce_s)
+
+Then frames (little-endian), one request and one response per call, matched by call id:
 
     request   MAGIC u32 | call u32 | layer i32 | dtype u8 | pad 3 | cols u32 | k u32 | k x (expert i32, rows u32) | rows x cols
     response  MAGIC u32 | call u32 | status u8 | pad 3 | k u32 | (status 0) k x (expert i32, rows u32) | payload
                                                         | (status 1) len u32 | utf-8 error message
 
+The server checks every field of a request against the worker's shape (`FrameLimits`: the layer, the
+hidden width, the experts it holds, a row bound) before it allocates the payload; a frame that fails
+is answered with an error and the connection is closed. Connections are capped, idle ones and slow
+frames time out, and the listener outlives every error.
+
 A connection that breaks or times out is closed and never reused: the caller re-sends the call
-(through Ray, to the next replica) exactly as for a dead actor. Calls are idempotent.
+(through Ray, to the next replica) exactly as for a dead replica. Calls are idempotent.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
+import os
 import socket
 import struct
 import threading
+import time
+from dataclasses import dataclass
 
 import torch
 
 log = logging.getLogger(__name__)
 
 MAGIC = 0x4D584348  # "MXCH"
+HELLO = 0x4D584831  # "MXH1"
+NONCE = 16
+MAC = 32
 REQ = struct.Struct("<IIiB3xII")
 RESP = struct.Struct("<IIB3xI")
 ENTRY = struct.Struct("<iI")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+HANDSHAKE_TIMEOUT_S = 5.0
 
 
 class ChannelError(ConnectionError):
@@ -40,13 +63,26 @@ class ChannelError(ConnectionError):
 
 
 class RemoteExpertError(RuntimeError):
-    """The expert worker raised on this call (not a transport problem; re-sending will not help)."""
+    """The expert worker refused or raised on this call (not a transport problem; re-sending will not help)."""
 
 
-def _recv_into(sock: socket.socket, view: memoryview) -> memoryview:
-    """Fill `view` (bytes) from the socket; the peer closing first is a ChannelError."""
+def new_secret() -> bytes:
+    return os.urandom(32)
+
+
+def _mac(secret: bytes, label: bytes, a: bytes, b: bytes) -> bytes:
+    return hmac.new(secret, label + a + b, hashlib.sha256).digest()
+
+
+def _recv_into(sock: socket.socket, view: memoryview, deadline: float | None = None) -> memoryview:
+    """Fill `view` (bytes) from the socket; the peer closing first, or `deadline` passing, is a ChannelError."""
     got, n = 0, len(view)
     while got < n:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ChannelError("frame not received in time")
+            sock.settimeout(left)
         r = sock.recv_into(view[got:], n - got)
         if r == 0:
             raise ChannelError("connection closed by the peer")
@@ -54,13 +90,13 @@ def _recv_into(sock: socket.socket, view: memoryview) -> memoryview:
     return view
 
 
-def _recv_exact(sock: socket.socket, n: int) -> memoryview:
-    return _recv_into(sock, memoryview(bytearray(n)))
+def _recv_exact(sock: socket.socket, n: int, deadline: float | None = None) -> memoryview:
+    return _recv_into(sock, memoryview(bytearray(n)), deadline)
 
 
-def _recv_tensor(sock: socket.socket, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+def _recv_tensor(sock: socket.socket, rows: int, cols: int, dtype: torch.dtype, deadline: float | None = None) -> torch.Tensor:
     out = torch.empty(rows, cols, dtype=dtype)
-    _recv_into(sock, memoryview(out.view(torch.uint8).numpy()).cast("B"))
+    _recv_into(sock, memoryview(out.view(torch.uint8).numpy()).cast("B"), deadline)
     return out
 
 
@@ -74,11 +110,19 @@ def _pack(batches: dict[int, torch.Tensor]) -> tuple[bytes, memoryview | None, i
     return entries, memoryview(flat.view(torch.uint8).numpy()).cast("B"), int(flat.shape[1]), flat.dtype
 
 
-def _unpack(sock: socket.socket, k: int, cols: int, dtype: torch.dtype) -> dict[int, torch.Tensor]:
-    raw = _recv_exact(sock, ENTRY.size * k) if k else b""
-    entries = [ENTRY.unpack_from(raw, i * ENTRY.size) for i in range(k)]
-    total = sum(n for _, n in entries)
-    flat = _recv_tensor(sock, total, cols, dtype)
+def _discard(sock: socket.socket, n: int, deadline: float) -> None:
+    """Read and drop n bytes in bounded pieces (a refused frame's payload)."""
+    buf = memoryview(bytearray(min(n, 1 << 16)))
+    while n > 0:
+        _recv_into(sock, buf[: min(n, len(buf))], deadline)
+        n -= min(n, len(buf))
+
+
+def _entries(raw, k: int) -> list[tuple[int, int]]:
+    return [ENTRY.unpack_from(raw, i * ENTRY.size) for i in range(k)]
+
+
+def _split(flat: torch.Tensor, entries: list[tuple[int, int]]) -> dict[int, torch.Tensor]:
     out, start = {}, 0
     for e, n in entries:
         out[e] = flat[start : start + n]
@@ -86,65 +130,202 @@ def _unpack(sock: socket.socket, k: int, cols: int, dtype: torch.dtype) -> dict[
     return out
 
 
-class ChannelServer:
-    """Runs in an expert actor: accepts connections and answers each frame with `worker.run`."""
+@dataclass(frozen=True)
+class FrameLimits:
+    """What a request frame may hold, from the worker's shape: checked before anything is allocated."""
 
-    def __init__(self, worker, host: str):
-        self.worker = worker
+    num_layers: int
+    cols: int  # the hidden width D
+    experts: frozenset[int]  # the experts this worker holds
+    max_rows: int  # token rows in one call, summed over its experts
+
+    @classmethod
+    def for_worker(cls, worker, max_rows: int) -> "FrameLimits":
+        return cls(worker.cfg.num_hidden_layers, worker.cfg.hidden_size, frozenset(worker.experts), max_rows)
+
+    def check_header(self, layer: int, dt: int, cols: int, k: int) -> str | None:
+        if dt >= len(DTYPES):
+            return f"unknown dtype code {dt}"
+        if not 0 <= layer < self.num_layers:
+            return f"layer {layer} is not in [0, {self.num_layers})"
+        if cols != self.cols:
+            return f"rows of {cols} values; this model's hidden size is {self.cols}"
+        if not 1 <= k <= len(self.experts):
+            return f"{k} experts in one call; this worker holds {len(self.experts)}"
+        return None
+
+    def check_rows(self, entries: list[tuple[int, int]]) -> str | None:
+        rows = sum(n for _, n in entries)
+        return f"{rows} token rows in one call; the limit is {self.max_rows}" if rows > self.max_rows else None
+
+    def check_experts(self, layer: int, entries: list[tuple[int, int]]) -> str | None:
+        es = [e for e, _ in entries]
+        if len(set(es)) != len(es) or not set(es) <= self.experts:
+            return f"experts {es} (layer {layer}): this worker holds experts {sorted(self.experts)}"
+        return None
+
+
+class ChannelServer:
+    """Runs in an expert replica: accepts authenticated connections and answers each frame with `worker.run`."""
+
+    def __init__(self, worker, host: str, secret: bytes, limits: FrameLimits, max_connections: int = 64,
+                 idle_timeout_s: float = 600.0, frame_timeout_s: float = 30.0):
+        if len(secret) < 16:
+            raise ValueError("the channel secret must be at least 16 bytes")
+        self.worker, self.secret, self.limits = worker, secret, limits
+        self.max_connections, self.idle_timeout_s, self.frame_timeout_s = max_connections, idle_timeout_s, frame_timeout_s
         self.sock = socket.create_server((host, 0), backlog=64)
         self.address = (host, self.sock.getsockname()[1])
+        self.closed = False
+        self.draining = False
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self.refused = 0  # connections refused (over the cap, or failed the handshake)
+        self.bad_frames = 0  # frames refused before any allocation
         threading.Thread(target=self._accept, name="expert-channel-accept", daemon=True).start()
 
+    @property
+    def num_connections(self) -> int:
+        return len(self._conns)
+
     def _accept(self) -> None:
-        while True:
+        while not self.closed:
             try:
                 conn, _ = self.sock.accept()
-            except OSError:
-                return
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            threading.Thread(target=self._serve, args=(conn,), name="expert-channel", daemon=True).start()
+            except OSError as e:
+                if self.closed:
+                    return
+                log.warning("expert channel accept failed; listening on", extra={"error": type(e).__name__})
+                time.sleep(0.05)  # e.g. out of file descriptors: do not spin
+                continue
+            with self._lock:
+                full = len(self._conns) >= self.max_connections
+                if not full:
+                    self._conns.add(conn)
+            if full:
+                self.refused += 1
+                conn.close()
+                continue
+            try:
+                threading.Thread(target=self._serve, args=(conn,), name="expert-channel", daemon=True).start()
+            except RuntimeError:  # cannot start a thread
+                self._drop(conn)
+
+    def _drop(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._conns.discard(conn)
+        try:
+            conn.close()
+        except OSError:
+            pass
+
+    def _handshake(self, conn: socket.socket) -> bool:
+        deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S
+        nonce_s = os.urandom(NONCE)
+        conn.sendall(struct.pack("<I", HELLO) + nonce_s)
+        try:
+            msg = bytes(_recv_exact(conn, NONCE + MAC, deadline))
+        except (ChannelError, OSError):
+            self.refused += 1  # silent, slow or gone before proving anything
+            return False
+        nonce_c, mac = msg[:NONCE], msg[NONCE:]
+        if not hmac.compare_digest(mac, _mac(self.secret, b"mxch-client", nonce_s, nonce_c)):
+            self.refused += 1
+            return False
+        conn.sendall(_mac(self.secret, b"mxch-server", nonce_c, nonce_s))
+        return True
+
+    def _refuse(self, conn: socket.socket, call: int, why: str) -> None:
+        self.bad_frames += 1
+        msg = why.encode()[:4096]
+        conn.sendall(RESP.pack(MAGIC, call, 1, 0) + struct.pack("<I", len(msg)) + msg)
 
     def _serve(self, conn: socket.socket) -> None:
         try:
-            while True:
-                magic, call, layer, dt, cols, k = REQ.unpack(_recv_exact(conn, REQ.size))
-                if magic != MAGIC or dt >= len(DTYPES):
-                    raise ChannelError("bad frame")
-                batches = _unpack(conn, k, cols, DTYPES[dt])
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if not self._handshake(conn):
+                return
+            lim = self.limits
+            while not self.closed:
+                conn.settimeout(self.idle_timeout_s)  # an idle or half-open connection is closed
+                header = _recv_exact(conn, REQ.size)
+                deadline = time.monotonic() + self.frame_timeout_s  # the rest of the frame, promptly
+                magic, call, layer, dt, cols, k = REQ.unpack(header)
+                if magic != MAGIC:
+                    return
+                why = lim.check_header(layer, dt, cols, k)
+                if why is not None:
+                    return self._refuse(conn, call, why)
+                entries = _entries(_recv_exact(conn, ENTRY.size * k, deadline), k)
+                why = lim.check_rows(entries)
+                if why is not None:
+                    return self._refuse(conn, call, why)
+                nbytes = sum(n for _, n in entries) * cols * DTYPES[dt].itemsize
+                why = lim.check_experts(layer, entries)
+                if why is not None:  # a well-formed frame for experts held elsewhere: refuse it, keep the connection
+                    _discard(conn, nbytes, deadline)
+                    self._refuse(conn, call, why)
+                    continue
+                flat = _recv_tensor(conn, sum(n for _, n in entries), cols, DTYPES[dt], deadline)
+                if self.draining:  # being removed: the caller re-sends elsewhere
+                    return self._refuse(conn, call, "draining")
                 try:
-                    out = self.worker.run(layer, batches)
+                    out = self.worker.run(layer, _split(flat, entries))
                 except Exception as e:  # noqa: BLE001 - sent back to the caller, who raises it
                     msg = f"{type(e).__name__}: {e}".encode()[:4096]
                     conn.sendall(RESP.pack(MAGIC, call, 1, 0) + struct.pack("<I", len(msg)) + msg)
                     continue
-                entries, payload, _, _ = _pack(out)
-                conn.sendall(RESP.pack(MAGIC, call, 0, len(out)) + entries)
+                entries_out, payload, _, _ = _pack(out)
+                conn.sendall(RESP.pack(MAGIC, call, 0, len(out)) + entries_out)
                 if payload is not None:
                     conn.sendall(payload)
-        except (ChannelError, OSError):
-            pass  # the client went away or sent garbage: drop this connection only
+        except (ChannelError, OSError, struct.error):
+            pass  # the client went away, timed out or sent garbage: drop this connection only
+        except Exception:  # noqa: BLE001 - never let one connection's surprise reach the others
+            log.exception("expert channel connection failed")
         finally:
-            conn.close()
+            self._drop(conn)
 
     def close(self) -> None:
-        self.sock.close()
+        self.closed = True
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        with self._lock:
+            conns = list(self._conns)
+        for c in conns:
+            self._drop(c)
 
 
 class ChannelClient:
-    """One connection to one expert replica; `send` returns a call id, `result(call)` its output.
+    """One authenticated connection to one expert replica; `send` returns a call id, `result(call)` its output.
 
     Responses come back in request order; `result` reads (and keeps) earlier ones as needed, so
     several calls may be in flight at once (micro-batches). Not for use from several threads at once.
     """
 
-    def __init__(self, address: tuple[str, int], timeout_s: float):
+    def __init__(self, address: tuple[str, int], timeout_s: float, secret: bytes):
         self.address = tuple(address)
-        self.sock = socket.create_connection(self.address, timeout=timeout_s)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = socket.create_connection(self.address, timeout=min(timeout_s, HANDSHAKE_TIMEOUT_S))
         self.next_call = 0
         self.sent: list[tuple[int, int, torch.dtype]] = []  # (call, cols, dtype) awaiting a response
         self.done: dict[int, dict | Exception] = {}
         self.alive = True
+        try:
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            hello = bytes(_recv_exact(self.sock, 4 + NONCE))
+            if struct.unpack_from("<I", hello)[0] != HELLO:
+                raise ChannelError(f"{self.address} is not an expert channel")
+            nonce_s, nonce_c = hello[4:], os.urandom(NONCE)
+            self.sock.sendall(nonce_c + _mac(secret, b"mxch-client", nonce_s, nonce_c))
+            proof = bytes(_recv_exact(self.sock, MAC))
+            if not hmac.compare_digest(proof, _mac(secret, b"mxch-server", nonce_c, nonce_s)):
+                raise ChannelError(f"{self.address} failed authentication")
+        except (OSError, ChannelError) as e:
+            self.close()
+            raise ChannelError(f"handshake with {self.address} failed: {e}") from None
+        self.sock.settimeout(timeout_s)
 
     def send(self, layer: int, batches: dict[int, torch.Tensor]) -> int:
         if not self.alive:
@@ -172,12 +353,19 @@ class ChannelClient:
                     raise ChannelError(f"out-of-order or corrupt response from {self.address}")
                 if status:
                     (n,) = struct.unpack("<I", _recv_exact(self.sock, 4))
-                    self.done[got] = RemoteExpertError(bytes(_recv_exact(self.sock, n)).decode(errors="replace"))
+                    msg = bytes(_recv_exact(self.sock, min(n, 4096))).decode(errors="replace")
+                    if msg == "draining":  # the replica is being removed: like a dead one, re-send elsewhere
+                        raise ChannelError(f"{self.address} is draining")
+                    self.done[got] = RemoteExpertError(msg)
                 else:
-                    self.done[got] = _unpack(self.sock, k, cols, dtype)
+                    entries = _entries(_recv_exact(self.sock, ENTRY.size * k), k) if k else []
+                    self.done[got] = _split(_recv_tensor(self.sock, sum(n for _, n in entries), cols, dtype), entries)
             except (OSError, struct.error) as e:  # timeout, reset, closed
                 self.close()
                 raise ChannelError(f"expert channel {self.address}: {type(e).__name__}: {e}") from None
+            except ChannelError:
+                self.close()
+                raise
             self.sent.pop(0)
         out = self.done.pop(call)
         if isinstance(out, Exception):
@@ -185,6 +373,8 @@ class ChannelClient:
         return out
 
     def close(self) -> None:
+        """Close the connection; calls still in flight on it are abandoned (the replica stops at the
+        next frame it cannot answer), which is how a timed-out call is cancelled."""
         self.alive = False
         try:
             self.sock.close()

@@ -112,6 +112,10 @@ def cmd_serve(a) -> int:
     from cluster.ray_engine import ensure_ray
 
     cfg = resolve_config(a)
+    # Serve's gRPC proxy reads its message limit (default 2 GiB) from its environment when it starts:
+    # bound it to the request limit. Effective when this command starts Ray; on a running cluster
+    # (RAY_ADDRESS, KubeRay) the variable is set where the cluster starts (k8s/ sets it).
+    os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(cfg.server.max_request_bytes))
     started = ensure_ray()
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())

@@ -85,6 +85,7 @@ class ServeFuture:
                     resp, lambda r: r.result(timeout_s=b.call_timeout_s),
                     lambda g=g, part=part: b.handles[g].run.remote(self.layer, part),
                     b.max_tries, RETRYABLE, b.on_retry, f"expert group {g} (layer {self.layer})",
+                    lambda r: r.cancel(),
                 )
                 for e, y in out.items():
                     parts.setdefault(e, []).append(y)

@@ -5,9 +5,11 @@
 
 Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}}: 400 bad input, 401 bad
 key, 404 unknown model or route, 413 body too large, 503 overloaded (with Retry-After). A bad request
-is answered here and never reaches a worker.
+is answered here and never reaches a worker (parsing and schemas: cluster/protocol.py). gRPC calls go
+through the same checks and get the matching status codes.
 """
 
+import ipaddress
 import json
 import logging
 import os
@@ -17,7 +19,6 @@ import uuid
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 import grpc
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
@@ -27,31 +28,28 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from model.config import MixtralConfig
 from model.sampling import SamplingParams
 from model.tiny import resolve_model
-from model.tokenizer import ChatFormatError, Tokenizer
+from model.tokenizer import ChatFormatError, Tokenizer, TokenizeError
+from router.engine import RequestOutput, Resume
 
 from .config import AppConfig
-from .proto import mixserve_pb2 as pb
 from .metrics import Metrics
+from .proto import mixserve_pb2 as pb
+from .protocol import (APIError, ChatRequest, CompletionRequest, key_matches, parse_json, read_body, unauthorized,
+                       validate)
 
 log = logging.getLogger(__name__)
 # A streaming call fails with these when its attention replica's process is gone.
 ATTENTION_LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
+# HTTP status -> gRPC status for the same refusal.
+GRPC_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
+              403: grpc.StatusCode.PERMISSION_DENIED, 404: grpc.StatusCode.NOT_FOUND,
+              413: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE}
 
 api = FastAPI(title="mixserve", description="OpenAI-compatible API of mixserve")
 
 
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict | None = None):
-        self.status, self.message, self.type, self.param, self.code, self.headers = status, message, type_, param, code, headers
-
-
-def error_body(e: APIError) -> dict:
-    return {"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}}
-
-
 def error_response(e: APIError) -> JSONResponse:
-    return JSONResponse(error_body(e), status_code=e.status, headers=e.headers)
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
 @api.exception_handler(APIError)
@@ -70,54 +68,23 @@ async def _http_error(request: Request, e: StarletteHTTPException):
     return error_response(APIError(e.status_code, str(e.detail), kind))
 
 
-# ---------------------------------------------------------------- request schemas
+def output_error(out: RequestOutput) -> APIError:
+    """The refusal or failure an attention replica reported for one request, as an API error."""
+    if out.error_kind == "overloaded":
+        return APIError(503, "the server is overloaded; retry later", "server_error", code="overloaded",
+                        headers={"Retry-After": "1"})
+    if out.error_kind == "invalid":
+        return APIError(400, out.error or "invalid request")
+    return APIError(500, f"the request failed: {out.error}", "server_error", code="request_failed")
 
 
-class _Common(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    model: str
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, description="Extension: 0 disables it.")
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    n: int = Field(1, ge=1)
-    stream: bool = False
-    stream_options: dict | None = None
-    ignore_eos: bool = False
-    user: str | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-
-
-class CompletionRequest(_Common):
-    prompt: str | list[str] | list[int]
-    logprobs: int | None = Field(None, ge=0, le=20)
-    echo: bool = False
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    role: str
-    content: str | list[dict]
-    name: str | None = None
-
-
-class ChatRequest(_Common):
-    messages: list[ChatMessage]
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-
-
-def _validation_error(e: ValidationError) -> APIError:
-    err = e.errors()[0]
-    loc = ".".join(str(x) for x in err["loc"] if not isinstance(x, int) or True)
-    msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
-    return APIError(400, f"{loc}: {msg}", param=loc or None)
+def is_loopback(host: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host == "localhost"
+    mapped = getattr(ip, "ipv4_mapped", None)  # ::ffff:127.0.0.1
+    return ip.is_loopback or bool(mapped and mapped.is_loopback)
 
 
 # ---------------------------------------------------------------- the ingress
@@ -137,6 +104,9 @@ class OpenAIIngress:
         s = self.cfg.server
         self.model_name = s.served_model_name or os.path.basename(os.path.normpath(self.cfg.model))
         self.api_key = s.api_key or os.environ.get("MIXSERVE_API_KEY")
+        # Serve's gRPC proxy listens on every interface (Ray has no option for its host); with a
+        # loopback server.host the ingress answers gRPC calls from this host only.
+        self.loopback_only = is_loopback(s.host)
         self.created = int(time.time())
         self.metrics = Metrics()
         self.app_name = serve.get_replica_context().app_name
@@ -145,23 +115,13 @@ class OpenAIIngress:
     # ------------------------------------------------------------ shared checks
 
     async def _body(self, request: Request, schema):
-        if self.api_key and request.headers.get("authorization") != f"Bearer {self.api_key}":
-            raise APIError(401, "invalid or missing API key", "authentication_error", code="invalid_api_key")
-        raw = await request.body()
-        if len(raw) > self.cfg.server.max_request_bytes:
-            raise APIError(413, f"request body is {len(raw)} bytes; the limit is {self.cfg.server.max_request_bytes}")
-        try:
-            data = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            raise APIError(400, "request body is not valid UTF-8") from None
-        except json.JSONDecodeError as e:
-            raise APIError(400, f"request body is not valid JSON: {e}") from None
-        if not isinstance(data, dict):
-            raise APIError(400, "request body must be a JSON object")
-        try:
-            req = schema.model_validate(data)
-        except ValidationError as e:
-            raise _validation_error(e) from None
+        if not key_matches(request.headers.get("authorization"), self.api_key):
+            raise unauthorized()
+        req = validate(schema, parse_json(await read_body(request, self.cfg.server.max_request_bytes)))
+        self._check_model(req)
+        return req
+
+    def _check_model(self, req) -> None:
         if req.model != self.model_name:
             raise APIError(404, f"model {req.model!r} does not exist; this server serves {self.model_name!r}",
                            "not_found_error", "model", "model_not_found")
@@ -170,7 +130,24 @@ class OpenAIIngress:
         for p in ("presence_penalty", "frequency_penalty"):
             if getattr(req, p):
                 raise APIError(400, f"{p} is not supported (must be 0)", param=p)
-        return req
+
+    def _encode(self, text: str, param: str) -> list[int]:
+        try:
+            return self.tokenizer.encode(text)
+        except TokenizeError as e:
+            raise APIError(400, f"{param}: {e}", param=param) from None
+
+    def _prompt_ids(self, req: CompletionRequest) -> list[int]:
+        prompt = req.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            if len(prompt) != 1:
+                raise APIError(400, "only one prompt per request is supported", param="prompt")
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            return self._encode(prompt, "prompt")
+        if not prompt or min(prompt) < 0 or max(prompt) >= self.vocab:
+            raise APIError(400, f"prompt token ids must be non-empty and in [0, {self.vocab})", param="prompt")
+        return list(prompt)
 
     def _params(self, req, max_tokens: int | None, prompt_len: int, logprobs: int | None) -> SamplingParams:
         if prompt_len >= self.max_model_len:
@@ -182,28 +159,28 @@ class OpenAIIngress:
         elif max_tokens > room:
             raise APIError(400, f"max_tokens={max_tokens} plus the prompt's {prompt_len} tokens exceeds the "
                                 f"context of {self.max_model_len} tokens", param="max_tokens", code="context_length_exceeded")
+        if any(t < 0 or t >= self.vocab for t in req.stop_token_ids):
+            raise APIError(400, f"stop_token_ids must be in [0, {self.vocab})", param="stop_token_ids")
+        stop = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
         try:
             return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                                  seed=req.seed, stop=req.stop or [], ignore_eos=req.ignore_eos, logprobs=logprobs)
+                                  seed=req.seed, stop=stop, stop_token_ids=req.stop_token_ids,
+                                  ignore_eos=req.ignore_eos, logprobs=logprobs)
         except ValueError as e:
             raise APIError(400, str(e)) from None
 
     async def _outputs(self, prompt_ids: list[int], sp: SamplingParams):
-        """The request's outputs, with the first one already received: a refusal (overload) becomes
-        an HTTP status before any byte of a stream is sent."""
-        params = {k: getattr(sp, k) for k in SamplingParams.__dataclass_fields__}
+        """The request's outputs, with the first one already received: a refusal (overload, bad
+        input) becomes an HTTP status before any byte of a stream is sent."""
         t0 = time.perf_counter()
-        outs = self._resilient(prompt_ids, params)
-        try:
-            first = await outs.__anext__()
-        except Exception as e:  # noqa: BLE001 - the worker's refusal, mapped to an HTTP status
-            if "Overloaded" in type(e).__name__ or "Overloaded" in str(e)[:300]:
-                raise APIError(503, "the server is overloaded; retry later", "server_error", code="overloaded",
-                               headers={"Retry-After": "1"}) from None
-            raise
+        outs = self._resilient(prompt_ids, sp)
+        first = await outs.__anext__()
+        if first.error is not None:
+            await outs.aclose()
+            raise output_error(first)
         m = self.metrics
         m.prompt_tokens.inc(len(prompt_ids))
-        if first["new_token_ids"]:
+        if first.new_token_ids:
             m.ttft.observe(time.perf_counter() - t0)
 
         async def rest():
@@ -211,13 +188,15 @@ class OpenAIIngress:
             try:
                 out = first
                 while True:
-                    finished = out["finished"]
-                    n = len(out["new_token_ids"])
+                    finished = out.finished
+                    n = len(out.new_token_ids)
                     m.generated_tokens.inc(n)
                     if out is not first and n:
                         now = time.perf_counter()
                         m.itl.observe((now - last) / n)
                         last = now
+                    if out.error is not None:
+                        raise output_error(out)
                     yield out
                     if finished:
                         return
@@ -228,33 +207,33 @@ class OpenAIIngress:
 
         return rest()
 
-    async def _resilient(self, prompt_ids: list[int], params: dict):
+    async def _resilient(self, prompt_ids: list[int], sp: SamplingParams):
         """One request's outputs from an attention replica. If that replica dies mid-request, the
-        request is re-submitted (prompt + the tokens generated so far, the rest of max_tokens) to
-        another replica, which re-prefills and goes on; the caller sees one uninterrupted stream whose
-        usage counts the original prompt. Greedy decoding gives the tokens of an undisturbed run."""
+        request is re-submitted to another replica with what it had produced (`Resume`: the tokens,
+        re-prefilled, and the characters the client has), which goes on where it was: text that
+        was held back is delivered and a stop string across the failover point is found. Greedy
+        decoding gives exactly the stream of an undisturbed run. When the re-submit budget is spent
+        the stream fails (an error event, then [DONE])."""
         done: list[int] = []
+        chars = 0
         resubmits = 0
         while True:
-            p = dict(params, max_tokens=params["max_tokens"] - len(done))
-            resp = self.attention.options(stream=True).generate.remote(prompt_ids + done, p)
+            resume = Resume(done, chars) if done else None
+            resp = self.attention.options(stream=True).generate.remote(prompt_ids, sp, resume)
             try:
-                while True:
-                    try:
-                        out = await resp.__anext__()
-                    except StopAsyncIteration:
-                        return
-                    done += out["new_token_ids"]
-                    out["prompt_tokens"] = len(prompt_ids)
-                    out["completion_tokens"] = len(done)
+                async for out in resp:
+                    done += out.new_token_ids
+                    chars += len(out.text)
                     yield out
-                    if out["finished"]:
+                    if out.finished:
                         return
+                raise APIError(500, "the attention replica ended the stream early", "server_error")
             except ATTENTION_LOST as e:
                 resp.cancel()
                 resubmits += 1
                 if resubmits > self.cfg.attention.max_resubmits:
-                    raise
+                    raise APIError(503, f"the request was lost with {resubmits} attention replicas",
+                                   "server_error", code="attention_unavailable") from None
                 self.metrics.resubmits.inc()
                 log.warning("attention replica lost; re-submitting",
                             extra={"tokens_so_far": len(done), "attempt": resubmits, "error": type(e).__name__})
@@ -284,8 +263,8 @@ class OpenAIIngress:
 
     @api.get("/v1/models")
     async def models(self, request: Request):
-        if self.api_key and request.headers.get("authorization") != f"Bearer {self.api_key}":
-            raise APIError(401, "invalid or missing API key", "authentication_error", code="invalid_api_key")
+        if not key_matches(request.headers.get("authorization"), self.api_key):
+            raise unauthorized()
         return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
                                             "owned_by": "mixserve", "max_model_len": self.max_model_len}]}
 
@@ -309,17 +288,7 @@ class OpenAIIngress:
 
     async def _completions(self, request: Request):
         req = await self._body(request, CompletionRequest)
-        prompt = req.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-            if len(prompt) != 1:
-                raise APIError(400, "only one prompt per request is supported", param="prompt")
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt)
-        else:
-            if not prompt or min(prompt) < 0 or max(prompt) >= self.vocab:
-                raise APIError(400, f"prompt token ids must be non-empty and in [0, {self.vocab})", param="prompt")
-            ids = list(prompt)
+        ids = self._prompt_ids(req)
         if req.echo:
             raise APIError(400, "echo is not supported", param="echo")
         sp = self._params(req, req.max_tokens, len(ids), req.logprobs)
@@ -327,7 +296,7 @@ class OpenAIIngress:
         if req.stream:
             return self._sse(self._stream_completion(rid, req, await self._outputs(ids, sp)))
         text, lps, last = await self._collect(await self._outputs(ids, sp))
-        choice = {"index": 0, "text": text, "finish_reason": last["finish_reason"],
+        choice = {"index": 0, "text": text, "finish_reason": last.finish_reason,
                   "logprobs": self._completion_logprobs(lps) if req.logprobs is not None else None}
         return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": self.model_name,
                 "choices": [choice], "usage": self._usage(last)}
@@ -344,18 +313,18 @@ class OpenAIIngress:
         if req.stream:
             return self._sse(self._stream_chat(rid, req, await self._outputs(ids, sp)))
         text, lps, last = await self._collect(await self._outputs(ids, sp))
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": last["finish_reason"],
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": last.finish_reason,
                   "logprobs": self._chat_logprobs(lps) if req.logprobs else None}
         return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": self.model_name,
                 "choices": [choice], "usage": self._usage(last)}
 
     @staticmethod
-    async def _collect(outs) -> tuple[str, list, dict]:
+    async def _collect(outs) -> tuple[str, list, RequestOutput]:
         """A whole non-streamed answer: its text, its logprobs, and the final output (usage, reason)."""
         text, lps, last = "", [], None
         async for out in outs:
-            text += out["text"]
-            lps += out["logprobs"]
+            text += out.text
+            lps += out.logprobs
             last = out
         return text, lps, last
 
@@ -375,30 +344,34 @@ class OpenAIIngress:
                 if choice is None:
                     continue
                 chunk = head | {"choices": [choice]}
-                if out["finished"] and (req.stream_options or {}).get("include_usage"):
+                if out.finished and req.stream_options and req.stream_options.include_usage:
                     chunk["usage"] = self._usage(out)
                 yield f"data: {json.dumps(chunk)}\n\n"
         except APIError as e:  # after the first byte a status can no longer change: an error event
-            yield f"data: {json.dumps(error_body(e))}\n\n"
+            yield f"data: {json.dumps(e.body())}\n\n"
+        except Exception as e:  # noqa: BLE001 - whatever ended the stream, the client gets an error and [DONE]
+            log.exception("stream failed")
+            err = APIError(500, f"the stream failed: {type(e).__name__}", "server_error")
+            yield f"data: {json.dumps(err.body())}\n\n"
         yield "data: [DONE]\n\n"
 
     def _stream_completion(self, rid, req, outs):
         def choice_of(out):
-            if not (out["text"] or out["finished"]):
+            if not (out.text or out.finished):
                 return None
-            return {"index": 0, "text": out["text"], "finish_reason": out["finish_reason"] if out["finished"] else None,
-                    "logprobs": self._completion_logprobs(out["logprobs"]) if req.logprobs is not None else None}
+            return {"index": 0, "text": out.text, "finish_reason": out.finish_reason if out.finished else None,
+                    "logprobs": self._completion_logprobs(out.logprobs) if req.logprobs is not None else None}
 
         head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": self.model_name}
         return self._events(head, req, outs, choice_of)
 
     def _stream_chat(self, rid, req, outs):
         def choice_of(out):
-            if not (out["text"] or out["finished"] or (req.logprobs and out["logprobs"])):
+            if not (out.text or out.finished or (req.logprobs and out.logprobs)):
                 return None
-            return {"index": 0, "delta": {"content": out["text"]} if out["text"] else {},
-                    "finish_reason": out["finish_reason"] if out["finished"] else None,
-                    "logprobs": self._chat_logprobs(out["logprobs"]) if req.logprobs else None}
+            return {"index": 0, "delta": {"content": out.text} if out.text else {},
+                    "finish_reason": out.finish_reason if out.finished else None,
+                    "logprobs": self._chat_logprobs(out.logprobs) if req.logprobs else None}
 
         head = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": self.model_name}
         first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
@@ -406,53 +379,73 @@ class OpenAIIngress:
 
     # ------------------------------------------------------------ gRPC (mixserve.v1.MixServe)
 
-    def _grpc_request(self, request, grpc_context):
-        """proto GenerateRequest -> (prompt ids, SamplingParams); INVALID_ARGUMENT on bad input."""
+    def _grpc_request(self, request, grpc_context: RayServegRPCContext):
+        """proto GenerateRequest -> (prompt ids, SamplingParams) through the same checks as HTTP:
+        the peer and API key first, then size, then the completion schema."""
+        if self.loopback_only and not is_loopback(_peer_host(grpc_context.peer())):
+            raise APIError(403, "this server takes gRPC calls from this host only (server.host is a loopback address)",
+                           "permission_error")
+        metadata = dict(grpc_context.invocation_metadata())
+        if not key_matches(metadata.get("authorization"), self.api_key):
+            raise unauthorized()
+        size = request.ByteSize()
+        if size > self.cfg.server.max_request_bytes:
+            raise APIError(413, f"request is {size} bytes; the limit is {self.cfg.server.max_request_bytes}")
+        body = {"model": self.model_name, "temperature": request.temperature, "top_p": request.top_p or 1.0,
+                "top_k": request.top_k, "stop": list(request.stop), "ignore_eos": request.ignore_eos,
+                "prompt": list(request.prompt_token_ids) or request.prompt}
+        if request.max_tokens:
+            body["max_tokens"] = request.max_tokens
+        if request.HasField("seed"):
+            body["seed"] = request.seed
+        req = validate(CompletionRequest, body)
+        ids = self._prompt_ids(req)
+        return ids, self._params(req, req.max_tokens, len(ids), None)
+
+    async def _grpc_outputs(self, request, grpc_context):
+        """The request's outputs, or None after setting the gRPC status of its refusal."""
         try:
-            ids = list(request.prompt_token_ids) or self.tokenizer.encode(request.prompt)
-            if min(ids) < 0 or max(ids) >= self.vocab:
-                raise APIError(400, f"prompt token ids must be in [0, {self.vocab})")
-            if len(ids) >= self.max_model_len:
-                raise APIError(400, f"the prompt has {len(ids)} tokens; this model's context is {self.max_model_len} tokens")
-            room = self.max_model_len - len(ids)
-            mt = request.max_tokens or min(self.cfg.server.max_tokens_default, room)
-            if mt > room:
-                raise APIError(400, f"max_tokens={mt} plus the prompt exceeds the context of {self.max_model_len}")
-            sp = SamplingParams(max_tokens=mt, temperature=request.temperature, top_p=request.top_p or 1.0,
-                                top_k=request.top_k, seed=request.seed if request.HasField("seed") else None,
-                                stop=list(request.stop), ignore_eos=request.ignore_eos)
-            return ids, sp
-        except (APIError, ValueError) as e:
-            grpc_context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
-            grpc_context.set_details(getattr(e, "message", str(e)))
+            return await self._outputs(*self._grpc_request(request, grpc_context))
+        except APIError as e:
+            grpc_context.set_code(GRPC_CODES.get(e.status, grpc.StatusCode.INTERNAL))
+            grpc_context.set_details(e.message)
             return None
 
     async def Generate(self, request, grpc_context: RayServegRPCContext):
-        parsed = self._grpc_request(request, grpc_context)
-        if parsed is None:
+        outs = await self._grpc_outputs(request, grpc_context)
+        if outs is None:
             return pb.GenerateResponse()
-        text, toks, last = "", [], None
-        async for out in await self._outputs(*parsed):
-            text += out["text"]
-            toks += out["new_token_ids"]
-            last = out
-        return pb.GenerateResponse(text=text, token_ids=toks, finished=True, finish_reason=last["finish_reason"],
-                                   prompt_tokens=last["prompt_tokens"], completion_tokens=last["completion_tokens"])
+        try:
+            text, toks, last = "", [], None
+            async for out in outs:
+                text += out.text
+                toks += out.new_token_ids
+                last = out
+        except APIError as e:
+            grpc_context.set_code(GRPC_CODES.get(e.status, grpc.StatusCode.INTERNAL))
+            grpc_context.set_details(e.message)
+            return pb.GenerateResponse()
+        return pb.GenerateResponse(text=text, token_ids=toks, finished=True, finish_reason=last.finish_reason,
+                                   prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens)
 
     async def GenerateStream(self, request, grpc_context: RayServegRPCContext):
-        parsed = self._grpc_request(request, grpc_context)
-        if parsed is None:
+        outs = await self._grpc_outputs(request, grpc_context)
+        if outs is None:
             return
-        async for out in await self._outputs(*parsed):
-            yield pb.GenerateResponse(text=out["text"], token_ids=out["new_token_ids"], finished=out["finished"],
-                                      finish_reason=out["finish_reason"] or "", prompt_tokens=out["prompt_tokens"],
-                                      completion_tokens=out["completion_tokens"])
+        try:
+            async for out in outs:
+                yield pb.GenerateResponse(text=out.text, token_ids=out.new_token_ids, finished=out.finished,
+                                          finish_reason=out.finish_reason or "", prompt_tokens=out.prompt_tokens,
+                                          completion_tokens=out.completion_tokens)
+        except APIError as e:
+            grpc_context.set_code(GRPC_CODES.get(e.status, grpc.StatusCode.INTERNAL))
+            grpc_context.set_details(e.message)
 
     # ------------------------------------------------------------ helpers
 
     @staticmethod
-    def _usage(out) -> dict:
-        p, c = out["prompt_tokens"], out["completion_tokens"]
+    def _usage(out: RequestOutput) -> dict:
+        p, c = out.prompt_tokens, out.completion_tokens
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
     def _piece(self, t: int) -> str:
@@ -471,3 +464,13 @@ class OpenAIIngress:
             "top_logprobs": [{dec(a): v for a, v in alts} for _, _, alts in lps],
             "text_offset": [],
         }
+
+
+def _peer_host(peer: str) -> str:
+    """gRPC's peer ('ipv4:127.0.0.1:5555', 'ipv6:%5B::1%5D:5555', '127.0.0.1:5555') -> its host."""
+    p = peer.replace("%5B", "[").replace("%5D", "]")
+    if p.startswith(("ipv4:", "ipv6:")):
+        p = p[5:]
+    if p.startswith("["):
+        return p[1 : p.find("]")]
+    return p.rsplit(":", 1)[0]

@@ -36,7 +36,7 @@ from router.experts import expert_groups, split_by_group, wait_with_retries
 from workers.expert import ExpertWorker
 
 from .autoscaling import ExpertAutoscalingConfig
-from .channel import ChannelClient, ChannelError, ChannelServer
+from .channel import ChannelClient, ChannelError, ChannelServer, FrameLimits, new_secret
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,12 @@ class ExpertsConfig(BaseModel):
         64, ge=1, description="Calls one expert replica of the Serve app takes at once (Serve's default is 5; "
         "each attention replica has up to num_microbatches x split chunks in flight per group).",
     )
+    max_call_tokens: int = Field(
+        16384, ge=1, description="Token rows one expert call may carry (all its experts together); the data plane "
+        "refuses larger frames before allocating. At least engine.max_num_batched_tokens x top-k.",
+    )
+    channel_max_connections: int = Field(64, ge=1, description="Data-plane connections one expert replica accepts.")
+    channel_idle_timeout_s: float = Field(600.0, gt=0, description="A data-plane connection idle this long is closed.")
     transport: Literal["channel", "ray"] = Field(
         "channel", description="How token batches reach expert actors: `channel` = a direct TCP connection per "
         "replica (Ray as control plane and fallback), `ray` = one Ray actor call per group and layer. "
@@ -82,9 +88,13 @@ class ExpertsConfig(BaseModel):
 class ExpertActor:
     """A thin Ray wrapper around `ExpertWorker`."""
 
-    def __init__(self, model_dir: str, experts: list[int], dtype: str, num_threads: int | None):
+    def __init__(self, model_dir: str, experts: list[int], dtype: str, num_threads: int | None, secret: bytes,
+                 cfg: ExpertsConfig):
         self.worker = ExpertWorker(model_dir, experts, dtype, num_threads)
-        self.channel = ChannelServer(self.worker, ray.util.get_node_ip_address())
+        self.channel = ChannelServer(
+            self.worker, ray.util.get_node_ip_address(), secret, FrameLimits.for_worker(self.worker, cfg.max_call_tokens),
+            cfg.channel_max_connections, cfg.channel_idle_timeout_s, cfg.call_timeout_s,
+        )
 
     def channel_address(self) -> tuple[str, int]:
         return self.channel.address
@@ -137,7 +147,7 @@ class RayFuture:
 
             out.update(wait_with_retries(
                 pending, b.wait, resend, b.cfg.max_tries, RETRYABLE,
-                b.on_retry, f"expert group {b.groups[g]} (layer {self.layer})",
+                b.on_retry, f"expert group {b.groups[g]} (layer {self.layer})", b.cancel,
             ))
         b.calls += 1
         b.call_seconds += time.perf_counter() - self.t0
@@ -154,6 +164,7 @@ class RayExperts:
         self.expert_map = {e: gi for gi, g in enumerate(self.groups) for e in g}
         self.placement_groups = []
         self.replicas: list[list] = []
+        self.secret = new_secret()  # the data plane's: handed to each actor by Ray, never logged
         bundle = {"CPU": c.num_cpus, "GPU": c.num_gpus, **c.resources}
         bundle = {k: v for k, v in bundle.items() if v > 0}
         for g in self.groups:
@@ -165,11 +176,12 @@ class RayExperts:
                 actors = [
                     ExpertActor.options(
                         **opts, scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)
-                    ).remote(model_dir, g, dtype, c.num_threads)
+                    ).remote(model_dir, g, dtype, c.num_threads, self.secret, c)
                     for i in range(c.replicas)
                 ]
             else:
-                actors = [ExpertActor.options(**opts).remote(model_dir, g, dtype, c.num_threads) for _ in range(c.replicas)]
+                actors = [ExpertActor.options(**opts).remote(model_dir, g, dtype, c.num_threads, self.secret, c)
+                          for _ in range(c.replicas)]
             self.replicas.append(actors)
         self._rr = [itertools.count() for _ in self.groups]
         self.retries = 0
@@ -199,7 +211,7 @@ class RayExperts:
             return None
         del self.addresses[(g, r)]
         try:
-            self.channels[(g, r)] = ch = ChannelClient(ray.get(ref), self.cfg.call_timeout_s)
+            self.channels[(g, r)] = ch = ChannelClient(ray.get(ref), self.cfg.call_timeout_s, self.secret)
         except (OSError, *RETRYABLE) as e:
             log.warning("expert channel unavailable; using Ray calls", extra={"group": g, "error": type(e).__name__})
             return None
@@ -209,6 +221,13 @@ class RayExperts:
         if isinstance(pending, tuple):  # (channel, call id)
             return pending[0].result(pending[1])
         return ray.get(pending, timeout=self.cfg.call_timeout_s)
+
+    @staticmethod
+    def cancel(pending) -> None:
+        """A timed-out call: a channel call was cancelled when its connection closed; a Ray call is
+        cancelled if it has not started yet."""
+        if not isinstance(pending, tuple):
+            ray.cancel(pending)
 
     def on_retry(self, attempt: int, e: Exception) -> None:
         self.retries += 1

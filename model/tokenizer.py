@@ -21,6 +21,19 @@ class ChatFormatError(ValueError):
     """Chat messages that the Mixtral-Instruct format cannot encode."""
 
 
+class TokenizeError(ValueError):
+    """Text that cannot be tokenised (not valid Unicode: a lone UTF-16 surrogate)."""
+
+
+def check_text(text: str, what: str = "text") -> None:
+    """Refuse strings that are not valid Unicode (JSON can carry a lone surrogate such as \\ud800,
+    which has no UTF-8 form; SentencePiece fails on it with an opaque error)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise TokenizeError(f"{what} is not valid Unicode: {e.reason} at position {e.start}") from None
+
+
 def tokenizer_path(model_dir: str | Path | None) -> Path:
     if model_dir is not None:
         p = Path(model_dir) / "tokenizer.model"
@@ -43,6 +56,7 @@ class Tokenizer:
         return cls(tokenizer_path(model_dir))
 
     def encode(self, text: str, bos: bool = True) -> list[int]:
+        check_text(text)
         return self.sp.encode(text, bos=bos, eos=False)
 
     def decode(self, ids: list[int]) -> str:
@@ -67,6 +81,10 @@ class Tokenizer:
                 content = "".join(texts)
             if not isinstance(content, str):
                 raise ChatFormatError(f"messages[{i}].content must be a string")
+            try:
+                check_text(content, f"messages[{i}].content")
+            except TokenizeError as e:
+                raise ChatFormatError(str(e)) from None
             msgs.append(ROLES[role](content=content))
         try:
             return self.mistral.encode_chat_completion(ChatCompletionRequest(messages=msgs)).tokens

@@ -66,6 +66,7 @@ class RequestOutput:
     completion_tokens: int = 0
     logprobs: list = field(default_factory=list)  # [(token, logprob, [(alt, logprob)])] per new token
     error: str | None = None  # with finish_reason "error": why this request (and only it) failed
+    error_kind: str | None = None  # "invalid" (refused: bad request), "overloaded" (refused: retry), "failed"
 
 
 @dataclass
@@ -329,7 +330,8 @@ class LLMEngine:
         seq.status = Status.FINISHED
         self.seqs.pop(seq.req_id, None)
         if error is not None:  # held-back text is not sent after an error
-            return RequestOutput(seq.req_id, [], "", True, reason, len(seq.prompt_ids), len(seq.output_ids), error=error)
+            return RequestOutput(seq.req_id, [], "", True, reason, len(seq.prompt_ids), len(seq.output_ids),
+                                 error=error, error_kind="failed")
         return self._emit(seq, len(seq.text), True)
 
     def _emit(self, seq: Sequence, upto: int, finished: bool) -> RequestOutput:

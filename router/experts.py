@@ -21,14 +21,17 @@ class ExpertUnavailable(RuntimeError):
     """An expert call failed on every try; the requests of that step fail with this."""
 
 
-def wait_with_retries(pending, wait, resend, max_tries: int, retryable: tuple, on_retry, what: str):
-    """`wait(pending)`; on a retryable failure (replica died, timed out) `resend()` and wait again,
-    up to `max_tries` attempts in all. Expert calls are idempotent, so a re-send is always safe."""
+def wait_with_retries(pending, wait, resend, max_tries: int, retryable: tuple, on_retry, what: str, cancel=None):
+    """`wait(pending)`; on a retryable failure (replica died, timed out) `cancel(pending)` where the
+    transport can (so a slow replica does not go on with work nobody waits for), `resend()` and wait
+    again, up to `max_tries` attempts in all. Expert calls are idempotent, so a re-send is always safe."""
     for attempt in range(1, max_tries + 1):
         try:
             return wait(pending)
         except retryable as e:
             on_retry(attempt, e)
+            if cancel is not None:
+                cancel(pending)
             if attempt == max_tries:
                 raise ExpertUnavailable(f"{what} failed {attempt} times: {type(e).__name__}: {e}") from None
             pending = resend()

@@ -98,9 +98,10 @@ class Load:
                 self.sent += 1
             try:
                 toks = []
-                params = {"max_tokens": self.max_tokens, "temperature": 0.0, "ignore_eos": True}
+                params = SamplingParams(max_tokens=self.max_tokens, temperature=0.0, ignore_eos=True)
                 for out in self.handle.options(stream=True).generate.remote(self.prompts[p], params):
-                    toks += out["new_token_ids"]
+                    assert out.error is None, out.error
+                    toks += out.new_token_ids
                 with self.lock:
                     self.completed += 1
                     self.identical += toks == self.want[p]

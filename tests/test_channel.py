@@ -1,16 +1,24 @@
-"""The direct TCP data plane to expert workers (cluster/channel.py), against a real ExpertWorker."""
+"""The direct TCP data plane to expert workers (cluster/channel.py), against a real ExpertWorker:
+results, errors, dead and hung peers, and peers that try to break it (no secret, lying headers,
+slow, idle and too many connections, no file descriptors left)."""
 
 from __future__ import annotations
 
+import os
+import resource
 import socket
+import struct
 import threading
 import time
 
 import pytest
 import torch
 
-from cluster.channel import ChannelClient, ChannelError, ChannelServer, RemoteExpertError
+from cluster.channel import (ENTRY, HELLO, MAGIC, REQ, RESP, ChannelClient, _recv_exact, ChannelError, ChannelServer, FrameLimits,
+                             RemoteExpertError, new_secret)
 from workers.expert import ExpertWorker
+
+SECRET = new_secret()
 
 
 @pytest.fixture(scope="module")
@@ -18,9 +26,17 @@ def worker(tiny_dir):
     return ExpertWorker(tiny_dir, [1, 2], "float32")
 
 
+def serve(worker, secret=SECRET, max_rows=4096, **kw) -> ChannelServer:
+    return ChannelServer(worker, "127.0.0.1", secret, FrameLimits.for_worker(worker, max_rows), **kw)
+
+
+def connect(server, timeout_s=10, secret=SECRET) -> ChannelClient:
+    return ChannelClient(server.address, timeout_s, secret)
+
+
 @pytest.fixture()
 def server(worker):
-    s = ChannelServer(worker, "127.0.0.1")
+    s = serve(worker)
     yield s
     s.close()
 
@@ -32,7 +48,7 @@ def batches(D, sizes, dtype=torch.float32, seed=0):
 
 def test_results_equal_a_direct_call_and_pipeline(worker, server):
     D = worker.cfg.hidden_size
-    c = ChannelClient(server.address, timeout_s=10)
+    c = connect(server)
     reqs = [(0, batches(D, {1: 3, 2: 5}, seed=1)), (1, batches(D, {2: 1}, seed=2)), (2, batches(D, {1: 64}, seed=3))]
     calls = [c.send(layer, b) for layer, b in reqs]  # all in flight on one connection
     for call, (layer, b) in reversed(list(zip(calls, reqs))):  # claimed in any order
@@ -45,9 +61,9 @@ def test_results_equal_a_direct_call_and_pipeline(worker, server):
 
 def test_bf16_payloads_round_trip(tiny_dir):
     w = ExpertWorker(tiny_dir, [0], "bfloat16")
-    s = ChannelServer(w, "127.0.0.1")
+    s = serve(w)
     try:
-        c = ChannelClient(s.address, timeout_s=10)
+        c = connect(s)
         b = batches(w.cfg.hidden_size, {0: 7}, torch.bfloat16)
         got = c.result(c.send(3, b))
         assert got[0].dtype == torch.bfloat16 and torch.equal(got[0], w.run(3, b)[0])
@@ -55,35 +71,40 @@ def test_bf16_payloads_round_trip(tiny_dir):
         s.close()
 
 
-def test_worker_error_comes_back_and_the_channel_stays_usable(worker, server):
+def test_unknown_experts_are_refused_without_counting_and_the_channel_stays_usable(worker, server):
     D = worker.cfg.hidden_size
-    c = ChannelClient(server.address, timeout_s=10)
+    c = connect(server)
+    calls = worker.stats.calls
     with pytest.raises(RemoteExpertError, match="holds experts"):
         c.result(c.send(0, batches(D, {5: 2})))  # expert 5 is not on this worker: not a transport failure
+    with pytest.raises(RemoteExpertError, match="holds experts"):
+        c.result(c.send(0, batches(D, {1: 1, 7: 3})))
+    assert worker.stats.calls == calls and 5 not in worker.stats.tokens_per_expert  # nothing counted
+    with pytest.raises(KeyError):  # the worker itself refuses before counting, too
+        worker.run(99, batches(D, {1: 1}))
+    assert worker.stats.calls == calls and 99 not in worker.stats.tokens_per_layer
     assert c.alive
     assert c.result(c.send(0, batches(D, {1: 2})))[1].shape == (2, D)
 
 
 def test_garbage_drops_only_that_connection(worker, server):
-    bad = socket.create_connection(server.address)
+    bad = raw(server)
     bad.sendall(b"\x00" * 64)
-    bad.settimeout(5)
-    try:
-        assert bad.recv(1) == b""  # the server hung up on it
-    except ConnectionResetError:
-        pass  # ... or reset it, having left our garbage unread
-    c = ChannelClient(server.address, timeout_s=10)
+    assert closed_by_peer(bad)  # hung up on (or reset, with our garbage unread)
+    c = connect(server)
     assert 1 in c.result(c.send(0, batches(worker.cfg.hidden_size, {1: 1})))
 
 
 def test_a_dead_or_hung_peer_is_a_channel_error(worker):
     class Stuck:
+        cfg, experts = worker.cfg, worker.experts
+
         def run(self, layer, b):
             time.sleep(3)
             return b
 
-    hung = ChannelServer(Stuck(), "127.0.0.1")
-    c = ChannelClient(hung.address, timeout_s=0.5)
+    hung = serve(Stuck())
+    c = connect(hung, timeout_s=0.5)
     call = c.send(0, batches(worker.cfg.hidden_size, {1: 1}))
     with pytest.raises(ChannelError):
         c.result(call)
@@ -93,20 +114,150 @@ def test_a_dead_or_hung_peer_is_a_channel_error(worker):
     hung.close()
 
     # A peer that dies mid-call: it reads the request and closes the connection.
-    lsock = socket.create_server(("127.0.0.1", 0))
-
-    def crash():
-        conn, _ = lsock.accept()
-        conn.recv(16)
-        conn.close()
-
-    t = threading.Thread(target=crash)
-    t.start()
-    c = ChannelClient(lsock.getsockname(), timeout_s=5)
+    crashing = serve(worker)
+    c = connect(crashing)
+    crashing.worker = None  # the next call raises inside the server thread after the read ...
+    crashing.close()  # ... and the replica is gone
     with pytest.raises(ChannelError):  # at the send (reset) or at the result (closed), by timing
-        call = c.send(0, batches(worker.cfg.hidden_size, {1: 1}))
-        t.join()
-        c.result(call)
-    t.join()
+        c.result(c.send(0, batches(worker.cfg.hidden_size, {1: 1})))
     assert not c.alive
-    lsock.close()
+
+
+# ---------------------------------------------------------------- hostile peers
+
+
+def raw(server) -> socket.socket:
+    """A plain TCP connection to the listener, past nothing."""
+    s = socket.create_connection(server.address, timeout=5)
+    hello = s.recv(20)
+    assert struct.unpack_from("<I", hello)[0] == HELLO
+    return s
+
+
+def closed_by_peer(s: socket.socket) -> bool:
+    try:
+        return s.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def still_serves(worker, server) -> None:
+    c = connect(server)
+    b = batches(worker.cfg.hidden_size, {1: 3, 2: 2}, seed=9)
+    got, want = c.result(c.send(1, b)), worker.run(1, b)
+    assert all(torch.equal(got[e], want[e]) for e in want)
+    c.close()
+
+
+def test_a_peer_without_the_secret_gets_nothing(worker, server):
+    calls = worker.stats.calls
+    s = raw(server)
+    s.sendall(os.urandom(48))  # a nonce and a guessed MAC
+    assert closed_by_peer(s)
+    # a frame sent straight away (no handshake) is read as the handshake and fails it
+    s = raw(server)
+    s.sendall(REQ.pack(MAGIC, 0, 0, 0, worker.cfg.hidden_size, 1) + ENTRY.pack(1, 1) + bytes(8))
+    assert closed_by_peer(s)
+    with pytest.raises(ChannelError, match="handshake"):
+        connect(server, secret=new_secret())  # the wrong secret
+    assert server.refused == 3 and worker.stats.calls == calls  # no frame reached the worker
+    still_serves(worker, server)
+
+
+def test_a_client_refuses_a_server_without_the_secret(worker):
+    rogue = serve(worker, secret=new_secret())
+    try:
+        with pytest.raises(ChannelError, match="handshake"):
+            connect(rogue)
+    finally:
+        rogue.close()
+
+
+def frame(layer=0, dt=0, cols=None, k=1, entries=((1, 1),), worker=None) -> bytes:
+    cols = worker.cfg.hidden_size if cols is None else cols
+    return REQ.pack(MAGIC, 7, layer, dt, cols, k) + b"".join(ENTRY.pack(e, n) for e, n in entries)
+
+
+@pytest.mark.parametrize("lie", [
+    dict(k=2**32 - 1),  # k x 8 bytes of entries
+    dict(entries=((1, 2**32 - 1),)),  # 2^32 rows: hundreds of GiB
+    dict(entries=((1, 5000),)),  # over max_rows
+    dict(cols=2**31),
+    dict(cols=0),
+    dict(layer=-1),
+    dict(layer=2**31 - 1),
+    dict(dt=200),
+    dict(k=0, entries=()),
+])
+def test_lying_headers_are_refused_before_allocating(worker, server, lie):
+    c = connect(server)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    c.sock.sendall(frame(worker=worker, **lie))
+    magic, call, status, _ = RESP.unpack(_recv_exact(c.sock, RESP.size))
+    assert (magic, call, status) == (MAGIC, 7, 1)  # an error answer, not an allocation
+    (n,) = struct.unpack("<I", _recv_exact(c.sock, 4))
+    assert bytes(_recv_exact(c.sock, n))  # it says why
+    assert closed_by_peer(c.sock)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 50_000  # KiB: nothing large was allocated
+    assert server.bad_frames >= 1
+    still_serves(worker, server)
+
+
+def test_slow_idle_and_half_open_peers_are_closed(worker):
+    s = serve(worker, idle_timeout_s=0.5, frame_timeout_s=0.5)
+    try:
+        slow = connect(s)
+        slow.sock.sendall(frame(worker=worker, entries=((1, 64),)))  # header, then no payload
+        idle = connect(s)  # authenticated, then silent (a half-open peer looks the same)
+        still_serves(worker, s)  # others are served meanwhile
+        time.sleep(1.2)
+        assert closed_by_peer(slow.sock) and closed_by_peer(idle.sock)
+        deadline = time.monotonic() + 5
+        while s.num_connections and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert s.num_connections == 0  # their threads are gone too
+        still_serves(worker, s)
+    finally:
+        s.close()
+
+
+def test_connections_are_capped(worker):
+    s = serve(worker, max_connections=2)
+    try:
+        a, b = connect(s), connect(s)
+        with pytest.raises(ChannelError):
+            connect(s)  # closed at once: the third connection is over the cap
+        a.close()
+        deadline = time.monotonic() + 5
+        while s.num_connections > 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        still_serves(worker, s)  # room again
+        b.close()
+    finally:
+        s.close()
+
+
+def test_the_listener_outlives_running_out_of_file_descriptors(worker):
+    s = serve(worker)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    held = []
+    try:
+        used = len(os.listdir("/proc/self/fd"))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (used + 8, hard))
+        for _ in range(12):  # the client ends and the accepted ends use up the table: accept() fails
+            try:
+                held.append(socket.create_connection(s.address, timeout=2))
+            except OSError:
+                break
+        time.sleep(0.3)
+    finally:
+        for h in held:
+            h.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    deadline = time.monotonic() + 5
+    while s.num_connections and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        still_serves(worker, s)
+    finally:
+        s.close()

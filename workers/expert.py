@@ -108,6 +108,9 @@ class ExpertWorker:
 
     @torch.inference_mode()
     def run(self, layer: int, batches: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        for e in batches:  # refused before anything is counted
+            if (layer, e) not in self.weights:
+                raise KeyError(f"this worker holds experts {self.experts}, not (layer={layer}, expert={e})")
         n = sum(int(x.shape[0]) for x in batches.values())
         with self._lock:
             self.stats.in_flight_tokens += n
@@ -115,8 +118,6 @@ class ExpertWorker:
         try:
             out = {}
             for e, x in batches.items():
-                if (layer, e) not in self.weights:
-                    raise KeyError(f"this worker holds experts {self.experts}, not (layer={layer}, expert={e})")
                 out[e] = self.weights[(layer, e)](x.to(self.dtype)).to(x.dtype)
             return out
         finally:
