@@ -87,6 +87,16 @@ def is_loopback(host: str) -> bool:
     return ip.is_loopback or bool(mapped and mapped.is_loopback)
 
 
+def _peer_host(peer: str) -> str:
+    """gRPC's peer ('ipv4:127.0.0.1:5555', 'ipv6:%5B::1%5D:5555', '127.0.0.1:5555') -> its host."""
+    p = peer.replace("%5B", "[").replace("%5D", "]")
+    if p.startswith(("ipv4:", "ipv6:")):
+        p = p[5:]
+    if p.startswith("["):
+        return p[1 : p.find("]")]
+    return p.rsplit(":", 1)[0]
+
+
 # ---------------------------------------------------------------- the ingress
 
 
@@ -465,12 +475,3 @@ class OpenAIIngress:
             "text_offset": [],
         }
 
-
-def _peer_host(peer: str) -> str:
-    """gRPC's peer ('ipv4:127.0.0.1:5555', 'ipv6:%5B::1%5D:5555', '127.0.0.1:5555') -> its host."""
-    p = peer.replace("%5B", "[").replace("%5D", "]")
-    if p.startswith(("ipv4:", "ipv6:")):
-        p = p[5:]
-    if p.startswith("["):
-        return p[1 : p.find("]")]
-    return p.rsplit(":", 1)[0]

@@ -151,6 +151,107 @@ def test_pods_expose_serve_ports_and_set_requests_and_limits():
         assert svc_ports == {"serve": 8000, "serve-grpc": 9000}
 
 
+# ---------------------------------------------------------------- security properties
+
+
+def pod_specs(path: Path) -> list[tuple[str, dict]]:
+    """(name, pod spec) of every pod a manifest makes: RayService groups, Jobs, Deployments."""
+    out = []
+    for o in native_objects(path):
+        t = o.get("template") or (o.get("spec") or {}).get("template")
+        if t:
+            out.append((f"{path.name}:{o['metadata'].get('name')}", t["spec"]))
+    return out
+
+
+def test_every_pod_runs_as_non_root_without_privileges():
+    specs = [ps for p in MANIFESTS for ps in pod_specs(p)]
+    assert len(specs) >= 6
+    for name, spec in specs:
+        sc = spec.get("securityContext") or {}
+        assert sc.get("runAsNonRoot") is True and sc.get("runAsUser", 0) != 0, name
+        assert sc.get("seccompProfile", {}).get("type") == "RuntimeDefault", name
+        for c in spec["containers"] + spec.get("initContainers", []):
+            csc = c.get("securityContext") or {}
+            assert csc.get("allowPrivilegeEscalation") is False, (name, c["name"])
+            assert "ALL" in csc.get("capabilities", {}).get("drop", []), (name, c["name"])
+            assert not csc.get("privileged"), (name, c["name"])
+    for path in RAYSERVICES:  # KubeRay's autoscaler sidecar, too
+        csc = rayservice(path)["spec"]["rayClusterConfig"]["autoscalerOptions"]["securityContext"]
+        assert csc["allowPrivilegeEscalation"] is False and "ALL" in csc["capabilities"]["drop"], path.name
+
+
+def test_secrets_the_manifests_name_are_required():
+    found = 0
+    for path in MANIFESTS:
+        for name, spec in pod_specs(path):
+            for c in spec["containers"]:
+                for e in c.get("env", []):
+                    ref = (e.get("valueFrom") or {}).get("secretKeyRef")
+                    if ref:
+                        found += 1
+                        assert not ref.get("optional"), f"{name}: {e['name']} must not be optional (missing = no auth)"
+    assert found >= 1  # the Mixtral manifest requires its API key
+
+
+def policy_for(path: Path, labels: dict) -> dict:
+    pols = [d for d in docs(path) if d["kind"] == "NetworkPolicy"
+            and d["spec"]["podSelector"]["matchLabels"].items() <= labels.items()]
+    assert len(pols) == 1, f"{path.name}: no (single) NetworkPolicy selects pods labelled {labels}"
+    return pols[0]
+
+
+@pytest.mark.parametrize("path", RAYSERVICES, ids=lambda p: p.name)
+def test_only_the_serve_ports_are_open_beyond_the_ray_pods(path):
+    rs = rayservice(path)
+    rc = rs["spec"]["rayClusterConfig"]
+    groups = [rc["headGroupSpec"], *rc["workerGroupSpecs"]]
+    labels = [g["template"]["metadata"]["labels"] for g in groups]
+    pol = policy_for(path, labels[0])
+    sel = pol["spec"]["podSelector"]["matchLabels"]
+    assert all(sel.items() <= lab.items() for lab in labels), "the policy must select every Ray pod"
+    assert pol["spec"]["policyTypes"] == ["Ingress"]
+    open_ports, restricted = exposure(pol)
+    assert open_ports == {8000, 9000}
+    assert restricted == {"kuberay-operator": {8265}, "prometheus": {8080}} or restricted == {"kuberay-operator": {8265}}
+    for g in groups:  # no Ray client server port, and the gRPC proxy's message bound is set everywhere
+        c = g["template"]["spec"]["containers"][0]
+        assert 10001 not in {p["containerPort"] for p in c["ports"]}
+        env = {e["name"]: e.get("value") for e in c.get("env", [])}
+        assert int(env["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"]) <= 16 << 20
+
+
+def exposure(pol: dict) -> tuple[set[int], dict[str, set[int]]]:
+    """(ports open to any peer, {peer app: ports}) of a NetworkPolicy; its own pods are not counted."""
+    sel = pol["spec"]["podSelector"]["matchLabels"]
+    open_ports, restricted = set(), {}
+    for rule in pol["spec"]["ingress"]:
+        ports = {p["port"] for p in rule.get("ports", [])}
+        if "from" not in rule:
+            assert ports, "a rule with neither `from` nor `ports` admits everything"
+            open_ports |= ports
+            continue
+        for peer in rule["from"]:
+            if peer.get("podSelector", {}).get("matchLabels") == sel and "namespaceSelector" not in peer:
+                continue  # the Ray pods themselves
+            assert ports, f"a rule admitting {peer} must name its ports"
+            app = peer["podSelector"]["matchLabels"]["app.kubernetes.io/name"]
+            restricted.setdefault(app, set()).update(ports)
+    return open_ports, restricted
+
+
+def test_the_port_check_catches_an_open_dashboard_and_an_open_rule():
+    pol = next(d for d in docs(RAYSERVICES[0]) if d["kind"] == "NetworkPolicy")
+    bad = copy.deepcopy(pol)
+    bad["spec"]["ingress"].append({"ports": [{"port": 8265, "protocol": "TCP"}]})
+    assert 8265 in exposure(bad)[0]
+    bad = copy.deepcopy(pol)
+    bad["spec"]["ingress"].append({"from": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {
+        "app.kubernetes.io/name": "anything"}}}]})
+    with pytest.raises(AssertionError, match="must name its ports"):
+        exposure(bad)
+
+
 # ---------------------------------------------------------------- serveConfigV2
 
 
