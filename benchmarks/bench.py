@@ -349,11 +349,12 @@ def disaggregated(result, model_dir, dname, ecfg, reqs, a, runners: dict):
     time and each expert worker's memory after the runs and stops the actors."""
     import ray
 
+    from cluster.channel import new_secret
     from cluster.ray_engine import ExpertActor, ExpertsConfig, start_disaggregated
 
     # The runtime baseline: the resident size of an expert worker process that holds no expert (Python,
     # torch, Ray) plus a fixed allowance for serving (call buffers, kernel caches).
-    base_actor = ExpertActor.options(num_cpus=0).remote(model_dir, [], dname, None)
+    base_actor = ExpertActor.options(num_cpus=0).remote(model_dir, [], dname, None, new_secret(), ExpertsConfig())
     empty = ray.get(base_actor.info.remote())["rss_bytes"]
     ray.kill(base_actor)
     baseline = empty + SERVING_ALLOWANCE

@@ -81,7 +81,10 @@ def bench_preset(preset: str, tokens: list[int], iters: int) -> list[dict]:
     def compiled():
         from ray.dag import InputNode, MultiOutputNode
 
-        cg_actors = [ExpertActor.options(num_cpus=0).remote(d, g, "auto", None) for g in groups]
+        from cluster.channel import new_secret
+
+        cg_actors = [ExpertActor.options(num_cpus=0).remote(d, g, "auto", None, new_secret(), ExpertsConfig(num_cpus=0))
+                     for g in groups]
         with InputNode() as inp:
             dag = MultiOutputNode([a.run_packed.bind(inp[e]) for e, a in enumerate(cg_actors)])
         cdag = dag.experimental_compile(_buffer_size_bytes=8 * 1024 * 1024)

@@ -50,9 +50,10 @@ def chaos(tiny_dir):
 
 
 class Stream:
-    """`n` OpenAI clients sending greedy completions back to back; each answer is checked."""
+    """`n` OpenAI clients sending greedy completions back to back, every other one streamed with a stop
+    string; each answer is checked against the undisturbed run."""
 
-    def __init__(self, base_url: str, prompts: list[str], want: list[str], n: int):
+    def __init__(self, base_url: str, prompts: list[str], want: list[tuple[str, str]], n: int):
         self.client = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=120)
         self.prompts, self.want = prompts, want
         self.sent = self.completed = self.failed = self.identical = 0
@@ -67,11 +68,20 @@ class Stream:
             with self.lock:
                 self.sent += 1
             try:
-                r = self.client.completions.create(model="tiny", prompt=self.prompts[p], max_tokens=16, temperature=0,
-                                                   extra_body={"ignore_eos": True})
+                if i % 2:  # streamed, with a stop string: the text across a failover must be exact
+                    text, stop = self.want[p]
+                    chunks = self.client.completions.create(
+                        model="tiny", prompt=self.prompts[p], max_tokens=16, temperature=0, stream=True, stop=[stop],
+                        extra_body={"ignore_eos": True})
+                    got, ok = "".join(c.choices[0].text for c in chunks if c.choices), True
+                    want = text[: text.find(stop)]
+                else:
+                    r = self.client.completions.create(model="tiny", prompt=self.prompts[p], max_tokens=16,
+                                                       temperature=0, extra_body={"ignore_eos": True})
+                    got, want, ok = r.choices[0].text, self.want[p][0], r.usage.completion_tokens == 16
                 with self.lock:
                     self.completed += 1
-                    self.identical += r.choices[0].text == self.want[p] and r.usage.completion_tokens == 16
+                    self.identical += got == want and ok
             except Exception as e:  # noqa: BLE001 - counted and reported
                 with self.lock:
                     self.failed += 1
@@ -106,7 +116,9 @@ def test_requests_survive_replica_and_node_failures(chaos, tiny_dir):
     prompts = ["Once upon a time", "The capital of France is", "def f(x): return", "1 2 3 4", "Hello, how are you"]
     outs = local.generate([local.tokenizer.encode(p) for p in prompts],
                           SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
-    want = [o.text for o in outs]
+    # (full text, a stop string from its second half): streamed clients stop there
+    want = [(o.text, o.text[len(o.text) // 2 : len(o.text) // 2 + 3]) for o in outs]
+    assert all(len(stop) == 3 and text.find(stop) > 0 for text, stop in want)
     events = []
     with Stream(url, prompts, want, n=4) as stream:
         progress(stream, 4)
