@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from cluster.channel import (ENTRY, HELLO, MAGIC, REQ, RESP, ChannelClient, _recv_exact, ChannelError, ChannelServer, FrameLimits,
+from cluster.channel import (ENTRY, HANDSHAKE_TIMEOUT_S, HELLO, MAGIC, REQ, RESP, ChannelClient, _recv_exact, ChannelError, ChannelServer, FrameLimits,
                              RemoteExpertError, new_secret)
 from workers.expert import ExpertWorker
 
@@ -127,7 +127,7 @@ def test_a_dead_or_hung_peer_is_a_channel_error(worker):
 
 def raw(server) -> socket.socket:
     """A plain TCP connection to the listener, past nothing."""
-    s = socket.create_connection(server.address, timeout=5)
+    s = socket.create_connection(server.address, timeout=3 * HANDSHAKE_TIMEOUT_S)  # outwaits the server's deadline
     hello = s.recv(20)
     assert struct.unpack_from("<I", hello)[0] == HELLO
     return s
