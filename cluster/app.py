@@ -1,8 +1,8 @@
 """The Serve application: AttentionWorker replicas composed with one ExpertDeployment per expert group.
 
     AttentionWorker (data-parallel replicas; each: engine loop, KV cache, dense weights)
-        |  ServeExperts: per layer, one handle call per expert group that has tokens
-        v
+        |  ServeExperts: per layer and group, chunks over the data plane to the group's live replicas
+        v  (learned from the ExpertDirectory deployment; Serve handles where no channel is known)
     ExpertDeployment "expert-group-{g}" (replicas spread over expert nodes; each: its experts, all layers)
 
 `build_app(cfg)` only builds: it computes deployment options and binds; nothing starts or loads there.
@@ -31,8 +31,8 @@ from model.tiny import resolve_model
 from router.engine import EngineError, LLMEngine, Overloaded, RequestOutput, Resume
 from router.experts import expert_groups
 
-from .deployments import ExpertDeployment, ServeExperts
-from .ray_engine import rss_bytes
+from .deployments import ExpertDeployment, ExpertDirectory, ServeExperts
+from .expert_runtime import rss_bytes
 from .config import AppConfig
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ class AttentionWorker:
     Each step's outputs go back to the event loop in one hand-off and are fanned out to the streams.
     """
 
-    def __init__(self, cfg: dict, num_experts: int, *expert_handles):
+    def __init__(self, cfg: dict, num_experts: int, directory, *expert_handles):
         self.cfg = AppConfig.model_validate(cfg)
         c = self.cfg
         c.model = resolve_model(c.model)
@@ -55,10 +55,7 @@ class AttentionWorker:
         ckpt.check_names()
         groups = expert_groups(num_experts, c.experts.experts_per_worker)
         emap = {e: g for g, es in enumerate(groups) for e in es}
-        self.backend = ServeExperts(
-            list(expert_handles), emap, by_reference=c.expert_transport == "serve_handle",
-            max_tries=c.experts.max_tries, call_timeout_s=c.experts.call_timeout_s, split_tokens=c.experts.split_tokens,
-        )
+        self.backend = ServeExperts(list(expert_handles), emap, c.experts, directory)
         self.engine = LLMEngine(MixtralDense.from_checkpoint(ckpt, c.dtype), self.backend, Tokenizer.for_model(c.model), c.engine)
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.wake = threading.Event()
@@ -137,6 +134,8 @@ class AttentionWorker:
             "dense_bytes": e.dense.nbytes(), "preemptions": e.scheduler.num_preemptions,
             "routed_tokens": [[l, x, n] for (l, x), n in sorted(b.routed.items())],
             "expert_calls": b.calls, "expert_call_seconds": b.call_seconds,
+            "expert_channel_calls": b.channel_calls, "expert_ray_calls": b.ray_calls,
+            "expert_channels": sorted(b.channels),
         }
 
     # ------------------------------------------------------------ the replica's event loop
@@ -202,6 +201,11 @@ def build_attention(cfg: AppConfig | dict) -> Application:
     expert_actor = {"num_cpus": x.num_cpus, "num_gpus": x.num_gpus, "resources": dict(x.resources)}
     if x.num_threads:
         expert_actor["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(x.num_threads)}}
+    # The directory exists for the data plane; with `transport: ray` the handles carry every call.
+    # It sits with the ingress (the head node where `server.resources` says so): soft state, one replica.
+    directory = ExpertDirectory.options(name="expert-directory", ray_actor_options={
+        "num_cpus": 0, "resources": dict(cfg.server.resources)}).bind() if x.transport == "channel" else None
+    host_cfg = x.model_dump(exclude={"autoscaling", "replicas"})  # scaling changes restart no replica
     experts = []
     for g, group in enumerate(expert_groups(num_experts, x.experts_per_worker)):
         scale = {"num_replicas": x.replicas} if x.autoscaling is None else {
@@ -211,7 +215,7 @@ def build_attention(cfg: AppConfig | dict) -> Application:
             graceful_shutdown_timeout_s=x.graceful_shutdown_timeout_s, graceful_shutdown_wait_loop_s=0.5,
             # Replicas of one expert on different nodes, where there are several.
             max_replicas_per_node=1 if (x.replicas > 1 or x.autoscaling) and x.resources else None,
-        ).bind(cfg.model, group, cfg.dtype, x.num_threads))
+        ).bind(cfg.model, group, cfg.dtype, x.num_threads, host_cfg, g, directory))
     a = cfg.attention
     attn_actor = {"num_cpus": a.num_cpus, "num_gpus": a.num_gpus, "resources": dict(a.resources)}
     scale = {"num_replicas": a.replicas} if a.autoscaling is None else {
@@ -221,7 +225,7 @@ def build_attention(cfg: AppConfig | dict) -> Application:
     # instead of waiting in Serve's queue; Serve's default (5) would cap continuous batching at 5 streams.
     admit = cfg.engine.max_num_seqs + cfg.engine.max_waiting + ADMISSION_HEADROOM
     return AttentionWorker.options(ray_actor_options=attn_actor, max_ongoing_requests=admit, **scale).bind(
-        cfg.model_dump(), num_experts, *experts)
+        cfg.model_dump(), num_experts, directory, *experts)
 
 
 def replica_counts(app_name: str) -> dict[str, int]:

@@ -165,16 +165,28 @@ class FrameLimits:
         return None
 
 
+def _listen(host: str, ports: tuple[int, int] | None) -> socket.socket:
+    """A listening socket on `host`: the first free port of `ports` (inclusive), or any free port."""
+    if ports is None:
+        return socket.create_server((host, 0), backlog=64)
+    for port in range(ports[0], ports[1] + 1):
+        try:
+            return socket.create_server((host, port), backlog=64)
+        except OSError:
+            continue
+    raise OSError(f"no free data-plane port on {host} in {ports[0]}-{ports[1]}")
+
+
 class ChannelServer:
     """Runs in an expert replica: accepts authenticated connections and answers each frame with `worker.run`."""
 
     def __init__(self, worker, host: str, secret: bytes, limits: FrameLimits, max_connections: int = 64,
-                 idle_timeout_s: float = 600.0, frame_timeout_s: float = 30.0):
+                 idle_timeout_s: float = 600.0, frame_timeout_s: float = 30.0, ports: tuple[int, int] | None = None):
         if len(secret) < 16:
             raise ValueError("the channel secret must be at least 16 bytes")
         self.worker, self.secret, self.limits = worker, secret, limits
         self.max_connections, self.idle_timeout_s, self.frame_timeout_s = max_connections, idle_timeout_s, frame_timeout_s
-        self.sock = socket.create_server((host, 0), backlog=64)
+        self.sock = _listen(host, ports)
         self.address = (host, self.sock.getsockname()[1])
         self.closed = False
         self.draining = False
@@ -307,7 +319,10 @@ class ChannelClient:
 
     def __init__(self, address: tuple[str, int], timeout_s: float, secret: bytes):
         self.address = tuple(address)
-        self.sock = socket.create_connection(self.address, timeout=min(timeout_s, HANDSHAKE_TIMEOUT_S))
+        try:
+            self.sock = socket.create_connection(self.address, timeout=min(timeout_s, HANDSHAKE_TIMEOUT_S))
+        except OSError as e:  # refused, unreachable, timed out: the replica is gone or not there yet
+            raise ChannelError(f"connect to {self.address} failed: {e}") from None
         self.next_call = 0
         self.sent: list[tuple[int, int, torch.dtype]] = []  # (call, cols, dtype) awaiting a response
         self.done: dict[int, dict | Exception] = {}

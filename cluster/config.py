@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from router.engine import EngineConfig
 
-from .ray_engine import ExpertsConfig
+from .expert_runtime import ExpertsConfig
 
 
 class AttentionAutoscaling(BaseModel):
@@ -75,10 +75,6 @@ class AppConfig(BaseModel):
     engine: EngineConfig = Field(default_factory=lambda: EngineConfig(num_microbatches=2))
     attention: AttentionConfig = Field(default_factory=AttentionConfig)
     experts: ExpertsConfig = Field(default_factory=ExpertsConfig)
-    expert_transport: str = Field(
-        "serve_grpc", pattern="^(serve_handle|serve_grpc)$",
-        description="serve_grpc: handles with _by_reference=False (measured faster); serve_handle: by reference.",
-    )
     server: ServerConfig = Field(default_factory=ServerConfig)
 
 

@@ -140,6 +140,8 @@ class OpenAIIngress:
         for p in ("presence_penalty", "frequency_penalty"):
             if getattr(req, p):
                 raise APIError(400, f"{p} is not supported (must be 0)", param=p)
+        if req.repetition_penalty != 1.0:
+            raise APIError(400, "repetition_penalty is not supported (must be 1)", param="repetition_penalty")
 
     def _encode(self, text: str, param: str) -> list[int]:
         try:

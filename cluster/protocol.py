@@ -166,6 +166,7 @@ class _Common(BaseModel):
     user: str | None = Field(None, max_length=256)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0, description="Extension (vLLM); only 1 (off) so far.")
 
 
 class CompletionRequest(_Common):

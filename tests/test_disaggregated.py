@@ -100,7 +100,8 @@ def test_expert_replica_killed_mid_generation(tiny_dir):
                 got[o.req_id] += o.new_token_ids
             steps += 1
         assert [got[r] for r in rids] == want
-        assert experts.retries > 0  # the broken channels' calls were re-sent (through Ray)
-        assert experts.channel_calls > 0 and experts.ray_calls > 0
+        # The broken channels' calls were re-sent: to the other replica's channel, or through Ray
+        # while the group had no live channel.
+        assert experts.retries > 0 and experts.channel_calls > 0
     finally:
         experts.shutdown()

@@ -423,3 +423,28 @@ def test_tiny_cpu_serve_config_v2_runs_on_local_ray(tmp_path):
     answer = serve_run_answer(path, port, {"model": "tiny", "prompt": "Hello", "max_tokens": 4}, tmp_path, env)
     assert answer["object"] == "text_completion" and answer["usage"]["completion_tokens"] == 4
     assert (tmp_path / "cache" / "mixserve" / "tiny" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("path", RAYSERVICES, ids=lambda p: p.name)
+def test_the_expert_data_plane_port_range_is_configured_named_and_open_between_ray_pods(path):
+    """The config the manifest deploys pins the data plane to a port range; every Ray pod names its
+    first port `expert-data`, and the NetworkPolicy admits it from the RayService's own pods only."""
+    from cluster.app import resolve_config_path
+    from cluster.config import load_config
+
+    app = serve_config(path)["applications"][0]
+    args = dict(app["args"])
+    first, last = load_config(resolve_config_path(args.pop("config")), args).experts.channel_ports
+    rc = rayservice(path)["spec"]["rayClusterConfig"]
+    groups = [rc["headGroupSpec"], *rc["workerGroupSpecs"]]
+    for g in groups:
+        ports = {p["name"]: p["containerPort"] for p in g["template"]["spec"]["containers"][0]["ports"]}
+        assert ports.get("expert-data") == first
+    pol = policy_for(path, groups[0]["template"]["metadata"]["labels"])
+    sel = pol["spec"]["podSelector"]["matchLabels"]
+    own = [r for r in pol["spec"]["ingress"] if any(p.get("podSelector", {}).get("matchLabels") == sel
+                                                    and "namespaceSelector" not in p for p in r.get("from", []))]
+    assert own and all("ports" not in r or any(p["port"] <= first and p.get("endPort", p["port"]) >= last
+                                               for p in r["ports"]) for r in own)
+    open_ports, restricted = exposure(pol)
+    assert not any(first <= p <= last for p in open_ports | set().union(*restricted.values()))

@@ -56,3 +56,28 @@ def test_bad_request_does_not_take_the_worker_down(app, tiny_dir):
     assert len(outs) == 1 and outs[0].finished and outs[0].error_kind == "invalid" and "token ids" in outs[0].error
     outs = list(app.options(stream=True).generate.remote([1, 2, 3], SamplingParams(max_tokens=3, temperature=0.0)))
     assert outs[-1].finished and outs[-1].error is None and outs[-1].completion_tokens == 3
+
+
+def test_the_app_reaches_its_experts_over_the_data_plane(app, tiny_dir):
+    """Expert replicas announce their listeners to the directory; the attention replica sends each
+    layer's batches over those channels, not through Serve handles."""
+    import time
+
+    from cluster.deployments import REFRESH_S
+
+    directory = serve.get_deployment_handle("expert-directory", app_name="mixserve")
+    deadline = time.monotonic() + 30
+    while len(view := directory.view.remote().result()) < 4:
+        assert time.monotonic() < deadline, f"expert replicas did not register: {view}"
+        time.sleep(0.2)
+    for g in range(4):
+        info = serve.get_deployment_handle(f"expert-group-{g}", app_name="mixserve").info.remote().result()
+        assert view[g] == [(info["replica"], *info["channel_address"])]
+    time.sleep(3 * REFRESH_S)  # the attention replica has read the view
+    before = app.stats.remote().result()
+    outs = list(app.options(stream=True).generate.remote([1, 2, 3, 4], SamplingParams(max_tokens=8, temperature=0.0)))
+    assert outs[-1].finished and outs[-1].error is None
+    after = app.stats.remote().result()
+    assert after["expert_channel_calls"] > before["expert_channel_calls"]
+    assert after["expert_ray_calls"] == before["expert_ray_calls"], "a call went through Serve handles"
+    assert len(after["expert_channels"]) == 4 and after["expert_retries"] == 0

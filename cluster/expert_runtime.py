@@ -1,0 +1,379 @@
+"""The one expert runtime: the worker host every expert replica runs, and the client every attention
+worker calls it through, whatever hosts them (Ray actors for `mixserve generate` and the benchmark,
+Serve replicas for the application).
+
+    attention worker                                          expert replica (ExpertHost)
+    ExpertClient.submit(layer batches)                        [ChannelServer] -> ExpertWorker.run
+      per group: split into chunks, each to the least-loaded      ^
+      live replica over its open channel  ------ TCP frames -------'
+      no channel known (starting, transport: ray) -> fleet.fallback: a Ray call (actor or Serve handle)
+    future.result(): wait; a broken, hung or draining replica -> re-send the chunk elsewhere
+
+Who the replicas are and where their channels listen comes from a `Fleet`: `ActorFleet`
+(cluster/ray_engine.py, the actors it started) or `ServeFleet` (cluster/deployments.py, the
+application's expert directory). The client owns dispatch, chunking over replicas, retries and load
+accounting; a fleet only answers "which endpoints does group g have" and "send this by Ray instead".
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+import time
+from typing import Any, Literal, NamedTuple, Protocol
+
+import ray
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
+from ray.serve.exceptions import RequestCancelledError
+
+from model.model import ExpertRequest
+from router.experts import ExpertUnavailable, split_by_group
+from workers.expert import ExpertWorker
+
+from .autoscaling import QUEUED, RATE, ExpertAutoscalingConfig
+from .channel import ChannelClient, ChannelError, ChannelServer, FrameLimits
+
+log = logging.getLogger(__name__)
+
+# Failures after which a call is re-sent elsewhere (calls are idempotent): the replica died, hung,
+# is being removed, or the connection broke. A worker's own error (RemoteExpertError) is not one.
+RETRYABLE = (RayActorError, ActorDiedError, ActorUnavailableError, GetTimeoutError, TimeoutError,
+             RequestCancelledError, ChannelError)
+
+
+class ExpertsConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    experts_per_worker: int = Field(1, ge=1, description="Experts held by one worker (all layers).")
+    replicas: int = Field(1, ge=1, description="Replicas of each expert group.")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per expert replica.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per expert replica (0 on CPU clusters).")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources per replica, e.g. {expert_slot: 1}, placing it on expert nodes."
+    )
+    num_threads: int | None = Field(None, ge=1, description="torch threads per replica (default: torch's).")
+    max_tries: int = Field(4, ge=1, description="Attempts of one expert call before the request fails.")
+    call_timeout_s: float = Field(30.0, gt=0, description="Seconds to wait for one expert call before retrying.")
+    max_restarts: int = Field(-1, ge=-1, description="Ray restarts of a dead replica (-1 = always).")
+    autoscaling: ExpertAutoscalingConfig | None = Field(
+        None, description="Scale each expert group's replicas on routed-token load (Serve app); null = fixed `replicas`."
+    )
+    split_tokens: int | None = Field(
+        None, ge=1, description="Split one layer's batch for a group into calls of at most this many tokens, "
+        "each to the least-loaded replica of the group; null = one call per group and layer.",
+    )
+    graceful_shutdown_timeout_s: float = Field(
+        20.0, ge=0, description="A replica being removed gets nothing new and this long to finish its calls.",
+    )
+    max_ongoing_requests: int = Field(
+        64, ge=1, description="Ray-path calls one expert replica of the Serve app takes at once (Serve's default is 5).",
+    )
+    max_call_tokens: int = Field(
+        16384, ge=1, description="Token rows one expert call may carry (all its experts together); the data plane "
+        "refuses larger frames before allocating. At least engine.max_num_batched_tokens x top-k.",
+    )
+    channel_max_connections: int = Field(64, ge=1, description="Data-plane connections one expert replica accepts.")
+    channel_idle_timeout_s: float = Field(600.0, gt=0, description="A data-plane connection idle this long is closed.")
+    channel_ports: tuple[int, int] | None = Field(
+        None, description="[first, last]: the data-plane listener takes the first free port of this range (name it "
+        "in firewalls and NetworkPolicies); null = any free port.",
+    )
+    transport: Literal["channel", "ray"] = Field(
+        "channel", description="How token batches reach expert replicas: `channel` = a direct authenticated TCP "
+        "connection per replica, with Ray calls as the fallback; `ray` = every call through Ray (actor calls, or "
+        "Serve handles by value in the application).",
+    )
+
+    @model_validator(mode="after")
+    def _ports(self):
+        if self.channel_ports is not None:
+            a, b = self.channel_ports
+            if not 1 <= a <= b <= 65535:
+                raise ValueError(f"channel_ports {list(self.channel_ports)}: want 1 <= first <= last <= 65535")
+        return self
+
+
+def rss_bytes() -> int:
+    """Current resident set size of this process (Linux), 0 where unknown."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+# ---------------------------------------------------------------- the worker host
+
+
+class ExpertHost:
+    """One expert replica: its experts (all layers), its data-plane listener, its load figures.
+
+    Hosted by `ExpertActor` (a Ray actor) or `ExpertDeployment` (a Serve replica); `secret` is the
+    data plane's shared key (None, or `transport: ray`: no listener, Ray calls only)."""
+
+    def __init__(self, model_dir: str, experts: list[int], dtype: str, num_threads: int | None,
+                 secret: bytes | None, cfg: ExpertsConfig):
+        self.worker = ExpertWorker(model_dir, experts, dtype, num_threads)
+        self.channel: ChannelServer | None = None
+        if cfg.transport == "channel" and secret:
+            self.channel = ChannelServer(
+                self.worker, ray.util.get_node_ip_address(), secret,
+                FrameLimits.for_worker(self.worker, cfg.max_call_tokens),
+                cfg.channel_max_connections, cfg.channel_idle_timeout_s, cfg.call_timeout_s, ports=cfg.channel_ports,
+            )
+        self._last = (time.monotonic(), 0)
+
+    def channel_address(self) -> tuple[str, int] | None:
+        return self.channel.address if self.channel is not None else None
+
+    def run(self, layer: int, batches: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        return self.worker.run(layer, batches)
+
+    def info(self) -> dict:
+        import resource
+
+        w = self.worker
+        return {
+            "experts": w.experts, "weight_bytes": w.weight_bytes(), "bytes_read": w.bytes_read,
+            "stats": w.stats.snapshot(), "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
+            "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss_bytes": rss_bytes(),
+            "channel_address": self.channel_address(),
+            "channel_connections": self.channel.num_connections if self.channel else 0,
+        }
+
+    def load(self) -> dict[str, float]:
+        """Load since the last call: routed tokens/s (all layers, every path) and tokens in flight."""
+        now, s = time.monotonic(), self.worker.stats
+        t0, n0 = self._last
+        self._last = (now, s.tokens)
+        return {RATE: (s.tokens - n0) / max(now - t0, 1e-6), QUEUED: float(s.in_flight_tokens)}
+
+    def drain(self, timeout_s: float) -> bool:
+        """Take no new data-plane calls (callers re-send them elsewhere), finish the ones running, then
+        close the listener. True when everything in flight finished within `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        if self.channel is not None:
+            self.channel.draining = True
+        while self.worker.stats.in_flight_tokens > 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        done = self.worker.stats.in_flight_tokens == 0
+        if self.channel is not None:
+            self.channel.close()
+        return done
+
+
+# ---------------------------------------------------------------- the client
+
+
+class Endpoint(NamedTuple):
+    key: str  # the replica, stable across its lifetime
+    address: tuple[str, int]  # where its data-plane listener is
+
+
+class Fleet(Protocol):
+    """Where a group's replicas are. `endpoints` must be cheap: it is called on the hot path."""
+
+    def endpoints(self, group: int) -> list[Endpoint]: ...
+
+    def fallback(self, group: int, layer: int, part: dict[int, torch.Tensor], avoid: set[str]) -> Any: ...
+
+    def wait(self, pending: Any, timeout_s: float) -> dict[int, torch.Tensor]: ...
+
+    def cancel(self, pending: Any) -> None: ...
+
+    def broken(self, key: str) -> None: ...
+
+
+class _Call:
+    __slots__ = ("group", "part", "rows", "key", "pending", "tried")
+
+    def __init__(self, group: int, part: dict, rows: int, key: str | None, pending: Any, tried: set[str]):
+        self.group, self.part, self.rows, self.key, self.pending, self.tried = group, part, rows, key, pending, tried
+
+
+class ClientFuture:
+    def __init__(self, client: "ExpertClient", layer: int, calls: list[_Call], sizes: dict[int, int]):
+        self.client, self.layer, self.calls, self.sizes = client, layer, calls, sizes
+        self.t0 = time.perf_counter()
+
+    def result(self) -> dict[int, torch.Tensor]:
+        c = self.client
+        parts: dict[int, list[torch.Tensor]] = {}
+        try:
+            for call in self.calls:
+                for e, y in c._wait(call, self.layer).items():
+                    parts.setdefault(e, []).append(y)
+        finally:
+            for call in self.calls:  # calls abandoned by an exception are no longer outstanding either
+                c._settle(call)
+            for e, n in self.sizes.items():
+                c.in_flight[e] -= n
+        c.calls += 1
+        c.call_seconds += time.perf_counter() - self.t0
+        # Chunks of one expert were sent in row order; concatenating restores the batch.
+        return {e: ys[0] if len(ys) == 1 else torch.cat(ys) for e, ys in parts.items()}
+
+
+class ExpertClient:
+    """Dispatch, chunking over replicas, retries and load accounting for one attention worker.
+
+    Used from one thread (the engine loop). Each chunk goes to the group's live replica with the
+    fewest rows outstanding from this client (ties in turn), over one persistent connection per
+    replica; a replica whose channel fails is skipped for a back-off that doubles while it keeps
+    failing. Where a group has no usable channel, the chunk goes through Ray (`fleet.fallback`)."""
+
+    BACKOFF_S = (1.0, 60.0)
+
+    def __init__(self, fleet: Fleet, expert_map: dict[int, int], cfg: ExpertsConfig, secret: bytes | None):
+        self.fleet, self.expert_map, self.cfg, self.secret = fleet, expert_map, cfg, secret
+        self.channels: dict[str, ChannelClient] = {}
+        self.outstanding: dict[str, int] = {}  # replica -> rows sent by this client and not yet back
+        self.bad: dict[str, tuple[tuple, float, int]] = {}  # replica -> (address, skip until, strikes)
+        self._turn = itertools.count()
+        # Load accounting, read by stats() and the benchmark.
+        self.routed: dict[tuple[int, int], int] = {}  # (layer, expert) -> tokens sent
+        self.in_flight: dict[int, int] = {}  # expert -> tokens sent and not yet returned
+        self.retries = 0
+        self.calls, self.call_seconds = 0, 0.0  # layer fan-outs and their summed round-trip time
+        self.chunks_sent = 0
+        self.channel_calls = self.ray_calls = 0
+
+    # ---- choosing a replica
+
+    def _usable(self, ep: Endpoint, now: float) -> bool:
+        b = self.bad.get(ep.key)
+        return b is None or b[0] != ep.address or b[1] <= now  # a new address (restarted replica) is a fresh start
+
+    def _mark_bad(self, key: str, address: tuple) -> None:
+        _, _, strikes = self.bad.get(key, ((), 0.0, 0))
+        lo, hi = self.BACKOFF_S
+        self.bad[key] = (address, time.monotonic() + min(hi, lo * 2 ** strikes), strikes + 1)
+        ch = self.channels.pop(key, None)
+        if ch is not None:
+            ch.close()
+        self.fleet.broken(key)
+
+    def _channel(self, group: int, avoid: set[str]) -> tuple[Endpoint, ChannelClient] | None:
+        if self.secret is None or self.cfg.transport != "channel":
+            return None
+        now = time.monotonic()
+        eps = [ep for ep in self.fleet.endpoints(group) if ep.key not in avoid and self._usable(ep, now)]
+        if not eps:
+            return None
+        k = next(self._turn) % len(eps)
+        for ep in sorted(eps[k:] + eps[:k], key=lambda ep: self.outstanding.get(ep.key, 0)):
+            ch = self.channels.get(ep.key)
+            if ch is not None and ch.alive and ch.address == tuple(ep.address):
+                return ep, ch
+            try:
+                ch = ChannelClient(ep.address, self.cfg.call_timeout_s, self.secret)
+            except (ChannelError, OSError) as e:
+                log.warning("expert channel unavailable", extra={"replica": ep.key, "error": str(e)})
+                self._mark_bad(ep.key, ep.address)
+                continue
+            self.channels[ep.key] = ch
+            return ep, ch
+        return None
+
+    def _send(self, group: int, layer: int, part: dict[int, torch.Tensor], rows: int, tried: set[str]) -> _Call:
+        while (picked := self._channel(group, tried)) is not None:
+            ep, ch = picked
+            try:
+                pending = (ch, ch.send(layer, part))
+            except ChannelError:
+                self._mark_bad(ep.key, ep.address)
+                tried = tried | {ep.key}
+                continue
+            self.channel_calls += 1
+            self.outstanding[ep.key] = self.outstanding.get(ep.key, 0) + rows
+            return _Call(group, part, rows, ep.key, pending, tried | {ep.key})
+        self.ray_calls += 1
+        return _Call(group, part, rows, None, self.fleet.fallback(group, layer, part, tried), tried)
+
+    def _settle(self, call: _Call) -> None:
+        if call.key is not None:
+            self.outstanding[call.key] -= call.rows
+            call.key = None
+
+    def _wait(self, call: _Call, layer: int) -> dict[int, torch.Tensor]:
+        for attempt in range(1, self.cfg.max_tries + 1):
+            try:
+                if call.key is not None:
+                    ch, cid = call.pending
+                    out = ch.result(cid)
+                    self.bad.pop(call.key, None)
+                    return out
+                return self.fleet.wait(call.pending, self.cfg.call_timeout_s)
+            except RETRYABLE as e:
+                self.retries += 1
+                log.warning("expert call failed; re-sending", extra={
+                    "group": call.group, "layer": layer, "attempt": attempt, "error": f"{type(e).__name__}: {e}"[:200]})
+                if call.key is not None:
+                    self._mark_bad(call.key, call.pending[0].address)
+                else:
+                    self.fleet.cancel(call.pending)
+                self._settle(call)
+                if attempt == self.cfg.max_tries:
+                    raise ExpertUnavailable(
+                        f"expert group {call.group} (layer {layer}) failed {attempt} times: {type(e).__name__}: {e}") from None
+                nxt = self._send(call.group, layer, call.part, call.rows, call.tried)
+                call.key, call.pending, call.tried = nxt.key, nxt.pending, nxt.tried
+        raise AssertionError("unreachable")
+
+    # ---- the engine's interface
+
+    def chunks(self, part: dict[int, torch.Tensor]) -> list[dict[int, torch.Tensor]]:
+        n = sum(int(x.shape[0]) for x in part.values())
+        s = self.cfg.split_tokens
+        if not s or n <= s:
+            return [part]
+        out = []
+        for e, x in part.items():
+            out += [{e: c} for c in torch.split(x, s)]
+        return out
+
+    def submit(self, req: ExpertRequest) -> ClientFuture:
+        sizes = {}
+        for e, x in req.batches.items():
+            n = int(x.shape[0])
+            key = (req.layer, e)
+            self.routed[key] = self.routed.get(key, 0) + n
+            self.in_flight[e] = self.in_flight.get(e, 0) + n
+            sizes[e] = n
+        calls = []
+        for g, part in split_by_group(req.batches, self.expert_map).items():
+            for chunk in self.chunks(part):
+                rows = sum(int(x.shape[0]) for x in chunk.values())
+                calls.append(self._send(g, req.layer, chunk, rows, set()))
+        self.chunks_sent += len(calls)
+        return ClientFuture(self, req.layer, calls, sizes)
+
+    def close(self) -> None:
+        for ch in self.channels.values():
+            ch.close()
+        self.channels.clear()
+
+
+class Refresher:
+    """Calls `fn` every `period_s` in a daemon thread until closed; errors are logged, never raised."""
+
+    def __init__(self, fn, period_s: float, name: str):
+        self.fn, self.period_s = fn, period_s
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.fn()
+            except Exception as e:  # noqa: BLE001 - e.g. the directory restarting: try again next period
+                log.debug("refresh failed", extra={"error": f"{type(e).__name__}: {e}"[:200]})
+            self.stop.wait(self.period_s)
+
+    def close(self) -> None:
+        self.stop.set()
