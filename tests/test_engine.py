@@ -137,3 +137,28 @@ def test_bad_requests_are_refused_clearly(tiny_dir):
     for bad in [dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_k=-2), dict(stop=[""])]:
         with pytest.raises(ValueError):
             SamplingParams(**bad)
+
+
+def test_merged_outputs_are_the_stream_in_fewer_pieces(tiny_dir):
+    """A stream that falls behind sends runs of outputs merged: same tokens, text, logprobs and end."""
+    eng = LLMEngine.local(tiny_dir, "float32", EngineConfig())
+    p = eng.tokenizer.encode("Merge: ")
+    rid = eng.add_request(p, SamplingParams(max_tokens=9, temperature=0.0, logprobs=2, stop=["zz"]))
+    outs = []
+    while eng.has_unfinished():
+        outs += eng.step()
+    assert len(outs) > 3 and all(o.req_id == rid for o in outs)
+    for cut in (1, 2, len(outs) - 1):  # merge a run at the front, then the rest
+        head, tail = outs[0], outs[cut]
+        for o in outs[1:cut]:
+            head = head.merge(o)
+        for o in outs[cut + 1:]:
+            tail = tail.merge(o)
+        whole = head.merge(tail)
+        assert whole.new_token_ids == [t for o in outs for t in o.new_token_ids]
+        assert whole.text == "".join(o.text for o in outs)
+        assert whole.logprobs == [lp for o in outs for lp in o.logprobs]
+        last = outs[-1]
+        assert (whole.finished, whole.finish_reason, whole.completion_tokens, whole.error) == \
+            (last.finished, last.finish_reason, last.completion_tokens, last.error)
+        assert whole.prompt_tokens == len(p) and not head.finished
