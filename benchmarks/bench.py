@@ -264,6 +264,7 @@ def run_vllm_client(python: str, port: int, name: str, model_dir: str, n: int, c
         raise RuntimeError(f"{label}: {n - r['completed']} of {n} requests failed: {r.get('errors', [])[:3]}")
     return {
         "requests": r["completed"], "output_tokens": r["total_output_tokens"], "seconds": round(r["duration"], 3),
+        "input_tokens": r["total_input_tokens"],  # as the server counted them (usage), where it reports usage
         "output_tok_s": round(r["output_throughput"], 2), "req_s": round(r["request_throughput"], 3),
         "ttft_ms_p50": round(r["median_ttft_ms"], 2), "ttft_ms_p99": round(r["p99_ttft_ms"], 2),
         "itl_ms_p50": round(r["median_itl_ms"], 2), "itl_ms_p99": round(r["p99_itl_ms"], 2),
@@ -507,7 +508,8 @@ def serve_http(model_dir, dname, ecfg, record, a) -> None:
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     cfg = AppConfig(model=model_dir, dtype=dname, engine=ecfg.model_dump() | {"num_microbatches": a.microbatches},
-                    attention={"num_cpus": 0}, experts={"num_cpus": 0, "experts_per_worker": a.served_experts_per_worker,
+                    attention={"num_cpus": 0, "num_threads": a.served_attention_threads},
+                    experts={"num_cpus": 0, "experts_per_worker": a.served_experts_per_worker,
                                                     "num_threads": a.served_expert_threads},
                     server={"served_model_name": "bench"})
     serve.run(build_app(cfg), name="bench", route_prefix="/")
@@ -614,6 +616,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--microbatches", type=int, default=1,
                    help="micro-batches per step for disaggregated and http (overlap pays where the "
                         "expert side has its own cores or GPUs)")
+    p.add_argument("--served-attention-threads", type=int, help="http: torch threads of the attention engine")
     p.add_argument("--served-expert-threads", type=int, default=1, help="http: torch threads per expert replica")
     p.add_argument("--served-experts-per-worker", type=int, default=4,
                    help="http: experts per expert replica (4, threads 1: configs/mini.yaml)")

@@ -20,6 +20,7 @@ import threading
 from pathlib import Path
 
 import ray
+import torch
 from ray import serve
 from ray.serve import Application
 
@@ -50,6 +51,7 @@ class AttentionWorker:
     def __init__(self, cfg: dict, num_experts: int, directory, *expert_handles):
         self.cfg = AppConfig.model_validate(cfg)
         c = self.cfg
+        torch.set_num_threads(c.attention.threads())  # Ray sets OMP_NUM_THREADS=1 for an actor without CPUs
         c.model = resolve_model(c.model)
         ckpt = Checkpoint(c.model)
         ckpt.check_names()
@@ -135,7 +137,7 @@ class AttentionWorker:
             "routed_tokens": [[l, x, n] for (l, x), n in sorted(b.routed.items())],
             "expert_calls": b.calls, "expert_call_seconds": b.call_seconds,
             "expert_channel_calls": b.channel_calls, "expert_ray_calls": b.ray_calls,
-            "expert_channels": sorted(b.channels),
+            "expert_channels": sorted(b.channels), "torch_threads": torch.get_num_threads(),
         }
 
     # ------------------------------------------------------------ the replica's event loop

@@ -36,10 +36,22 @@ class AttentionAutoscaling(BaseModel):
 class AttentionConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    def threads(self) -> int:
+        import math
+        import os
+
+        if self.num_threads:
+            return self.num_threads
+        return math.floor(self.num_cpus) if self.num_cpus >= 1 else len(os.sched_getaffinity(0))
+
     replicas: int = Field(1, ge=1, description="Data-parallel attention replicas.")
     num_cpus: float = Field(1.0, ge=0, description="CPUs per attention replica.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per attention replica.")
     resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per replica (attention nodes).")
+    num_threads: int | None = Field(
+        None, ge=1, description="torch threads of the engine; null = num_cpus when >= 1, else every core the node "
+        "gives the process (Ray alone would give an actor without CPUs one thread).",
+    )
     autoscaling: AttentionAutoscaling | None = Field(
         None, description="Serve's request-based autoscaling of attention replicas; null = fixed `replicas`."
     )

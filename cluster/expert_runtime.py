@@ -128,7 +128,9 @@ class ExpertHost:
         self._last = (time.monotonic(), 0)
 
     def channel_address(self) -> tuple[str, int] | None:
-        return self.channel.address if self.channel is not None else None
+        """Where the listener is; None when there is none or it is draining or closed."""
+        ch = self.channel
+        return ch.address if ch is not None and not (ch.draining or ch.closed) else None
 
     def run(self, layer: int, batches: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         return self.worker.run(layer, batches)

@@ -69,10 +69,11 @@ class ActorFleet:
                 del self.lookups[key]
                 try:
                     addr = ray.get(ref)
-                except RETRYABLE:
-                    addr = None
-                if addr is None:
+                except RETRYABLE:  # died before answering: ask the restarted actor
                     self.lookups[key] = self.replicas[group][r].channel_address.remote()
+                    continue
+                if addr is None:  # drained, or the lookup failed: no channel (Ray calls reach it still)
+                    self.known.pop(key, None)
                 else:
                     self.known[key] = Endpoint(key, tuple(addr))
             if key in self.known:

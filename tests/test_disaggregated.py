@@ -83,25 +83,57 @@ def test_each_worker_holds_exactly_its_share(tiny_dir):
         experts.shutdown()
 
 
+def generate_with_fault(eng, local, max_tokens: int, at_step: int, fault) -> tuple[list, list]:
+    """Greedy TEXTS through `eng`, calling `fault()` before step `at_step`: (tokens got, tokens wanted)."""
+    ps = [local.tokenizer.encode(t) for t in TEXTS]
+    sp = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    want = [o.new_token_ids for o in local.generate(ps, sp)]
+    rids = [eng.add_request(p, sp) for p in ps]
+    got = {r: [] for r in rids}
+    steps = 0
+    while eng.has_unfinished():
+        if steps == at_step:
+            fault()
+        for o in eng.step():
+            got[o.req_id] += o.new_token_ids
+        steps += 1
+    return [got[r] for r in rids], want
+
+
 def test_expert_replica_killed_mid_generation(tiny_dir):
     eng, local, experts = disaggregated(tiny_dir, ExpertsConfig(num_cpus=0, replicas=2, call_timeout_s=20))
     try:
-        ps = [local.tokenizer.encode(t) for t in TEXTS]
-        sp = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
-        want = [o.new_token_ids for o in local.generate(ps, sp)]
-        rids = [eng.add_request(p, sp) for p in ps]
-        got = {r: [] for r in rids}
-        steps = 0
-        while eng.has_unfinished():
-            if steps == 4:  # kill both replicas of expert 0's group: one restarts, calls are re-sent
-                ray.kill(experts.replicas[0][0], no_restart=False)
-                ray.kill(experts.replicas[1][1], no_restart=False)
-            for o in eng.step():
-                got[o.req_id] += o.new_token_ids
-            steps += 1
-        assert [got[r] for r in rids] == want
+        def kill():  # both replicas of expert 0's group: one restarts, calls are re-sent
+            ray.kill(experts.replicas[0][0], no_restart=False)
+            ray.kill(experts.replicas[1][1], no_restart=False)
+
+        got, want = generate_with_fault(eng, local, 24, 4, kill)
+        assert got == want
         # The broken channels' calls were re-sent: to the other replica's channel, or through Ray
         # while the group had no live channel.
         assert experts.retries > 0 and experts.channel_calls > 0
+    finally:
+        experts.shutdown()
+
+
+def test_a_draining_replica_gets_no_new_calls_and_the_tokens_stay_the_same(tiny_dir):
+    """Draining one replica of every group mid-generation (what Serve's removal of a replica does):
+    frames it refuses are re-sent to the other replica at once, nothing fails, no token changes,
+    and afterwards only the live replicas carry calls."""
+    eng, local, experts = disaggregated(tiny_dir, ExpertsConfig(num_cpus=0, experts_per_worker=4, replicas=2))
+    try:
+        seen = {}
+
+        def drain():
+            seen["drained"] = ray.get([reps[0].drain.remote(5.0) for reps in experts.replicas])
+            seen["served"] = [ray.get(reps[0].info.remote())["stats"]["tokens"] for reps in experts.replicas]
+
+        got, want = generate_with_fault(eng, local, 20, 3, drain)
+        assert got == want
+        assert seen["drained"] == [True, True]  # nothing was left running when the listeners closed
+        after = [ray.get(reps[0].info.remote())["stats"]["tokens"] for reps in experts.replicas]
+        assert after == seen["served"], "a drained replica ran calls after its drain"
+        assert experts.ray_calls == 0 and experts.channel_calls > 0
+        assert all(k.endswith("/1") for k in experts.channels)  # only the live replicas have connections
     finally:
         experts.shutdown()

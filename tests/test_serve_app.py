@@ -81,3 +81,11 @@ def test_the_app_reaches_its_experts_over_the_data_plane(app, tiny_dir):
     assert after["expert_channel_calls"] > before["expert_channel_calls"]
     assert after["expert_ray_calls"] == before["expert_ray_calls"], "a call went through Serve handles"
     assert len(after["expert_channels"]) == 4 and after["expert_retries"] == 0
+
+
+def test_the_engine_uses_the_node_cores_though_the_replica_reserves_none(app):
+    """Ray gives an actor without CPUs one OpenMP thread; the attention engine (num_cpus: 0 here)
+    takes the cores of its node instead, as the in-process engine does."""
+    import os
+
+    assert app.stats.remote().result()["torch_threads"] == len(os.sched_getaffinity(0))
