@@ -1,12 +1,13 @@
-"""OpenAI-compatible HTTP ingress (FastAPI inside Ray Serve).
+"""The ingress's routes: OpenAI-compatible HTTP (FastAPI inside Ray Serve) and gRPC.
 
-    client --HTTP--> OpenAIIngress: auth, size limit, parse + validate, tokenise / chat format
-                     --streaming handle--> AttentionWorker.generate --> outputs --> JSON or SSE
+    client --HTTP/gRPC--> OpenAIIngress: auth, size limit, parse + schema (cluster/protocol.py)
+                          -> OpenAIServing (cluster/serving.py): prompts x n, sampling params, responses
+                          --streaming handle--> AttentionWorker.generate --> outputs --> JSON or SSE
 
 Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}}: 400 bad input, 401 bad
 key, 404 unknown model or route, 413 body too large, 503 overloaded (with Retry-After). A bad request
-is answered here and never reaches a worker (parsing and schemas: cluster/protocol.py). gRPC calls go
-through the same checks and get the matching status codes.
+is answered here and never reaches a worker. gRPC calls go through the same checks and get the
+matching status codes.
 """
 
 import ipaddress
@@ -14,7 +15,6 @@ import json
 import logging
 import os
 import time
-import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -28,14 +28,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from model.config import MixtralConfig
 from model.sampling import SamplingParams
 from model.tiny import resolve_model
-from model.tokenizer import ChatFormatError, Tokenizer, TokenizeError
+from model.tokenizer import Tokenizer
 from router.engine import RequestOutput, Resume
 
 from .config import AppConfig
 from .metrics import Metrics
 from .proto import mixserve_pb2 as pb
-from .protocol import (APIError, ChatRequest, CompletionRequest, key_matches, parse_json, read_body, unauthorized,
-                       validate)
+from .protocol import (APIError, ChatRequest, CompletionRequest, Detokenize, ModelLimits, TokenizeChat,
+                       TokenizeCompletion, key_matches, parse_json, read_body, unauthorized, validate)
+from .serving import OpenAIServing
 
 log = logging.getLogger(__name__)
 # A streaming call fails with these when its attention replica's process is gone.
@@ -97,6 +98,15 @@ def _peer_host(peer: str) -> str:
     return p.rsplit(":", 1)[0]
 
 
+def _stop_reason(out: RequestOutput) -> dict:
+    """vLLM's stop_reason in the proto: the stop string, or the stop token id."""
+    if isinstance(out.stop_reason, str):
+        return {"stop_string": out.stop_reason}
+    if isinstance(out.stop_reason, int):
+        return {"stop_token_id": out.stop_reason}
+    return {}
+
+
 # ---------------------------------------------------------------- the ingress
 
 
@@ -113,6 +123,8 @@ class OpenAIIngress:
         self.max_model_len = min(self.cfg.engine.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         s = self.cfg.server
         self.model_name = s.served_model_name or os.path.basename(os.path.normpath(self.cfg.model))
+        self.limits = ModelLimits(self.model_name, self.vocab, self.max_model_len, s.max_tokens_default)
+        self.serving = OpenAIServing(self.tokenizer, self.limits, self._outputs)
         self.api_key = s.api_key or os.environ.get("MIXSERVE_API_KEY")
         # Serve's gRPC proxy listens on every interface (Ray has no option for its host); with a
         # loopback server.host the ingress answers gRPC calls from this host only.
@@ -121,65 +133,18 @@ class OpenAIIngress:
         self.metrics = Metrics()
         self.app_name = serve.get_replica_context().app_name
 
-
     # ------------------------------------------------------------ shared checks
 
-    async def _body(self, request: Request, schema):
+    def _authorize(self, request: Request) -> None:
         if not key_matches(request.headers.get("authorization"), self.api_key):
             raise unauthorized()
-        req = validate(schema, parse_json(await read_body(request, self.cfg.server.max_request_bytes)))
-        self._check_model(req)
-        return req
 
-    def _check_model(self, req) -> None:
-        if req.model != self.model_name:
-            raise APIError(404, f"model {req.model!r} does not exist; this server serves {self.model_name!r}",
-                           "not_found_error", "model", "model_not_found")
-        if req.n != 1:
-            raise APIError(400, "only n=1 is supported", param="n")
-        for p in ("presence_penalty", "frequency_penalty"):
-            if getattr(req, p):
-                raise APIError(400, f"{p} is not supported (must be 0)", param=p)
-        if req.repetition_penalty != 1.0:
-            raise APIError(400, "repetition_penalty is not supported (must be 1)", param="repetition_penalty")
-
-    def _encode(self, text: str, param: str) -> list[int]:
-        try:
-            return self.tokenizer.encode(text)
-        except TokenizeError as e:
-            raise APIError(400, f"{param}: {e}", param=param) from None
-
-    def _prompt_ids(self, req: CompletionRequest) -> list[int]:
-        prompt = req.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-            if len(prompt) != 1:
-                raise APIError(400, "only one prompt per request is supported", param="prompt")
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            return self._encode(prompt, "prompt")
-        if not prompt or min(prompt) < 0 or max(prompt) >= self.vocab:
-            raise APIError(400, f"prompt token ids must be non-empty and in [0, {self.vocab})", param="prompt")
-        return list(prompt)
-
-    def _params(self, req, max_tokens: int | None, prompt_len: int, logprobs: int | None) -> SamplingParams:
-        if prompt_len >= self.max_model_len:
-            raise APIError(400, f"the prompt has {prompt_len} tokens; this model's context is {self.max_model_len} tokens",
-                           param="messages" if isinstance(req, ChatRequest) else "prompt", code="context_length_exceeded")
-        room = self.max_model_len - prompt_len
-        if max_tokens is None:
-            max_tokens = min(self.cfg.server.max_tokens_default, room)
-        elif max_tokens > room:
-            raise APIError(400, f"max_tokens={max_tokens} plus the prompt's {prompt_len} tokens exceeds the "
-                                f"context of {self.max_model_len} tokens", param="max_tokens", code="context_length_exceeded")
-        if any(t < 0 or t >= self.vocab for t in req.stop_token_ids):
-            raise APIError(400, f"stop_token_ids must be in [0, {self.vocab})", param="stop_token_ids")
-        stop = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
-        try:
-            return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                                  seed=req.seed, stop=stop, stop_token_ids=req.stop_token_ids,
-                                  ignore_eos=req.ignore_eos, logprobs=logprobs)
-        except ValueError as e:
-            raise APIError(400, str(e)) from None
+    async def _body(self, request: Request, schema):
+        self._authorize(request)
+        data = parse_json(await read_body(request, self.cfg.server.max_request_bytes))
+        if isinstance(schema, tuple):  # /tokenize: a prompt or chat messages
+            schema = schema[1] if "messages" in data else schema[0]
+        return validate(schema, data)
 
     async def _outputs(self, prompt_ids: list[int], sp: SamplingParams):
         """The request's outputs, with the first one already received: a refusal (overload, bad
@@ -275,8 +240,7 @@ class OpenAIIngress:
 
     @api.get("/v1/models")
     async def models(self, request: Request):
-        if not key_matches(request.headers.get("authorization"), self.api_key):
-            raise unauthorized()
+        self._authorize(request)
         return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
                                             "owned_by": "mixserve", "max_model_len": self.max_model_len}]}
 
@@ -292,102 +256,34 @@ class OpenAIIngress:
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):
-        return await self._counted("/v1/completions", self._completions, request)
+        return await self._counted("/v1/completions", self._generate(CompletionRequest, self.serving.completions), request)
 
     @api.post("/v1/chat/completions")
     async def chat(self, request: Request):
-        return await self._counted("/v1/chat/completions", self._chat, request)
+        return await self._counted("/v1/chat/completions", self._generate(ChatRequest, self.serving.chat), request)
 
-    async def _completions(self, request: Request):
-        req = await self._body(request, CompletionRequest)
-        ids = self._prompt_ids(req)
-        if req.echo:
-            raise APIError(400, "echo is not supported", param="echo")
-        sp = self._params(req, req.max_tokens, len(ids), req.logprobs)
-        rid = f"cmpl-{uuid.uuid4().hex}"
-        if req.stream:
-            return self._sse(self._stream_completion(rid, req, await self._outputs(ids, sp)))
-        text, lps, last = await self._collect(await self._outputs(ids, sp))
-        choice = {"index": 0, "text": text, "finish_reason": last.finish_reason,
-                  "logprobs": self._completion_logprobs(lps) if req.logprobs is not None else None}
-        return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": self.model_name,
-                "choices": [choice], "usage": self._usage(last)}
+    @api.post("/tokenize")
+    async def tokenize(self, request: Request):
+        async def run(request):
+            return self.serving.tokenize(await self._body(request, (TokenizeCompletion, TokenizeChat)))
 
-    async def _chat(self, request: Request):
-        req = await self._body(request, ChatRequest)
-        try:
-            ids = self.tokenizer.encode_chat([m.model_dump() for m in req.messages])
-        except ChatFormatError as e:
-            raise APIError(400, str(e), param="messages") from None
-        top = (req.top_logprobs or 0) if req.logprobs else None
-        sp = self._params(req, req.max_completion_tokens or req.max_tokens, len(ids), top)
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
-        if req.stream:
-            return self._sse(self._stream_chat(rid, req, await self._outputs(ids, sp)))
-        text, lps, last = await self._collect(await self._outputs(ids, sp))
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": last.finish_reason,
-                  "logprobs": self._chat_logprobs(lps) if req.logprobs else None}
-        return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": self.model_name,
-                "choices": [choice], "usage": self._usage(last)}
+        return await self._counted("/tokenize", run, request)
 
-    @staticmethod
-    async def _collect(outs) -> tuple[str, list, RequestOutput]:
-        """A whole non-streamed answer: its text, its logprobs, and the final output (usage, reason)."""
-        text, lps, last = "", [], None
-        async for out in outs:
-            text += out.text
-            lps += out.logprobs
-            last = out
-        return text, lps, last
+    @api.post("/detokenize")
+    async def detokenize(self, request: Request):
+        async def run(request):
+            return self.serving.detokenize(await self._body(request, Detokenize))
 
-    # ------------------------------------------------------------ streaming
+        return await self._counted("/detokenize", run, request)
 
-    def _sse(self, gen):
-        return StreamingResponse(gen, media_type="text/event-stream")
+    def _generate(self, schema, serve_fn):
+        async def run(request: Request):
+            result = await serve_fn(await self._body(request, schema))
+            if isinstance(result, dict):
+                return result
+            return StreamingResponse(result, media_type="text/event-stream")
 
-    async def _events(self, head: dict, req, outs, choice_of, first: dict | None = None):
-        """SSE framing shared by both routes: one chunk per output that `choice_of` turns into a choice
-        (None = nothing to send), usage on the last when asked, an error event, then [DONE]."""
-        if first is not None:
-            yield f"data: {json.dumps(head | {'choices': [first]})}\n\n"
-        try:
-            async for out in outs:
-                choice = choice_of(out)
-                if choice is None:
-                    continue
-                chunk = head | {"choices": [choice]}
-                if out.finished and req.stream_options and req.stream_options.include_usage:
-                    chunk["usage"] = self._usage(out)
-                yield f"data: {json.dumps(chunk)}\n\n"
-        except APIError as e:  # after the first byte a status can no longer change: an error event
-            yield f"data: {json.dumps(e.body())}\n\n"
-        except Exception as e:  # noqa: BLE001 - whatever ended the stream, the client gets an error and [DONE]
-            log.exception("stream failed")
-            err = APIError(500, f"the stream failed: {type(e).__name__}", "server_error")
-            yield f"data: {json.dumps(err.body())}\n\n"
-        yield "data: [DONE]\n\n"
-
-    def _stream_completion(self, rid, req, outs):
-        def choice_of(out):
-            if not (out.text or out.finished):
-                return None
-            return {"index": 0, "text": out.text, "finish_reason": out.finish_reason if out.finished else None,
-                    "logprobs": self._completion_logprobs(out.logprobs) if req.logprobs is not None else None}
-
-        head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": self.model_name}
-        return self._events(head, req, outs, choice_of)
-
-    def _stream_chat(self, rid, req, outs):
-        def choice_of(out):
-            if not (out.text or out.finished or (req.logprobs and out.logprobs)):
-                return None
-            return {"index": 0, "delta": {"content": out.text} if out.text else {},
-                    "finish_reason": out.finish_reason if out.finished else None,
-                    "logprobs": self._chat_logprobs(out.logprobs) if req.logprobs else None}
-
-        head = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": self.model_name}
-        first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-        return self._events(head, req, outs, choice_of, first)
+        return run
 
     # ------------------------------------------------------------ gRPC (mixserve.v1.MixServe)
 
@@ -405,14 +301,20 @@ class OpenAIIngress:
             raise APIError(413, f"request is {size} bytes; the limit is {self.cfg.server.max_request_bytes}")
         body = {"model": self.model_name, "temperature": request.temperature, "top_p": request.top_p or 1.0,
                 "top_k": request.top_k, "stop": list(request.stop), "ignore_eos": request.ignore_eos,
-                "prompt": list(request.prompt_token_ids) or request.prompt}
-        if request.max_tokens:
-            body["max_tokens"] = request.max_tokens
-        if request.HasField("seed"):
-            body["seed"] = request.seed
+                "prompt": list(request.prompt_token_ids) or request.prompt,
+                "presence_penalty": request.presence_penalty, "frequency_penalty": request.frequency_penalty,
+                "min_p": request.min_p, "min_tokens": request.min_tokens,
+                "stop_token_ids": list(request.stop_token_ids), "logit_bias": dict(request.logit_bias),
+                "include_stop_str_in_output": request.include_stop_str_in_output}
+        for name in ("max_tokens",):
+            if getattr(request, name):
+                body[name] = getattr(request, name)
+        for name in ("seed", "repetition_penalty", "skip_special_tokens"):
+            if request.HasField(name):
+                body[name] = getattr(request, name)
         req = validate(CompletionRequest, body)
-        ids = self._prompt_ids(req)
-        return ids, self._params(req, req.max_tokens, len(ids), None)
+        prompt = self.serving.completion_prompts(req)[0]
+        return prompt.ids, self.limits.sampling_params(req, len(prompt.ids), req.max_tokens, None, "prompt")
 
     async def _grpc_outputs(self, request, grpc_context):
         """The request's outputs, or None after setting the gRPC status of its refusal."""
@@ -438,7 +340,8 @@ class OpenAIIngress:
             grpc_context.set_details(e.message)
             return pb.GenerateResponse()
         return pb.GenerateResponse(text=text, token_ids=toks, finished=True, finish_reason=last.finish_reason,
-                                   prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens)
+                                   prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens,
+                                   **_stop_reason(last))
 
     async def GenerateStream(self, request, grpc_context: RayServegRPCContext):
         outs = await self._grpc_outputs(request, grpc_context)
@@ -448,32 +351,7 @@ class OpenAIIngress:
             async for out in outs:
                 yield pb.GenerateResponse(text=out.text, token_ids=out.new_token_ids, finished=out.finished,
                                           finish_reason=out.finish_reason or "", prompt_tokens=out.prompt_tokens,
-                                          completion_tokens=out.completion_tokens)
+                                          completion_tokens=out.completion_tokens, **_stop_reason(out))
         except APIError as e:
             grpc_context.set_code(GRPC_CODES.get(e.status, grpc.StatusCode.INTERNAL))
             grpc_context.set_details(e.message)
-
-    # ------------------------------------------------------------ helpers
-
-    @staticmethod
-    def _usage(out: RequestOutput) -> dict:
-        p, c = out.prompt_tokens, out.completion_tokens
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
-
-    def _piece(self, t: int) -> str:
-        return self.tokenizer.sp.id_to_piece(t).replace("\u2581", " ")
-
-    def _chat_logprobs(self, lps) -> dict:
-        """OpenAI chat format: {"content": [{token, logprob, bytes, top_logprobs: [...]}]} per token."""
-        entry = lambda t, lp: {"token": self._piece(t), "logprob": lp, "bytes": list(self._piece(t).encode())}
-        return {"content": [entry(t, lp) | {"top_logprobs": [entry(a, v) for a, v in alts]} for t, lp, alts in lps]}
-
-    def _completion_logprobs(self, lps) -> dict:
-        dec = self._piece
-        return {
-            "tokens": [dec(t) for t, _, _ in lps],
-            "token_logprobs": [lp for _, lp, _ in lps],
-            "top_logprobs": [{dec(a): v for a, v in alts} for _, _, alts in lps],
-            "text_offset": [],
-        }
-

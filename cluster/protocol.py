@@ -16,11 +16,13 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from model.sampling import MAX_STOP_STRINGS, MAX_TOKENS_LIMIT, SEED_MAX, SEED_MIN
+from model.sampling import (MAX_LOGIT_BIAS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS, MAX_TOKENS_LIMIT, SEED_MAX, SEED_MIN,
+                            SamplingParams)
 
 MAX_JSON_DEPTH = 32  # the deepest real request (chat content parts) nests 4 levels
 MAX_NUMBER_CHARS = 40  # a JSON number literal longer than this is refused before it is converted
 INT32_MAX = 2**31 - 1
+MAX_CHOICES = 128  # sequences one request may ask for: prompts x n
 
 
 class APIError(Exception):
@@ -145,41 +147,63 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     include_usage: bool = False
-    continuous_usage_stats: bool = False
+    continuous_usage_stats: bool = Field(False, description="Extension (vLLM): usage on every chunk.")
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict | None = None
+
+
+Bias = Annotated[float, Field(ge=-100.0, le=100.0)]
 
 
 class _Common(BaseModel):
+    """The fields both generation routes share: OpenAI's, then vLLM's sampling extensions."""
+
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(..., max_length=256)
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="Below 1e-5 is greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=-1, le=INT32_MAX, description="Extension: 0 or -1 disables it; clipped to the vocabulary.")
     seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = None
-    stop_token_ids: list[int] = Field(default_factory=list, max_length=64, description="Extension.")
-    n: int = Field(1, ge=1, le=128)
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    ignore_eos: bool = False
     user: str | None = Field(None, max_length=256)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0, description="Extension (vLLM); only 1 (off) so far.")
+    logit_bias: Annotated[dict[int, Bias], Field(max_length=MAX_LOGIT_BIAS)] | None = None
+    # vLLM's sampling extensions
+    top_k: int = Field(0, ge=-1, le=INT32_MAX, description="0 or -1 disables it; clipped to the vocabulary.")
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)
+    min_tokens: int = Field(0, ge=0, le=MAX_TOKENS_LIMIT)
+    stop_token_ids: list[int] = Field(default_factory=list, max_length=MAX_STOP_TOKEN_IDS)
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[str] | list[int]
+    prompt: str | list[int] | Annotated[list[str], Field(max_length=MAX_CHOICES)] | \
+        Annotated[list[list[int]], Field(max_length=MAX_CHOICES)]
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
+    best_of: int | None = Field(None, ge=1, le=MAX_CHOICES, description="Only equal to n (no extra candidates).")
+    suffix: str | None = Field(None, max_length=65536, description="Not supported: only null or empty.")
+    add_special_tokens: bool = Field(True, description="Extension (vLLM): BOS before a text prompt.")
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    role: Literal["system", "user", "assistant"]
-    content: str | list[dict]
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | Annotated[list[dict], Field(max_length=256)]
     name: str | None = Field(None, max_length=256)
 
 
@@ -188,13 +212,116 @@ class ChatRequest(_Common):
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+
+
+class TokenizeCompletion(BaseModel):
+    """vLLM's POST /tokenize with a prompt."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, max_length=256)
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeChat(BaseModel):
+    """vLLM's POST /tokenize with chat messages (the Mixtral-Instruct format always ends ready for
+    the assistant's turn, so add_generation_prompt can only be true)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, max_length=256)
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    add_generation_prompt: Literal[True] = True
+    add_special_tokens: bool = False
+    return_token_strs: bool = False
+
+
+class Detokenize(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, max_length=256)
+    tokens: list[int]
+
+
+_TYPE_TAG = re.compile(r"^(str|int|float|bool|dict|list)$|^[\w-]+\[")
 
 
 def validate(schema: type[BaseModel], data: dict):
+    """`data` as `schema`, or a 400 that names the field (`param`: the top-level field, as OpenAI
+    does) and where inside it the first problem is."""
     try:
         return schema.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"])
+        loc = [str(x) for x in err["loc"]]
+        union = any(_TYPE_TAG.search(x) for x in loc[1:])
+        where = ".".join(x for x in loc if not _TYPE_TAG.search(x)) or None
         msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
-        raise APIError(400, f"{loc}: {msg}", param=loc or None) from None
+        if union:
+            msg = f"not one of the accepted forms ({msg} ...)"
+        raise APIError(400, f"{where}: {msg}", param=loc[0] if loc else None) from None
+
+
+# ---------------------------------------------------------------- validation against the model
+
+
+def _param_of(message: str) -> str | None:
+    m = re.match(r"[a-z_]+", message)
+    return m.group() if m else None
+
+
+class ModelLimits:
+    """What a request is checked against once it parses: the vocabulary and the context. One place
+    for HTTP and gRPC alike."""
+
+    def __init__(self, name: str, vocab: int, max_model_len: int, max_tokens_default: int):
+        self.name, self.vocab, self.max_model_len, self.max_tokens_default = name, vocab, max_model_len, max_tokens_default
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.name:
+            raise APIError(404, f"model {model!r} does not exist; this server serves {self.name!r}",
+                           "not_found_error", "model", "model_not_found")
+
+    def check_token_ids(self, ids: list[int], param: str, allow_empty: bool = False) -> list[int]:
+        if (not ids and not allow_empty) or (ids and (min(ids) < 0 or max(ids) >= self.vocab)):
+            raise APIError(400, f"{param}: token ids must be {'' if allow_empty else 'non-empty and '}in [0, {self.vocab})",
+                           param=param)
+        return list(ids)
+
+    def sampling_params(self, req, prompt_len: int, max_tokens: int | None, logprobs: int | None,
+                        param: str, seed_offset: int = 0) -> SamplingParams:
+        """The request's sampling parameters for a prompt of `prompt_len` tokens: context length,
+        token ranges and every value checked; choice `seed_offset` of n gets seed + offset (vLLM's
+        rule, so that each choice is its own reproducible sequence)."""
+        if prompt_len >= self.max_model_len:
+            raise APIError(400, f"the prompt has {prompt_len} tokens; this model's context is {self.max_model_len} tokens",
+                           param=param, code="context_length_exceeded")
+        room = self.max_model_len - prompt_len
+        if max_tokens is None:
+            max_tokens = min(self.max_tokens_default, room)
+        elif max_tokens > room:
+            raise APIError(400, f"max_tokens={max_tokens} plus the prompt's {prompt_len} tokens exceeds the "
+                                f"context of {self.max_model_len} tokens", param="max_tokens", code="context_length_exceeded")
+        if req.min_tokens > max_tokens:
+            raise APIError(400, f"min_tokens={req.min_tokens} is more than max_tokens={max_tokens}", param="min_tokens")
+        self.check_token_ids(req.stop_token_ids, "stop_token_ids", allow_empty=True)
+        bias = req.logit_bias or {}
+        self.check_token_ids(list(bias), "logit_bias", allow_empty=True)
+        stop = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
+        seed = req.seed
+        if seed is not None and seed_offset:
+            seed = (seed + seed_offset - SEED_MIN) % (SEED_MAX - SEED_MIN + 1) + SEED_MIN
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=seed,
+                stop=stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, logprobs=logprobs,
+                presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                repetition_penalty=req.repetition_penalty, logit_bias=bias, min_p=req.min_p,
+                min_tokens=req.min_tokens, skip_special_tokens=req.skip_special_tokens,
+                include_stop_str_in_output=req.include_stop_str_in_output,
+            )
+        except ValueError as e:
+            raise APIError(400, str(e), param=_param_of(str(e))) from None

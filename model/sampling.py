@@ -1,7 +1,10 @@
-"""Sampling: greedy, temperature, top-k, top-p, per-request seed; stop tokens and strings.
+"""Sampling: logits processing (min_tokens, logit_bias, repetition/frequency/presence penalties),
+then greedy or temperature, min-p, top-k, top-p, per-request seed; stop tokens and strings.
 
-Rows are filtered together (one sort per step); each sampled row draws from its own
-`torch.Generator`, so a seeded request gives the same tokens whatever else is in its batch.
+Every step is one batched pass over the rows: processing builds per-row tensors (bias values,
+penalty factors, token counts by one scatter) and applies them to the whole [B, V] block, and the
+filters share one sort. Each sampled row draws from its own `torch.Generator`. A row's result is a
+function of that row alone, so a request gives the same tokens whatever else is in its batch.
 
 Every value a client can send is checked and normalised here, once, when the request is made
 (`SamplingParams.__post_init__`, then `for_vocab` when the engine adds it), so that nothing a single
@@ -20,6 +23,8 @@ MAX_STOP_STRINGS = 16
 GREEDY_EPS = 1e-5  # temperatures below this are greedy (vLLM's _SAMPLING_EPS)
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed takes
 MAX_TOKENS_LIMIT = 2**31 - 1
+MAX_LOGIT_BIAS = 1024  # entries in one request's logit_bias
+MAX_STOP_TOKEN_IDS = 64
 
 
 @dataclass
@@ -33,6 +38,14 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # top alternatives to return per token (0 = only the chosen one)
+    presence_penalty: float = 0.0  # OpenAI: subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # OpenAI: subtracted per occurrence in the generated tokens
+    repetition_penalty: float = 1.0  # vLLM/CTRL: prompt and generated tokens, logit / p if > 0 else * p
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    min_p: float = 0.0  # drop tokens below min_p x the most likely one's probability
+    min_tokens: int = 0  # no EOS / stop token / stop string before this many tokens
+    skip_special_tokens: bool = True  # control tokens (<s>, </s>) carry no text
+    include_stop_str_in_output: bool = False  # keep the matched stop string (or stop token's text)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -55,13 +68,31 @@ class SamplingParams:
             raise ValueError(f"stop: at most {MAX_STOP_STRINGS} non-empty strings")
         if any(t < 0 for t in self.stop_token_ids):
             raise ValueError("stop_token_ids must be >= 0")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(f"stop_token_ids: at most {MAX_STOP_TOKEN_IDS}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ValueError(f"logprobs={self.logprobs} must be in [0, 20]")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name}={getattr(self, name)} must be in [-2, 2]")
+        if not 0.0 < self.repetition_penalty <= 2.0:
+            raise ValueError(f"repetition_penalty={self.repetition_penalty} must be in (0, 2]")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p={self.min_p} must be in [0, 1]")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens={self.min_tokens} must be in [0, max_tokens={self.max_tokens}]")
+        self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias: at most {MAX_LOGIT_BIAS} entries")
+        if any(k < 0 or not -100.0 <= v <= 100.0 for k, v in self.logit_bias.items()):
+            raise ValueError("logit_bias: token ids >= 0 and biases in [-100, 100]")
 
     def for_vocab(self, vocab_size: int) -> "SamplingParams":
         """Checked against the model: stop token ids inside the vocabulary, top_k clipped to it."""
         if any(t >= vocab_size for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be in [0, {vocab_size})")
+        if any(t >= vocab_size for t in self.logit_bias):
+            raise ValueError(f"logit_bias: token ids must be in [0, {vocab_size})")
         if self.top_k >= vocab_size:
             self.top_k = 0  # keeping every token is no filter
         return self
@@ -69,6 +100,66 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def penalised(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+    @property
+    def processes_logits(self) -> bool:
+        """Anything beyond plain sampling: off for a default request, which then costs nothing."""
+        return bool(self.penalised or self.logit_bias or self.min_tokens)
+
+
+def process_logits(logits: torch.Tensor, params: list[SamplingParams], prompts: list[list[int]],
+                   outputs: list[list[int]], stop_ids: list[set[int]]) -> torch.Tensor:
+    """vLLM's order, on the rows that ask for it, all rows at once: min_tokens bans the row's stop
+    tokens (`stop_ids`: EOS unless ignored, and `stop_token_ids`) while it has fewer outputs; then
+    logit_bias is added; then the penalties: repetition (prompt and output tokens: a positive logit
+    is divided by it, a negative one multiplied), frequency (times the count in the output) and
+    presence (once per token present in the output), as OpenAI and vLLM define them.
+    Returns `logits` itself when no row asks for anything."""
+    rows = [i for i, p in enumerate(params) if p.processes_logits]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    V = logits.shape[-1]
+
+    def scatter(pairs: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        t = torch.tensor(pairs, dtype=torch.long).reshape(-1, 2)
+        return t[:, 0], t[:, 1]
+
+    ban = [(i, t) for i in rows if len(outputs[i]) < params[i].min_tokens for t in stop_ids[i] if t < V]
+    if ban:
+        logits.index_put_(scatter(ban), torch.tensor(float("-inf")))
+    bias = [(i, t, b) for i in rows for t, b in params[i].logit_bias.items()]
+    if bias:
+        r, c = scatter([(i, t) for i, t, _ in bias])
+        logits.index_put_((r, c), torch.tensor([b for _, _, b in bias], dtype=logits.dtype), accumulate=True)
+    pen = [i for i in rows if params[i].penalised]
+    if not pen:
+        return logits
+    idx = torch.tensor(pen)
+    x = logits[idx]
+    counts = torch.zeros(len(pen), V, dtype=logits.dtype)
+    out_pairs = [(j, t) for j, i in enumerate(pen) for t in outputs[i]]
+    if out_pairs:
+        r, c = scatter(out_pairs)
+        counts.index_put_((r, c), torch.ones(len(out_pairs), dtype=logits.dtype), accumulate=True)
+    seen = counts > 0
+    rep = torch.tensor([params[i].repetition_penalty for i in pen], dtype=logits.dtype)[:, None]
+    if bool((rep != 1.0).any()):
+        in_prompt = torch.zeros(len(pen), V, dtype=torch.bool)
+        prompt_pairs = [(j, t) for j, i in enumerate(pen) if params[i].repetition_penalty != 1.0 for t in prompts[i]]
+        if prompt_pairs:
+            in_prompt[scatter(prompt_pairs)] = True
+        hit = seen | in_prompt
+        x = torch.where(hit, torch.where(x > 0, x / rep, x * rep), x)
+    freq = torch.tensor([params[i].frequency_penalty for i in pen], dtype=logits.dtype)[:, None]
+    pres = torch.tensor([params[i].presence_penalty for i in pen], dtype=logits.dtype)[:, None]
+    x = x - freq * counts - pres * seen.to(logits.dtype)
+    logits[idx] = x
+    return logits
 
 
 def make_generator(seed: int | None) -> torch.Generator:
@@ -91,6 +182,10 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], gens: list[torch.
     sx, si = torch.sort(x, dim=-1, descending=True)
     rank = torch.arange(V)[None, :]
     drop = rank >= top_k[:, None]
+    min_p = torch.tensor([params[i].min_p for i in rows], dtype=logits.dtype)
+    if bool((min_p > 0).any()):  # vLLM: on the tempered distribution, before top-k / top-p
+        full = torch.softmax(sx, dim=-1)
+        drop |= full < min_p[:, None] * full[:, :1]
     probs = torch.softmax(sx.masked_fill(drop, float("-inf")), dim=-1)
     # Keep the smallest prefix whose mass reaches top_p; the first token always stays (a top_p that
     # rounds to 0 in float32 still leaves one token).
@@ -121,11 +216,16 @@ def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[tu
     return list(zip(chosen, alts))
 
 
-def find_stop(text: str, stops: list[str], start: int) -> int:
-    """Index in text where the earliest stop string begins, searching from `start`; -1 if none."""
-    best = -1
+def first_stop(text: str, stops: list[str], start: int) -> tuple[int, str | None]:
+    """(index where the earliest stop string begins, that string), searching from `start`; (-1, None)."""
+    best, which = -1, None
     for s in stops:
         i = text.find(s, max(0, start - len(s) + 1))
         if i != -1 and (best == -1 or i < best):
-            best = i
-    return best
+            best, which = i, s
+    return best, which
+
+
+def find_stop(text: str, stops: list[str], start: int) -> int:
+    """Index in text where the earliest stop string begins, searching from `start`; -1 if none."""
+    return first_stop(text, stops, start)[0]

@@ -11,10 +11,11 @@ from pathlib import Path
 import mistral_common
 from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 DEFAULT_TOKENIZER = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
-ROLES = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
+ROLES = {"system": SystemMessage, "developer": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
 
 
 class ChatFormatError(ValueError):
@@ -59,9 +60,16 @@ class Tokenizer:
         check_text(text)
         return self.sp.encode(text, bos=bos, eos=False)
 
-    def decode(self, ids: list[int]) -> str:
-        # Control tokens (<s>, </s>) carry no text.
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        """Text of `ids`; control tokens (<s>, </s>) carry no text unless `skip_special_tokens` is
+        False, when they are written as their names (vLLM's and Hugging Face's meaning)."""
+        if not skip_special_tokens:
+            return self.sp.decode(list(ids), special_token_policy=SpecialTokenPolicy.KEEP)
         return self.sp.decode([i for i in ids if i not in (self.bos_id, self.eos_id)])
+
+    def piece(self, t: int) -> str:
+        """One token as the vocabulary writes it, with SentencePiece's space marker as a space."""
+        return self.sp.id_to_piece(t).replace("\u2581", " ")
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         """OpenAI-style [{"role", "content"}] -> prompt ids in the Mixtral-Instruct format."""
@@ -100,8 +108,9 @@ class IncrementalDetokenizer:
     (vLLM's prefix/read offsets), held back while it ends in an incomplete character.
     """
 
-    def __init__(self, tok: Tokenizer, prompt_tail: list[int] | None = None):
+    def __init__(self, tok: Tokenizer, prompt_tail: list[int] | None = None, skip_special_tokens: bool = True):
         self.tok = tok
+        self.skip = skip_special_tokens
         self.ids: list[int] = list(prompt_tail or [])[-4:]
         self.prefix = 0
         self.read = len(self.ids)
@@ -109,8 +118,8 @@ class IncrementalDetokenizer:
 
     def add(self, new_ids: list[int]) -> str:
         self.ids.extend(new_ids)
-        prefix_text = self.tok.decode(self.ids[self.prefix : self.read])
-        full = self.tok.decode(self.ids[self.prefix :])
+        prefix_text = self.tok.decode(self.ids[self.prefix : self.read], self.skip)
+        full = self.tok.decode(self.ids[self.prefix :], self.skip)
         if len(full) > len(prefix_text) and not full.endswith("\ufffd"):
             delta = full[len(prefix_text) :]
             self.prefix, self.read = self.read, len(self.ids)
@@ -120,8 +129,8 @@ class IncrementalDetokenizer:
 
     def flush(self) -> str:
         """At the end of a sequence: whatever is held back, replacement characters included."""
-        full = self.tok.decode(self.ids[self.prefix :])
-        prefix_text = self.tok.decode(self.ids[self.prefix : self.read])
+        full = self.tok.decode(self.ids[self.prefix :], self.skip)
+        prefix_text = self.tok.decode(self.ids[self.prefix : self.read], self.skip)
         delta = full[len(prefix_text) :] if len(full) > len(prefix_text) else ""
         self.prefix = self.read = len(self.ids)
         self.text += delta

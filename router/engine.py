@@ -23,7 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from model.model import KVPool, MixtralDense, build_attn_meta
-from model.sampling import SamplingParams, bad_rows, find_stop, logprobs_of, sample
+from model.sampling import SamplingParams, bad_rows, first_stop, logprobs_of, process_logits, sample
 from model.tokenizer import IncrementalDetokenizer, Tokenizer
 
 from .experts import ExpertBackend
@@ -67,6 +67,7 @@ class RequestOutput:
     logprobs: list = field(default_factory=list)  # [(token, logprob, [(alt, logprob)])] per new token
     error: str | None = None  # with finish_reason "error": why this request (and only it) failed
     error_kind: str | None = None  # "invalid" (refused: bad request), "overloaded" (refused: retry), "failed"
+    stop_reason: int | str | None = None  # vLLM's: the stop string or stop token id that ended it; None for EOS
 
     def merge(self, later: "RequestOutput") -> "RequestOutput":
         """This output followed by `later` (same request) as one: what a stream sends when it has
@@ -74,7 +75,7 @@ class RequestOutput:
         return RequestOutput(
             self.req_id, self.new_token_ids + later.new_token_ids, self.text + later.text, later.finished,
             later.finish_reason, later.prompt_tokens or self.prompt_tokens, later.completion_tokens,
-            self.logprobs + later.logprobs, later.error, later.error_kind,
+            self.logprobs + later.logprobs, later.error, later.error_kind, later.stop_reason,
         )
 
 
@@ -163,7 +164,7 @@ class LLMEngine:
         req_id = req_id if req_id is not None else f"req-{next(self._ids)}"
         seq = Sequence(req_id, list(prompt_ids), params, self.cfg.block_size)
         if self.tokenizer is not None:
-            seq.detok = IncrementalDetokenizer(self.tokenizer, prompt_ids)
+            seq.detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
         if resume:
             seq.output_ids = done
             seq.emitted_tokens = len(done)
@@ -258,6 +259,10 @@ class LLMEngine:
             lg = lg.clone()
             lg[sorted(bad)] = 0.0
         params = [q.params for q in seqs]
+        raw = lg
+        if any(p.processes_logits for p in params):
+            lg = process_logits(lg, params, [q.prompt_ids for q in seqs], [q.output_ids for q in seqs],
+                                [self._stop_ids(q.params) for q in seqs])
         try:
             toks = sample(lg, params, [q.generator for q in seqs]).tolist()
         except Exception:  # noqa: BLE001 - cannot happen for validated params; find the row that fails
@@ -270,7 +275,7 @@ class LLMEngine:
                     bad.add(j)
                     toks.append(0)
         want = [p.logprobs for p in params if p.logprobs is not None]
-        lps = logprobs_of(lg, torch.tensor(toks), max(want)) if want else None
+        lps = logprobs_of(raw, torch.tensor(toks), max(want)) if want else None  # the model's, as vLLM returns
         outputs = []
         for j, (seq, t) in enumerate(zip(seqs, toks)):
             if seq.req_id not in self.seqs:  # aborted during the step
@@ -305,30 +310,44 @@ class LLMEngine:
         if lp is not None and p.logprobs is not None:
             seq.logprobs.append((t, lp[0], lp[1][: p.logprobs]))
         reason = None
-        is_stop_token = (t in self.eos and not p.ignore_eos) or t in p.stop_token_ids
+        checks = len(seq.output_ids) >= p.min_tokens  # vLLM: no stop of any kind before min_tokens
+        is_stop_token = checks and ((t in self.eos and not p.ignore_eos) or t in p.stop_token_ids)
         if is_stop_token:
             reason = "stop"
+            seq.stop_reason = t if t in p.stop_token_ids else None
+            if p.include_stop_str_in_output and seq.detok is not None:
+                seq.text += seq.detok.add([t]) + seq.detok.flush()
         elif seq.detok is not None:
             before = len(seq.text)
             seq.text += seq.detok.add([t])
-            if p.stop:
-                i = find_stop(seq.text, p.stop, before)
-                if i != -1:
-                    seq.text = seq.text[:i]
-                    reason = "stop"
+            if p.stop and checks:
+                reason = self._cut_at_stop(seq, before)
         if reason is None and (len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self._cap(seq)):
             reason = "length"
         if reason is not None:
             if reason == "length" and seq.detok is not None:
+                before = len(seq.text)
                 seq.text += seq.detok.flush()
                 if p.stop:  # the flushed tail may complete a stop string
-                    i = find_stop(seq.text, p.stop, 0)
-                    if i != -1:
-                        seq.text, reason = seq.text[:i], "stop"
+                    reason = self._cut_at_stop(seq, before) or reason
             return self._finish(seq, reason)
         # Hold back text that might still turn out to start a stop string.
         hold = max((len(s) - 1 for s in p.stop), default=0)
         return self._emit(seq, max(seq.emitted_chars, len(seq.text) - hold), False)
+
+    def _cut_at_stop(self, seq: Sequence, before: int) -> str | None:
+        """Cut the text at the first stop string in what was added after `before` (keeping the
+        string itself if asked); "stop" if one was found."""
+        i, s = first_stop(seq.text, seq.params.stop, before)
+        if i == -1:
+            return None
+        seq.text = seq.text[: i + len(s) if seq.params.include_stop_str_in_output else i]
+        seq.stop_reason = s
+        return "stop"
+
+    def _stop_ids(self, p: SamplingParams) -> set[int]:
+        """The tokens that would end a sequence: banned while it is shorter than min_tokens."""
+        return (set() if p.ignore_eos else set(self.eos)) | set(p.stop_token_ids)
 
     def _cap(self, seq: Sequence) -> int:
         return min(self.max_model_len, self.blocks.num_blocks * self.blocks.block_size)
@@ -352,6 +371,7 @@ class LLMEngine:
         return RequestOutput(
             seq.req_id, new, text, finished, seq.finish_reason,
             prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids), logprobs=lps,
+            stop_reason=seq.stop_reason if finished else None,
         )
 
     # ------------------------------------------------------------ convenience
@@ -370,6 +390,6 @@ class LLMEngine:
                 a.new_token_ids += o.new_token_ids
                 a.text += o.text
                 a.logprobs += o.logprobs
-                a.finished, a.finish_reason, a.error = o.finished, o.finish_reason, o.error
+                a.finished, a.finish_reason, a.error, a.stop_reason = o.finished, o.finish_reason, o.error, o.stop_reason
                 a.prompt_tokens, a.completion_tokens = o.prompt_tokens, o.completion_tokens
         return [acc[r] for r in rids]

@@ -39,6 +39,7 @@ class Sequence:
     status: Status = Status.WAITING
     num_computed: int = 0  # positions whose K/V are in the cache
     finish_reason: str | None = None
+    stop_reason: int | str | None = None
     detok: IncrementalDetokenizer | None = None
     text: str = ""  # detokenised output (cut at a stop string once one is found)
     emitted_chars: int = 0

@@ -162,3 +162,74 @@ def test_merged_outputs_are_the_stream_in_fewer_pieces(tiny_dir):
         assert (whole.finished, whole.finish_reason, whole.completion_tokens, whole.error) == \
             (last.finished, last.finish_reason, last.completion_tokens, last.error)
         assert whole.prompt_tokens == len(p) and not head.finished
+
+
+PROCESSED = [
+    SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, repetition_penalty=1.4),
+    SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, frequency_penalty=1.0, presence_penalty=0.5),
+    SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logit_bias={29889: 3.0, 13: -50.0}),
+    SamplingParams(max_tokens=12, temperature=0.9, seed=5, ignore_eos=True, min_p=0.05, presence_penalty=-1.0),
+    SamplingParams(max_tokens=12, temperature=0, min_tokens=10),
+]
+
+
+def test_penalties_and_biases_are_batch_independent_and_have_their_effect(tiny_dir):
+    eng = LLMEngine.local(tiny_dir, "float32", EngineConfig())
+    ps = prompts(eng.tokenizer)
+    solo = [eng.generate([p], sp)[0].new_token_ids for p, sp in zip(ps, PROCESSED)]
+    together = [o.new_token_ids for o in eng.generate(ps, PROCESSED)]
+    assert together == solo
+    chunked = LLMEngine.local(tiny_dir, "float32", EngineConfig(max_num_batched_tokens=7, num_microbatches=2))
+    assert [o.new_token_ids for o in chunked.generate(ps, PROCESSED)] == solo
+    # the effects, on the prompt where the tiny model repeats itself ("Un deux trois " x 12)
+    rep = ps[2]
+    plain = eng.generate([rep], GREEDY)[0].new_token_ids
+    assert len(set(plain)) < len(plain)
+    for sp in PROCESSED[:2]:
+        got = eng.generate([rep], sp)[0].new_token_ids
+        assert got != plain and len(set(got)) > len(set(plain)), sp
+    biased = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logit_bias={plain[3]: -100.0, 13: 100.0})
+    got = eng.generate([rep], biased)[0].new_token_ids
+    assert got == [13] * 12
+
+
+def test_min_tokens_holds_off_every_stop(tiny_dir):
+    eng = LLMEngine.local(tiny_dir, "float32", EngineConfig())
+    p = eng.tokenizer.encode("Hello there")
+    full = eng.generate([p], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
+    t0 = full.new_token_ids[0]
+    early = eng.generate([p], SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[t0]))[0]
+    assert early.new_token_ids == [t0] and early.stop_reason == t0
+    held = eng.generate([p], SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[t0], min_tokens=6))[0]
+    assert len(held.new_token_ids) >= 6 and t0 not in held.new_token_ids[:6]
+    # a stop string inside the first min_tokens tokens' text does not end it
+    stop = full.text[:3]
+    cut = eng.generate([p], SamplingParams(max_tokens=12, temperature=0, stop=[stop], ignore_eos=True, min_tokens=8))[0]
+    assert cut.completion_tokens >= 8
+
+
+def test_stop_string_kept_when_asked_and_stop_reason(tiny_dir):
+    eng = LLMEngine.local(tiny_dir, "float32", EngineConfig())
+    p = eng.tokenizer.encode("Hello there")
+    full = eng.generate([p], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
+    stop = full.text[5:8]
+    kept = eng.generate([p], SamplingParams(max_tokens=12, temperature=0, stop=[stop], ignore_eos=True,
+                                            include_stop_str_in_output=True))[0]
+    i = full.text.find(stop)
+    assert kept.text == full.text[: i + len(stop)] and kept.stop_reason == stop and kept.finish_reason == "stop"
+    assert full.stop_reason is None
+    t3 = full.new_token_ids[3]
+    st = eng.generate([p], SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[t3],
+                                          include_stop_str_in_output=True))[0]
+    assert st.text == eng.tokenizer.decode(p + full.new_token_ids[:4])[len(eng.tokenizer.decode(p)):]
+
+
+def test_special_tokens_are_text_only_when_asked(tiny_dir):
+    eng = LLMEngine.local(tiny_dir, "float32", EngineConfig())
+    p = eng.tokenizer.encode("Specials")
+    eos = eng.tokenizer.eos_id
+    sp = dict(max_tokens=4, temperature=0, ignore_eos=True, logit_bias={eos: 100.0})
+    skipped = eng.generate([p], SamplingParams(**sp))[0]
+    kept = eng.generate([p], SamplingParams(**sp, skip_special_tokens=False))[0]
+    assert skipped.new_token_ids == kept.new_token_ids == [eos] * 4
+    assert skipped.text == "" and kept.text == "</s>" * 4

@@ -1,8 +1,9 @@
 from __future__ import annotations
 
+import pytest
 import torch
 
-from model.sampling import SamplingParams, find_stop, make_generator, sample
+from model.sampling import SamplingParams, find_stop, make_generator, process_logits, sample
 
 
 def test_filters_reduce_to_greedy():
@@ -30,3 +31,84 @@ def test_find_stop():
     assert find_stop("hello world", ["wor", "xyz"], 0) == 6
     assert find_stop("hello world", ["lo w", "o"], 0) == 3
     assert find_stop("abc", ["d"], 0) == -1
+
+
+# ---------------------------------------------------------------- logits processing
+
+
+def reference(logits, p: SamplingParams, prompt, output, stop_ids):
+    """One row, one token at a time, as OpenAI and vLLM define each step."""
+    x = logits.clone()
+    if len(output) < p.min_tokens:
+        for t in stop_ids:
+            x[t] = float("-inf")
+    for t, b in p.logit_bias.items():
+        x[t] += b
+    for t in set(prompt) | set(output) if p.repetition_penalty != 1.0 else ():
+        x[t] = x[t] / p.repetition_penalty if x[t] > 0 else x[t] * p.repetition_penalty
+    for t in set(output):
+        x[t] -= p.frequency_penalty * output.count(t) + p.presence_penalty
+    return x
+
+
+CASES = [
+    SamplingParams(),  # untouched
+    SamplingParams(presence_penalty=1.5),
+    SamplingParams(frequency_penalty=-0.7),
+    SamplingParams(repetition_penalty=1.3),
+    SamplingParams(repetition_penalty=0.6, frequency_penalty=2.0, presence_penalty=-2.0),
+    SamplingParams(logit_bias={3: 100.0, 7: -100.0, 0: 0.5}),
+    SamplingParams(min_tokens=5),
+    SamplingParams(min_tokens=2, logit_bias={2: 5.0}, repetition_penalty=1.1),
+]
+
+
+def test_processing_equals_the_per_token_definition_whatever_the_batch():
+    g = torch.Generator().manual_seed(1)
+    V = 12
+    logits = torch.randn(len(CASES), V, generator=g) * 3
+    prompts = [torch.randint(0, V, (5,), generator=g).tolist() for _ in CASES]
+    outputs = [torch.randint(0, V, (3,), generator=g).tolist() for _ in CASES]
+    stops = [{2, 9} for _ in CASES]
+    together = process_logits(logits, CASES, prompts, outputs, stops)
+    for i, p in enumerate(CASES):
+        want = reference(logits[i], p, prompts[i], outputs[i], stops[i])
+        assert torch.allclose(together[i], want), p
+        alone = process_logits(logits[i : i + 1], [p], [prompts[i]], [outputs[i]], [stops[i]])
+        assert torch.equal(alone[0], together[i])  # bit for bit, whatever the company
+    assert torch.equal(together[0], logits[0])
+    plain = logits[:1]
+    assert process_logits(plain, CASES[:1], prompts[:1], outputs[:1], stops[:1]) is plain  # no cost when off
+
+
+def test_penalties_change_what_they_should():
+    logits = torch.tensor([[2.0, 1.9, -1.0, -1.2]])
+    out = [0, 0]
+    assert process_logits(logits, [SamplingParams(presence_penalty=0.5)], [[]], [out], [set()]).argmax() == 1
+    assert process_logits(logits, [SamplingParams(frequency_penalty=0.06)], [[]], [out], [set()]).argmax() == 1
+    assert process_logits(logits, [SamplingParams(frequency_penalty=0.04)], [[]], [out], [set()]).argmax() == 0
+    assert process_logits(logits, [SamplingParams(repetition_penalty=1.1)], [[0]], [[]], [set()]).argmax() == 1
+    neg = process_logits(logits, [SamplingParams(repetition_penalty=1.5)], [[2]], [[]], [set()])
+    assert neg[0, 2] == -1.5  # a negative logit is made more negative
+    assert process_logits(logits, [SamplingParams(logit_bias={3: 10.0})], [[]], [[]], [set()]).argmax() == 3
+    banned = process_logits(logits, [SamplingParams(min_tokens=1)], [[]], [[]], [{0}])
+    assert banned[0, 0] == float("-inf") and banned.argmax() == 1
+    assert process_logits(logits, [SamplingParams(min_tokens=1)], [[]], [[5]], [{0}]).argmax() == 0
+
+
+def test_min_p_restricts_support():
+    logits = torch.tensor([[3.0, 2.5, 0.0, -1.0]])  # probs ~ .60 .36 .03 .01
+    g = make_generator(0)
+    seen = {int(sample(logits, [SamplingParams(min_p=0.1)], [g])[0]) for _ in range(300)}
+    assert seen == {0, 1}
+    seen = {int(sample(logits, [SamplingParams(min_p=0.0)], [g])[0]) for _ in range(300)}
+    assert seen == {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("bad", [dict(presence_penalty=2.5), dict(frequency_penalty=-3), dict(repetition_penalty=0),
+                                 dict(min_p=1.5), dict(min_tokens=-1), dict(max_tokens=4, min_tokens=5),
+                                 dict(logit_bias={1: 101}), dict(logit_bias={-1: 1}),
+                                 dict(logit_bias={i: 1.0 for i in range(2000)}), dict(stop_token_ids=list(range(65)))])
+def test_out_of_range_values_are_refused(bad):
+    with pytest.raises(ValueError):
+        SamplingParams(**bad)

@@ -1,0 +1,304 @@
+"""The OpenAI serving logic: requests in, responses out, independent of HTTP and Serve.
+
+    CompletionRequest / ChatRequest (cluster/protocol.py: parsed, bounded, schema-checked)
+      -> prompts (text, token ids, lists of either; chat format) x n choices
+      -> one engine sequence per choice (`outputs`: the ingress's call into an attention replica)
+      -> one response: choices numbered as OpenAI does (prompt i, choice j -> index i * n + j),
+         usage summed, or an SSE stream of chunks, usage in a final chunk with empty `choices`
+
+The routes (cluster/openai_api.py) only read, authenticate and frame; this module decides what a
+request means. vLLM splits its entrypoints the same way (protocol / serving / router).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+from model.sampling import SamplingParams
+from model.tokenizer import ChatFormatError, Tokenizer, TokenizeError
+from router.engine import RequestOutput
+
+from .protocol import (MAX_CHOICES, APIError, ChatRequest, CompletionRequest, Detokenize, ModelLimits, TokenizeChat,
+                       TokenizeCompletion)
+
+log = logging.getLogger(__name__)
+
+# (prompt ids, sampling params) -> that sequence's outputs, the first already received (a refusal is
+# an APIError before anything is sent).
+Outputs = Callable[[list[int], SamplingParams], Awaitable[AsyncIterator[RequestOutput]]]
+
+
+@dataclass
+class Prompt:
+    ids: list[int]
+    text: str | None  # for echo; decoded from the ids when the prompt was given as ids
+
+
+async def merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(stream index, output) from several streams as they arrive. Closing this (the client went
+    away) or an error in one stream closes every stream, so no sequence is left running."""
+    if len(streams) == 1:  # the common case costs no task per output
+        try:
+            async for out in streams[0]:
+                yield 0, out
+        finally:
+            await streams[0].aclose()
+        return
+    pending = {asyncio.ensure_future(anext(s)): i for i, s in enumerate(streams)}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in sorted(done, key=pending.get):
+                i = pending.pop(task)
+                try:
+                    out = task.result()
+                except StopAsyncIteration:
+                    continue
+                yield i, out
+                pending[asyncio.ensure_future(anext(streams[i]))] = i
+    finally:
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for s in streams:
+            await s.aclose()
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def sse(data: dict) -> str:
+    return f"data: {json.dumps(data)}\n\n"
+
+
+class OpenAIServing:
+    def __init__(self, tokenizer: Tokenizer, limits: ModelLimits, outputs: Outputs):
+        self.tokenizer, self.limits, self.outputs = tokenizer, limits, outputs
+
+    # ------------------------------------------------------------ requests -> sequences
+
+    def _encode(self, text: str, param: str, bos: bool = True) -> list[int]:
+        try:
+            return self.tokenizer.encode(text, bos=bos)
+        except TokenizeError as e:
+            raise APIError(400, f"{param}: {e}", param=param) from None
+
+    def completion_prompts(self, req: CompletionRequest) -> list[Prompt]:
+        p = req.prompt
+        if isinstance(p, str):
+            items = [p]
+        elif not p:
+            raise APIError(400, "prompt: an empty list", param="prompt")
+        elif isinstance(p[0], int):
+            items = [p]
+        else:
+            items = list(p)
+        out = []
+        for i, item in enumerate(items):
+            where = "prompt" if len(items) == 1 else f"prompt[{i}]"
+            if isinstance(item, str):
+                ids = self._encode(item, where, bos=req.add_special_tokens)
+                if not ids:
+                    raise APIError(400, f"{where}: the prompt is empty (no tokens)", param="prompt")
+                out.append(Prompt(ids, item))
+            else:
+                ids = self.limits.check_token_ids(item, "prompt")
+                out.append(Prompt(ids, self.tokenizer.decode(ids) if req.echo else None))
+        return out
+
+    def chat_prompt(self, req: ChatRequest) -> Prompt:
+        try:
+            return Prompt(self.tokenizer.encode_chat([m.model_dump() for m in req.messages]), None)
+        except ChatFormatError as e:
+            raise APIError(400, str(e), param="messages") from None
+
+    def _choices(self, req, prompts: list[Prompt], max_tokens: int | None, logprobs: int | None,
+                 param: str) -> list[SamplingParams]:
+        """One SamplingParams per choice, index i * n + j: every value checked before any starts."""
+        if len(prompts) * req.n > MAX_CHOICES:
+            raise APIError(400, f"{len(prompts)} prompts x n={req.n} choices is over the limit of {MAX_CHOICES} "
+                                "sequences per request", param="n")
+        if req.user:
+            log.debug("request", extra={"user": req.user, "choices": len(prompts) * req.n})
+        return [self.limits.sampling_params(req, len(p.ids), max_tokens, logprobs, param, seed_offset=j)
+                for p in prompts for j in range(req.n)]
+
+    async def _start(self, prompts: list[Prompt], params: list[SamplingParams], n: int) -> list[AsyncIterator]:
+        """Every choice's sequence, admitted together: if one is refused, the others are closed and
+        the request gets that refusal."""
+        got = await asyncio.gather(*(self.outputs(prompts[k // n].ids, sp) for k, sp in enumerate(params)),
+                                   return_exceptions=True)
+        failed = next((g for g in got if isinstance(g, BaseException)), None)
+        if failed is not None:
+            for g in got:
+                if not isinstance(g, BaseException):
+                    await g.aclose()
+            raise failed
+        return got
+
+    # ------------------------------------------------------------ completions
+
+    async def completions(self, req: CompletionRequest):
+        """A response body (dict) or, for stream=true, an async iterator of SSE lines."""
+        self.limits.check_model(req.model)
+        if req.suffix:
+            raise APIError(400, "suffix is not supported", param="suffix")
+        if req.best_of is not None and req.best_of != req.n:
+            raise APIError(400, f"best_of={req.best_of} must equal n={req.n} (no extra candidates are generated)",
+                           param="best_of")
+        if req.echo and req.logprobs is not None:
+            raise APIError(400, "echo with logprobs (the prompt's logprobs) is not supported", param="echo")
+        prompts = self.completion_prompts(req)
+        params = self._choices(req, prompts, req.max_tokens, req.logprobs, "prompt")
+        streams = await self._start(prompts, params, req.n)
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": rid, "object": "text_completion", "created": created, "model": self.limits.name}
+        prompt_tokens = sum(len(p.ids) for p in prompts)
+        echo = [prompts[k // req.n].text if req.echo else "" for k in range(len(params))]
+        if req.stream:
+            return self._stream(req, head, streams, prompt_tokens, self._completion_chunk(req), echo)
+        texts, lps, last = await self._collect(streams)
+        choices = [{"index": k, "text": echo[k] + texts[k], "finish_reason": last[k].finish_reason,
+                    "stop_reason": last[k].stop_reason,
+                    "logprobs": self._completion_logprobs(lps[k]) if req.logprobs is not None else None}
+                   for k in range(len(streams))]
+        return head | {"choices": choices, "usage": usage(prompt_tokens, sum(o.completion_tokens for o in last))}
+
+    def _completion_chunk(self, req):
+        def choice_of(k: int, out: RequestOutput) -> dict | None:
+            if not (out.text or out.finished):
+                return None
+            return {"index": k, "text": out.text, "finish_reason": out.finish_reason if out.finished else None,
+                    "stop_reason": out.stop_reason if out.finished else None,
+                    "logprobs": self._completion_logprobs(out.logprobs) if req.logprobs is not None else None}
+
+        return choice_of
+
+    # ------------------------------------------------------------ chat
+
+    async def chat(self, req: ChatRequest):
+        self.limits.check_model(req.model)
+        if req.response_format is not None and req.response_format.type != "text":
+            raise APIError(400, f"response_format {req.response_format.type!r} is not supported (no constrained "
+                                "decoding); only {'type': 'text'}", param="response_format")
+        prompt = self.chat_prompt(req)
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        params = self._choices(req, [prompt], req.max_completion_tokens or req.max_tokens, top, "messages")
+        streams = await self._start([prompt], params, req.n)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": rid, "object": "chat.completion", "created": created, "model": self.limits.name}
+        if req.stream:
+            head["object"] = "chat.completion.chunk"
+            first = [{"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                      "finish_reason": None} for k in range(len(params))]
+            return self._stream(req, head, streams, len(prompt.ids), self._chat_chunk(req), first=first)
+        texts, lps, last = await self._collect(streams)
+        choices = [{"index": k, "message": {"role": "assistant", "content": texts[k]},
+                    "finish_reason": last[k].finish_reason, "stop_reason": last[k].stop_reason,
+                    "logprobs": self._chat_logprobs(lps[k]) if req.logprobs else None}
+                   for k in range(len(streams))]
+        return head | {"choices": choices, "usage": usage(len(prompt.ids), sum(o.completion_tokens for o in last))}
+
+    def _chat_chunk(self, req):
+        def choice_of(k: int, out: RequestOutput) -> dict | None:
+            if not (out.text or out.finished or (req.logprobs and out.logprobs)):
+                return None
+            return {"index": k, "delta": {"content": out.text} if out.text else {},
+                    "finish_reason": out.finish_reason if out.finished else None,
+                    "stop_reason": out.stop_reason if out.finished else None,
+                    "logprobs": self._chat_logprobs(out.logprobs) if req.logprobs else None}
+
+        return choice_of
+
+    # ------------------------------------------------------------ collecting and streaming
+
+    @staticmethod
+    async def _collect(streams) -> tuple[list[str], list[list], list[RequestOutput]]:
+        """Whole answers: each choice's text, logprobs and final output (usage, reasons)."""
+        texts, lps, last = [""] * len(streams), [[] for _ in streams], [None] * len(streams)
+        async for k, out in merge(streams):
+            texts[k] += out.text
+            lps[k] += out.logprobs
+            last[k] = out
+        return texts, lps, last
+
+    async def _stream(self, req, head: dict, streams, prompt_tokens: int, choice_of, echo: list[str] | None = None,
+                      first: list[dict] | None = None) -> AsyncIterator[str]:
+        """SSE framing for both routes: opening chunks (chat's role, completions' echoed prompt), a
+        chunk per output that `choice_of` turns into a choice, then, when asked, a last chunk whose
+        `choices` is empty and that alone carries `usage` (OpenAI's include_usage); vLLM's
+        continuous_usage_stats adds usage so far to every chunk. An error after the first byte is
+        an error event; [DONE] always ends the stream."""
+        opts = req.stream_options
+        include_usage = bool(opts and opts.include_usage)
+        continuous = bool(opts and opts.continuous_usage_stats)
+        done_tokens = [0] * len(streams)
+
+        def chunk(choices: list[dict]) -> str:
+            c = head | {"choices": choices}
+            if continuous:
+                c["usage"] = usage(prompt_tokens, sum(done_tokens))
+            return sse(c)
+
+        try:
+            for k, opening in enumerate(first or []):
+                yield chunk([opening])
+            for k, text in enumerate(echo or []):
+                if text:
+                    yield chunk([{"index": k, "text": text, "logprobs": None, "finish_reason": None,
+                                  "stop_reason": None}])
+            async for k, out in merge(streams):
+                done_tokens[k] = out.completion_tokens
+                choice = choice_of(k, out)
+                if choice is not None:
+                    yield chunk([choice])
+            if include_usage:
+                yield sse(head | {"choices": [], "usage": usage(prompt_tokens, sum(done_tokens))})
+        except APIError as e:  # after the first byte a status can no longer change: an error event
+            yield sse(e.body())
+        except Exception as e:  # noqa: BLE001 - whatever ended the stream, the client gets an error and [DONE]
+            log.exception("stream failed")
+            yield sse(APIError(500, f"the stream failed: {type(e).__name__}", "server_error").body())
+        yield "data: [DONE]\n\n"
+
+    # ------------------------------------------------------------ tokenize / detokenize (vLLM's)
+
+    def tokenize(self, req: TokenizeCompletion | TokenizeChat) -> dict:
+        self.limits.check_model(req.model)
+        if isinstance(req, TokenizeChat):
+            ids = self.chat_prompt(req).ids  # the Mixtral-Instruct format starts with BOS itself
+        else:
+            ids = self._encode(req.prompt, "prompt", bos=req.add_special_tokens)
+        return {"count": len(ids), "max_model_len": self.limits.max_model_len, "tokens": ids,
+                "token_strs": [self.tokenizer.sp.id_to_piece(t) for t in ids] if req.return_token_strs else None}
+
+    def detokenize(self, req: Detokenize) -> dict:
+        self.limits.check_model(req.model)
+        ids = self.limits.check_token_ids(req.tokens, "tokens", allow_empty=True)
+        return {"prompt": self.tokenizer.decode(ids)}
+
+    # ------------------------------------------------------------ logprobs
+
+    def _chat_logprobs(self, lps) -> dict:
+        """OpenAI chat format: {"content": [{token, logprob, bytes, top_logprobs: [...]}]} per token."""
+        piece = self.tokenizer.piece
+        entry = lambda t, lp: {"token": piece(t), "logprob": lp, "bytes": list(piece(t).encode())}
+        return {"content": [entry(t, lp) | {"top_logprobs": [entry(a, v) for a, v in alts]} for t, lp, alts in lps]}
+
+    def _completion_logprobs(self, lps) -> dict:
+        piece = self.tokenizer.piece
+        tokens = [piece(t) for t, _, _ in lps]
+        offsets, at = [], 0
+        for s in tokens:
+            offsets.append(at)
+            at += len(s)
+        return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in lps],
+                "top_logprobs": [{piece(a): v for a, v in alts} for _, _, alts in lps], "text_offset": offsets}
