@@ -234,9 +234,18 @@ def test_fuzzed_requests_never_get_a_5xx(server):
         "top_p": st.floats(-0.5, 1.5) | value, "top_k": st.integers(-2, 50) | value,
         "seed": st.integers(-2**70, 2**70) | value, "stop": st.lists(st.text(max_size=3), max_size=3) | value,
         "stream": st.booleans() | value, "n": st.integers(0, 3) | value, "logprobs": st.integers(-1, 25) | value,
+        "presence_penalty": st.floats(-3, 3) | value, "frequency_penalty": st.floats(-3, 3) | value,
+        "repetition_penalty": st.floats(-1, 3) | value, "min_p": st.floats(-0.5, 1.5) | value,
+        "min_tokens": st.integers(-2, 8) | value, "echo": st.booleans() | value,
+        "logit_bias": st.dictionaries(st.integers(-5, 40000).map(str) | st.text(max_size=4),
+                                      st.floats(-150, 150) | value, max_size=3) | value,
+        "stop_token_ids": st.lists(st.integers(-3, 40000), max_size=3) | value,
+        "stream_options": st.fixed_dictionaries({}, optional={"include_usage": st.booleans() | value}) | value,
+        "response_format": st.fixed_dictionaries({"type": st.sampled_from(["text", "json_object", "x"])}) | value,
+        "include_stop_str_in_output": st.booleans() | value, "skip_special_tokens": st.booleans() | value,
     }) | st.dictionaries(st.text(max_size=10), value, max_size=4)
 
-    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
     @given(route=st.sampled_from(["/v1/completions", "/v1/chat/completions"]), body=fields)
     def check(route, body):
         if isinstance(body.get("max_tokens"), int) and body["max_tokens"] > 6:
