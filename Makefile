@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve test install install-test clean
+.PHONY: serve test install install-test clean proto
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ serve: install
 
 test: install-test
 	$(BIN)/python -m pytest -q tests
+
+# The committed gRPC stubs, regenerated after an edit of the proto (grpcio-tools: a developer tool).
+proto: install
+	$(BIN)/pip install --quiet grpcio-tools
+	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. cluster/proto/mixserve.proto
 
 clean:
 	rm -rf $(VENV) .pytest_cache
