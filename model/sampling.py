@@ -25,6 +25,7 @@ SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed tak
 MAX_TOKENS_LIMIT = 2**31 - 1
 MAX_LOGIT_BIAS = 1024  # entries in one request's logit_bias
 MAX_STOP_TOKEN_IDS = 64
+LOGIT_CAP = 1e6  # processed logits stay below this (finite after a temperature of GREEDY_EPS)
 
 
 @dataclass
@@ -158,7 +159,9 @@ def process_logits(logits: torch.Tensor, params: list[SamplingParams], prompts: 
     freq = torch.tensor([params[i].frequency_penalty for i in pen], dtype=logits.dtype)[:, None]
     pres = torch.tensor([params[i].presence_penalty for i in pen], dtype=logits.dtype)[:, None]
     x = x - freq * counts - pres * seen.to(logits.dtype)
-    logits[idx] = x
+    # A penalty at the edge of its range (repetition_penalty 1e-300 is 0 in float32) must not make a
+    # logit infinite: +inf would make the row unsampleable. Capped far above any real logit.
+    logits[idx] = x.clamp(max=LOGIT_CAP)
     return logits
 
 

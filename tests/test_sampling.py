@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.sampling import SamplingParams, find_stop, make_generator, process_logits, sample
+from model.sampling import GREEDY_EPS, SamplingParams, bad_rows, find_stop, make_generator, process_logits, sample
 
 
 def test_filters_reduce_to_greedy():
@@ -112,3 +112,15 @@ def test_min_p_restricts_support():
 def test_out_of_range_values_are_refused(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)
+
+
+def test_values_at_the_edges_keep_the_row_sampleable():
+    logits = torch.tensor([[5.0, 4.0, -3.0, 0.0]])
+    edges = [SamplingParams(repetition_penalty=1e-300, temperature=GREEDY_EPS), SamplingParams(repetition_penalty=2.0),
+             SamplingParams(presence_penalty=-2, frequency_penalty=-2, temperature=2.0),
+             SamplingParams(logit_bias={0: -100.0, 1: -100.0, 2: -100.0, 3: -100.0}, min_p=1.0)]
+    for p in edges:
+        x = process_logits(logits, [p], [[0, 1, 2, 3]], [[0] * 1000], [set()])
+        assert not torch.isnan(x).any() and not torch.isposinf(x).any(), p
+        assert bad_rows(x) == []
+        sample(x, [p], [make_generator(0)])  # does not raise
