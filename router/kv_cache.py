@@ -57,6 +57,7 @@ class BlockManager:
             table.slots.extend(range(b * bs, (b + 1) * bs))
 
     def release(self, table: BlockTable) -> None:
+        """Give the table's blocks back; the table is left empty, so a second release frees nothing."""
         self.free.extend(reversed(table.blocks))
         table.blocks.clear()
         table.slots.clear()

@@ -1,11 +1,13 @@
 """Continuous batching: which sequences run in the next step, and how many of their tokens.
 
-Every step: first the running sequences (a decode token each, or the next chunk of a prompt), then
-waiting sequences are admitted while the token budget, the sequence limit and the KV cache allow
-(chunked prefill: a long prompt is split over several steps and shares them with decodes). When a
-running sequence cannot grow its KV blocks, the most recently admitted one is preempted: its blocks
-are freed and it is re-queued to recompute prompt + tokens so far (vLLM's recompute preemption).
-Requests join and leave only between steps.
+Every step: first the running sequences, in admission order (a decode token each, or the next chunk
+of a prompt), then waiting sequences are admitted in arrival order while the token budget, the
+sequence limit and the KV cache allow (chunked prefill: a long prompt is split over several steps and
+shares them with decodes). When a running sequence cannot grow its KV blocks, the most recently
+admitted one is preempted: its blocks are freed and it goes back to the head of the waiting queue to
+recompute prompt + tokens so far (vLLM's recompute preemption). A step that preempted admits nothing
+(vLLM's rule: the memory is short, and the sequence just preempted must not be re-admitted and
+preempted again in the same step). Requests join and leave only between steps.
 """
 
 from __future__ import annotations
@@ -88,10 +90,12 @@ class Scheduler:
         self.waiting.append(seq)
 
     def remove(self, seq: Sequence) -> None:
+        """Take a finished or aborted sequence out and free its blocks; removing it again is a no-op."""
         if seq.status is Status.RUNNING:
             self.running.remove(seq)
         elif seq.status is Status.WAITING:
             self.waiting.remove(seq)
+        seq.status = Status.FINISHED
         self.blocks.release(seq.table)
 
     def _preempt(self, seq: Sequence) -> None:
@@ -105,6 +109,7 @@ class Scheduler:
     def schedule(self) -> list[Scheduled]:
         out: list[Scheduled] = []
         budget = self.budget
+        preempted_before = self.num_preemptions
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
@@ -120,6 +125,8 @@ class Scheduler:
             out.append(Scheduled(seq, n))
             budget -= n
             i += 1
+        if self.num_preemptions != preempted_before:
+            return out
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             n = min(seq.num_tokens - seq.num_computed, budget)
