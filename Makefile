@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve test install install-test clean proto
+.PHONY: serve test lint install install-test clean proto
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,12 @@ install-test: $(VENV)/.installed-test
 serve: install
 	$(BIN)/mixserve serve
 
-test: install-test
+# The linter first (ruff: format and lint, configured in pyproject.toml), then the suite.
+lint: install-test
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+test: install-test lint
 	$(BIN)/python -m pytest -q tests
 
 # The committed gRPC stubs, regenerated after an edit of the proto (grpcio-tools: a developer tool).

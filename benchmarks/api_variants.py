@@ -49,15 +49,26 @@ VARIANTS: list[tuple[str, str, dict]] = [
     ("add_special_tokens (vLLM)", "/v1/completions", P | {"add_special_tokens": False}),
     ("chat plain", "/v1/chat/completions", C),
     ("chat n=2", "/v1/chat/completions", C | {"n": 2, "temperature": 0.8}),
-    ("chat content parts", "/v1/chat/completions", C | {"messages": [{"role": "user", "content": [
-        {"type": "text", "text": "Name a color."}]}]}),
+    (
+        "chat content parts",
+        "/v1/chat/completions",
+        C | {"messages": [{"role": "user", "content": [{"type": "text", "text": "Name a color."}]}]},
+    ),
     ("chat max_completion_tokens", "/v1/chat/completions", {"messages": C["messages"], "max_completion_tokens": 8}),
     ("chat response_format text", "/v1/chat/completions", C | {"response_format": {"type": "text"}}),
     ("chat logprobs", "/v1/chat/completions", C | {"logprobs": True, "top_logprobs": 2}),
     ("chat penalties", "/v1/chat/completions", C | {"presence_penalty": 0.5, "frequency_penalty": 0.5}),
     ("chat logit_bias", "/v1/chat/completions", C | {"logit_bias": {"13": -100}}),
-    ("chat stream include_usage", "/v1/chat/completions", C | {"stream": True, "stream_options": {"include_usage": True}}),
-    ("chat system + user", "/v1/chat/completions", C | {"messages": [{"role": "system", "content": "Be brief."}] + C["messages"]}),
+    (
+        "chat stream include_usage",
+        "/v1/chat/completions",
+        C | {"stream": True, "stream_options": {"include_usage": True}},
+    ),
+    (
+        "chat system + user",
+        "/v1/chat/completions",
+        C | {"messages": [{"role": "system", "content": "Be brief."}] + C["messages"]},
+    ),
     ("tokenize prompt", "/tokenize", {"prompt": "Hello world"}),
     ("tokenize messages", "/tokenize", {"messages": C["messages"]}),
     ("detokenize", "/detokenize", {"tokens": [1, 22557, 1526]}),
@@ -117,7 +128,11 @@ def main(argv=None) -> int:
         shapes = [r[n][1] for n in names if r[n][0] == 200]
         same = len(set(statuses)) == 1 and (len(set(shapes)) <= 1 or statuses[0] != 2)
         r["same"] = same
-        print(f"| {r['variant']} | " + " | ".join(f"{r[n][0]} {r[n][1]}" for n in names) + f" | {'yes' if same else 'NO'} |")
+        print(
+            f"| {r['variant']} | "
+            + " | ".join(f"{r[n][0]} {r[n][1]}" for n in names)
+            + f" | {'yes' if same else 'NO'} |"
+        )
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)

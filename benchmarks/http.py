@@ -1,6 +1,6 @@
 """TTFT and tokens/s through the OpenAI HTTP endpoint of a running server (e.g. `make serve`).
 
-    python -m benchmarks.http [--url http://127.0.0.1:8000/v1] [--model tiny] [--concurrency 1 16] [--max-tokens 32]
+python -m benchmarks.http [--url http://127.0.0.1:8000/v1] [--model tiny] [--concurrency 1 16] [--max-tokens 32]
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ import openai
 def one(client, model: str, prompt: str, n: int) -> tuple[float, float]:
     t0 = time.perf_counter()
     ttft = None
-    for ch in client.completions.create(model=model, prompt=prompt, max_tokens=n, temperature=0, stream=True,
-                                        extra_body={"ignore_eos": True}):
+    for ch in client.completions.create(
+        model=model, prompt=prompt, max_tokens=n, temperature=0, stream=True, extra_body={"ignore_eos": True}
+    ):
         if ttft is None and ch.choices and ch.choices[0].text:
             ttft = time.perf_counter() - t0
     return ttft if ttft is not None else float("nan"), time.perf_counter() - t0
@@ -36,8 +37,10 @@ def main(argv=None) -> int:
     print("| concurrency | TTFT p50 ms | output tok/s (aggregate) |\n|---:|---:|---:|")
     for c in a.concurrency:
         res: list = [None] * c
-        def run(i):
+
+        def run(i, res=res):
             res[i] = one(client, a.model, f"Request {i} asks about things", a.max_tokens)
+
         t0 = time.perf_counter()
         threads = [threading.Thread(target=run, args=(i,)) for i in range(c)]
         for t in threads:

@@ -61,8 +61,13 @@ def main(argv=None) -> int:
             prompts = workload(local.tokenizer, c)
             tl = run(local, prompts, a.max_tokens)
             td = run(dis, prompts, a.max_tokens)
-            row = {"preset": preset, "concurrency": c, "in_process_tok_s": round(tl, 1),
-                   "disaggregated_tok_s": round(td, 1), "ratio": round(td / tl, 3)}
+            row = {
+                "preset": preset,
+                "concurrency": c,
+                "in_process_tok_s": round(tl, 1),
+                "disaggregated_tok_s": round(td, 1),
+                "ratio": round(td / tl, 3),
+            }
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
         experts.shutdown()
@@ -72,7 +77,10 @@ def main(argv=None) -> int:
         json.dump({"dtype": "bfloat16", "max_tokens": a.max_tokens, "rows": rows}, f, indent=2)
     print("| preset | concurrency | in-process tok/s | disaggregated tok/s | ratio |\n|---|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['preset']} | {r['concurrency']} | {r['in_process_tok_s']} | {r['disaggregated_tok_s']} | {r['ratio']} |")
+        print(
+            f"| {r['preset']} | {r['concurrency']} | {r['in_process_tok_s']} | {r['disaggregated_tok_s']} "
+            f"| {r['ratio']} |"
+        )
     return 0
 
 

@@ -71,6 +71,7 @@ def bench_preset(preset: str, tokens: list[int], iters: int) -> list[dict]:
             actors = RayExperts(d, E, "auto", ExpertsConfig(num_cpus=0, transport=transport))
             actors.wait_ready()
             return (lambda r: actors.submit(r).result()), actors.shutdown
+
         return setup
 
     def serve_handles():
@@ -84,8 +85,10 @@ def bench_preset(preset: str, tokens: list[int], iters: int) -> list[dict]:
 
         from cluster.channel import new_secret
 
-        cg_actors = [ExpertActor.options(num_cpus=0).remote(d, g, "auto", None, new_secret(), ExpertsConfig(num_cpus=0))
-                     for g in groups]
+        cg_actors = [
+            ExpertActor.options(num_cpus=0).remote(d, g, "auto", None, new_secret(), ExpertsConfig(num_cpus=0))
+            for g in groups
+        ]
         with InputNode() as inp:
             dag = MultiOutputNode([a.run_packed.bind(inp[e]) for e, a in enumerate(cg_actors)])
         cdag = dag.experimental_compile(_buffer_size_bytes=8 * 1024 * 1024)
@@ -118,7 +121,9 @@ def bench_preset(preset: str, tokens: list[int], iters: int) -> list[dict]:
         try:
             for n in tokens:
                 ms = time_backend(fn, reqs[n])
-                results.append({"preset": preset, "hidden": cfg.hidden_size, "tokens": n, "transport": name, "ms": round(ms, 3)})
+                results.append(
+                    {"preset": preset, "hidden": cfg.hidden_size, "tokens": n, "transport": name, "ms": round(ms, 3)}
+                )
                 print(f"  {preset:5s} tokens={n:4d} {name:30s} {ms:8.3f} ms", file=sys.stderr, flush=True)
         finally:
             stop()

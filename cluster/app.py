@@ -27,14 +27,14 @@ from ray.serve import Application
 from model.checkpoint import Checkpoint
 from model.model import MixtralDense
 from model.sampling import SamplingParams
-from model.tokenizer import Tokenizer
 from model.tiny import resolve_model
+from model.tokenizer import Tokenizer
 from router.engine import EngineError, LLMEngine, Overloaded, RequestOutput, Resume
 from router.experts import expert_groups
 
+from .config import AppConfig
 from .deployments import ExpertDeployment, ExpertDirectory, ServeExperts
 from .expert_runtime import rss_bytes
-from .config import AppConfig
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,9 @@ class AttentionWorker:
         groups = expert_groups(num_experts, c.experts.experts_per_worker)
         emap = {e: g for g, es in enumerate(groups) for e in es}
         self.backend = ServeExperts(list(expert_handles), emap, c.experts, directory)
-        self.engine = LLMEngine(MixtralDense.from_checkpoint(ckpt, c.dtype), self.backend, Tokenizer.for_model(c.model), c.engine)
+        self.engine = LLMEngine(
+            MixtralDense.from_checkpoint(ckpt, c.dtype), self.backend, Tokenizer.for_model(c.model), c.engine
+        )
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.wake = threading.Event()
         self.streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}  # engine thread's
@@ -127,17 +129,26 @@ class AttentionWorker:
 
         e, b = self.engine, self.backend
         return {
-            "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
+            "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id(),
             "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "rss_bytes": rss_bytes(), "kv_bytes": e.kv.nbytes(),
-            "expert_in_flight_tokens": dict(b.in_flight), "expert_chunks": b.chunks_sent,
-            "running": e.num_running, "waiting": e.num_waiting,
-            "kv_usage": e.blocks.usage, "expert_retries": b.retries,
-            "dense_bytes": e.dense.nbytes(), "preemptions": e.scheduler.num_preemptions,
+            "rss_bytes": rss_bytes(),
+            "kv_bytes": e.kv.nbytes(),
+            "expert_in_flight_tokens": dict(b.in_flight),
+            "expert_chunks": b.chunks_sent,
+            "running": e.num_running,
+            "waiting": e.num_waiting,
+            "kv_usage": e.blocks.usage,
+            "expert_retries": b.retries,
+            "dense_bytes": e.dense.nbytes(),
+            "preemptions": e.scheduler.num_preemptions,
             "routed_tokens": [[l, x, n] for (l, x), n in sorted(b.routed.items())],
-            "expert_calls": b.calls, "expert_call_seconds": b.call_seconds,
-            "expert_channel_calls": b.channel_calls, "expert_ray_calls": b.ray_calls,
-            "expert_channels": sorted(b.channels), "torch_threads": torch.get_num_threads(),
+            "expert_calls": b.calls,
+            "expert_call_seconds": b.call_seconds,
+            "expert_channel_calls": b.channel_calls,
+            "expert_ray_calls": b.ray_calls,
+            "expert_channels": sorted(b.channels),
+            "torch_threads": torch.get_num_threads(),
         }
 
     # ------------------------------------------------------------ the replica's event loop
@@ -187,7 +198,8 @@ def build_app(cfg: AppConfig | dict) -> Application:
     cfg = AppConfig.model_validate(cfg) if isinstance(cfg, dict) else cfg
     s = cfg.server
     return OpenAIIngress.options(
-        num_replicas=s.replicas, ray_actor_options={"num_cpus": s.num_cpus, "resources": dict(s.resources)},
+        num_replicas=s.replicas,
+        ray_actor_options={"num_cpus": s.num_cpus, "resources": dict(s.resources)},
         max_ongoing_requests=s.max_ongoing_requests,
     ).bind(cfg.model_dump(), build_attention(cfg))
 
@@ -207,36 +219,56 @@ def build_attention(cfg: AppConfig | dict) -> Application:
         expert_actor["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(x.num_threads)}}
     # The directory exists for the data plane; with `transport: ray` the handles carry every call.
     # It sits with the ingress (the head node where `server.resources` says so): soft state, one replica.
-    directory = ExpertDirectory.options(name="expert-directory", ray_actor_options={
-        "num_cpus": 0, "resources": dict(cfg.server.resources)}).bind() if x.transport == "channel" else None
+    directory = (
+        ExpertDirectory.options(
+            name="expert-directory", ray_actor_options={"num_cpus": 0, "resources": dict(cfg.server.resources)}
+        ).bind()
+        if x.transport == "channel"
+        else None
+    )
     host_cfg = x.model_dump(exclude={"autoscaling", "replicas"})  # scaling changes restart no replica
     experts = []
     for g, group in enumerate(expert_groups(num_experts, x.experts_per_worker)):
-        scale = {"num_replicas": x.replicas} if x.autoscaling is None else {
-            "num_replicas": "auto", "autoscaling_config": x.autoscaling.serve_config(g)}
-        experts.append(ExpertDeployment.options(
-            name=f"expert-group-{g}", ray_actor_options=expert_actor, **scale, max_ongoing_requests=x.max_ongoing_requests,
-            graceful_shutdown_timeout_s=x.graceful_shutdown_timeout_s, graceful_shutdown_wait_loop_s=0.5,
-            # Replicas of one expert on different nodes, where there are several.
-            max_replicas_per_node=1 if (x.replicas > 1 or x.autoscaling) and x.resources else None,
-        ).bind(cfg.model, group, cfg.dtype, x.num_threads, host_cfg, g, directory))
+        scale = (
+            {"num_replicas": x.replicas}
+            if x.autoscaling is None
+            else {"num_replicas": "auto", "autoscaling_config": x.autoscaling.serve_config(g)}
+        )
+        experts.append(
+            ExpertDeployment.options(
+                name=f"expert-group-{g}",
+                ray_actor_options=expert_actor,
+                **scale,
+                max_ongoing_requests=x.max_ongoing_requests,
+                graceful_shutdown_timeout_s=x.graceful_shutdown_timeout_s,
+                graceful_shutdown_wait_loop_s=0.5,
+                # Replicas of one expert on different nodes, where there are several.
+                max_replicas_per_node=1 if (x.replicas > 1 or x.autoscaling) and x.resources else None,
+            ).bind(cfg.model, group, cfg.dtype, x.num_threads, host_cfg, g, directory)
+        )
     a = cfg.attention
     attn_actor = {"num_cpus": a.num_cpus, "num_gpus": a.num_gpus, "resources": dict(a.resources)}
-    scale = {"num_replicas": a.replicas} if a.autoscaling is None else {
-        "num_replicas": "auto", "autoscaling_config": a.autoscaling.serve_config()}
+    scale = (
+        {"num_replicas": a.replicas}
+        if a.autoscaling is None
+        else {"num_replicas": "auto", "autoscaling_config": a.autoscaling.serve_config()}
+    )
     # Admission is the engine's (max_num_seqs running + max_waiting queued, then Overloaded = HTTP 503).
     # Serve's per-replica cap sits above it, so excess requests reach the engine and get a prompt 503
     # instead of waiting in Serve's queue; Serve's default (5) would cap continuous batching at 5 streams.
     admit = cfg.engine.max_num_seqs + cfg.engine.max_waiting + ADMISSION_HEADROOM
     return AttentionWorker.options(ray_actor_options=attn_actor, max_ongoing_requests=admit, **scale).bind(
-        cfg.model_dump(), num_experts, directory, *experts)
+        cfg.model_dump(), num_experts, directory, *experts
+    )
 
 
 def replica_counts(app_name: str) -> dict[str, int]:
     """RUNNING replicas per deployment of an application, as the Serve controller sees them."""
     app = serve.status().applications.get(app_name)
-    return {name: sum(n for st, n in d.replica_states.items() if str(st).endswith("RUNNING"))
-            for name, d in (app.deployments.items() if app else [])}
+    return {
+        name: sum(n for st, n in d.replica_states.items() if str(st).endswith("RUNNING"))
+        for name, d in (app.deployments.items() if app else [])
+    }
 
 
 def resolve_config_path(path: str | None) -> str | None:

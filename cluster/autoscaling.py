@@ -39,7 +39,8 @@ class ExpertAutoscalingConfig(BaseModel):
     min_replicas: int = Field(1, ge=1, description="Replicas of every expert group at the least.")
     max_replicas: int = Field(4, ge=1, description="Replicas of every expert group at the most.")
     per_group: dict[int, ReplicaBounds] = Field(
-        default_factory=dict, description="Bounds for single expert groups (the expert id when experts_per_worker is 1)."
+        default_factory=dict,
+        description="Bounds for single expert groups (the expert id when experts_per_worker is 1).",
     )
     tokens_per_s_per_replica: float = Field(
         ..., gt=0, description="Routed tokens per second (summed over layers) one replica should serve."
@@ -71,18 +72,25 @@ class ExpertAutoscalingConfig(BaseModel):
         short = {"metrics_interval_s": self.look_back_period_s / 2} if self.look_back_period_s <= 10 else {}
         return AutoscalingConfig(
             **short,
-            min_replicas=lo, max_replicas=hi, initial_replicas=lo,
-            upscale_delay_s=self.upscale_delay_s, downscale_delay_s=self.downscale_delay_s,
+            min_replicas=lo,
+            max_replicas=hi,
+            initial_replicas=lo,
+            upscale_delay_s=self.upscale_delay_s,
+            downscale_delay_s=self.downscale_delay_s,
             look_back_period_s=self.look_back_period_s,
-            policy=AutoscalingPolicy(policy_function=POLICY_PATH, policy_kwargs={
-                "tokens_per_s_per_replica": self.tokens_per_s_per_replica,
-                "queued_tokens_per_replica": self.queued_tokens_per_replica,
-            }),
+            policy=AutoscalingPolicy(
+                policy_function=POLICY_PATH,
+                policy_kwargs={
+                    "tokens_per_s_per_replica": self.tokens_per_s_per_replica,
+                    "queued_tokens_per_replica": self.queued_tokens_per_replica,
+                },
+            ),
         )
 
 
-def desired_replicas(rates: list[float], queued: list[float], tokens_per_s_per_replica: float,
-                     queued_tokens_per_replica: float) -> int:
+def desired_replicas(
+    rates: list[float], queued: list[float], tokens_per_s_per_replica: float, queued_tokens_per_replica: float
+) -> int:
     """Replicas wanted for an expert group whose replicas report these loads (before bounds/delays)."""
     by_rate = math.ceil(sum(rates) / tokens_per_s_per_replica - 1e-9)
     by_queue = math.ceil(sum(queued) / queued_tokens_per_replica - 1e-9)

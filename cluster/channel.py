@@ -17,7 +17,8 @@ has proved it holds the secret, compared in constant time:
 
 Then frames (little-endian), one request and one response per call, matched by call id:
 
-    request   MAGIC u32 | call u32 | layer i32 | dtype u8 | pad 3 | cols u32 | k u32 | k x (expert i32, rows u32) | rows x cols
+    request   MAGIC u32 | call u32 | layer i32 | dtype u8 | pad 3 | cols u32 | k u32
+              | k x (expert i32, rows u32) | rows x cols
     response  MAGIC u32 | call u32 | status u8 | pad 3 | k u32 | (status 0) k x (expert i32, rows u32) | payload
                                                         | (status 1) len u32 | utf-8 error message
 
@@ -94,7 +95,9 @@ def _recv_exact(sock: socket.socket, n: int, deadline: float | None = None) -> m
     return _recv_into(sock, memoryview(bytearray(n)), deadline)
 
 
-def _recv_tensor(sock: socket.socket, rows: int, cols: int, dtype: torch.dtype, deadline: float | None = None) -> torch.Tensor:
+def _recv_tensor(
+    sock: socket.socket, rows: int, cols: int, dtype: torch.dtype, deadline: float | None = None
+) -> torch.Tensor:
     out = torch.empty(rows, cols, dtype=dtype)
     _recv_into(sock, memoryview(out.view(torch.uint8).numpy()).cast("B"), deadline)
     return out
@@ -140,7 +143,7 @@ class FrameLimits:
     max_rows: int  # token rows in one call, summed over its experts
 
     @classmethod
-    def for_worker(cls, worker, max_rows: int) -> "FrameLimits":
+    def for_worker(cls, worker, max_rows: int) -> FrameLimits:
         return cls(worker.cfg.num_hidden_layers, worker.cfg.hidden_size, frozenset(worker.experts), max_rows)
 
     def check_header(self, layer: int, dt: int, cols: int, k: int) -> str | None:
@@ -180,12 +183,25 @@ def _listen(host: str, ports: tuple[int, int] | None) -> socket.socket:
 class ChannelServer:
     """Runs in an expert replica: accepts authenticated connections and answers each frame with `worker.run`."""
 
-    def __init__(self, worker, host: str, secret: bytes, limits: FrameLimits, max_connections: int = 64,
-                 idle_timeout_s: float = 600.0, frame_timeout_s: float = 30.0, ports: tuple[int, int] | None = None):
+    def __init__(
+        self,
+        worker,
+        host: str,
+        secret: bytes,
+        limits: FrameLimits,
+        max_connections: int = 64,
+        idle_timeout_s: float = 600.0,
+        frame_timeout_s: float = 30.0,
+        ports: tuple[int, int] | None = None,
+    ):
         if len(secret) < 16:
             raise ValueError("the channel secret must be at least 16 bytes")
         self.worker, self.secret, self.limits = worker, secret, limits
-        self.max_connections, self.idle_timeout_s, self.frame_timeout_s = max_connections, idle_timeout_s, frame_timeout_s
+        self.max_connections, self.idle_timeout_s, self.frame_timeout_s = (
+            max_connections,
+            idle_timeout_s,
+            frame_timeout_s,
+        )
         self.sock = _listen(host, ports)
         self.address = (host, self.sock.getsockname()[1])
         self.closed = False

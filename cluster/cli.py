@@ -43,12 +43,13 @@ def cmd_init_tiny(a) -> int:
 
 def cmd_generate(a) -> int:
     from model.sampling import SamplingParams
+    from model.tiny import resolve_model
     from router.engine import EngineConfig, LLMEngine
 
-    from model.tiny import resolve_model
-
     model_dir = resolve_model(a.model)
-    params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed)
+    params = SamplingParams(
+        max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed
+    )
     if a.local:
         engine = LLMEngine.local(str(model_dir), a.dtype, EngineConfig())
         runtime = None
@@ -81,10 +82,13 @@ def resolve_config(a):
     from cluster.config import load_config
 
     overrides = {
-        "model": getattr(a, "model", None), "dtype": None if getattr(a, "dtype", "auto") == "auto" else a.dtype,
-        "server.host": getattr(a, "host", None), "server.port": getattr(a, "port", None),
+        "model": getattr(a, "model", None),
+        "dtype": None if getattr(a, "dtype", "auto") == "auto" else a.dtype,
+        "server.host": getattr(a, "host", None),
+        "server.port": getattr(a, "port", None),
         "server.grpc_port": getattr(a, "grpc_port", None),
-        "server.served_model_name": getattr(a, "served_model_name", None), "server.api_key": getattr(a, "api_key", None),
+        "server.served_model_name": getattr(a, "served_model_name", None),
+        "server.api_key": getattr(a, "api_key", None),
     }
     cfg = load_config(a.config or DEFAULT_CONFIG, overrides)
     from model.tiny import resolve_model
@@ -125,9 +129,15 @@ def cmd_serve(a) -> int:
         serve.run(build_app(cfg), name="mixserve", route_prefix="/")
         name = cfg.server.served_model_name or os.path.basename(os.path.normpath(cfg.model))
         url = f"http://{cfg.server.host}:{cfg.server.port}"
-        print(f"mixserve: serving {name} at {url}/v1 (gRPC mixserve.v1.MixServe on port {cfg.server.grpc_port})", flush=True)
-        print(f"  curl {url}/v1/completions -H 'Content-Type: application/json' "
-              f"-d '{{\"model\": \"{name}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'", flush=True)
+        print(
+            f"mixserve: serving {name} at {url}/v1 (gRPC mixserve.v1.MixServe on port {cfg.server.grpc_port})",
+            flush=True,
+        )
+        print(
+            f"  curl {url}/v1/completions -H 'Content-Type: application/json' "
+            f'-d \'{{"model": "{name}", "prompt": "Hello", "max_tokens": 16}}\'',
+            flush=True,
+        )
         while not stop.wait(0.5):
             pass
         print("mixserve: shutting down", file=sys.stderr, flush=True)

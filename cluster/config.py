@@ -1,9 +1,9 @@
 """The one config: YAML -> pydantic (unknown keys are errors) -> each component takes its part.
 
-    model / dtype        which checkpoint, in which dtype
-    engine               router.engine.EngineConfig (scheduler, KV cache, micro-batches)
-    attention / experts  replicas and placement of the two kinds of worker
-    server               host, ports, served model name, API key, request limits
+model / dtype        which checkpoint, in which dtype
+engine               router.engine.EngineConfig (scheduler, KV cache, micro-batches)
+attention / experts  replicas and placement of the two kinds of worker
+server               host, ports, served model name, API key, request limits
 """
 
 from __future__ import annotations
@@ -47,16 +47,22 @@ class AttentionConfig(BaseModel):
     replicas: int = Field(1, ge=1, description="Data-parallel attention replicas.")
     num_cpus: float = Field(1.0, ge=0, description="CPUs per attention replica.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per attention replica.")
-    resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per replica (attention nodes).")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources per replica (attention nodes)."
+    )
     num_threads: int | None = Field(
-        None, ge=1, description="torch threads of the engine; null = num_cpus when >= 1, else every core the node "
+        None,
+        ge=1,
+        description="torch threads of the engine; null = num_cpus when >= 1, else every core the node "
         "gives the process (Ray alone would give an actor without CPUs one thread).",
     )
     autoscaling: AttentionAutoscaling | None = Field(
         None, description="Serve's request-based autoscaling of attention replicas; null = fixed `replicas`."
     )
     max_resubmits: int = Field(
-        3, ge=0, description="Times the ingress re-submits a request (prompt + tokens so far) whose attention replica died.",
+        3,
+        ge=0,
+        description="Times the ingress re-submits a request (prompt + tokens so far) whose attention replica died.",
     )
 
 
@@ -66,17 +72,24 @@ class ServerConfig(BaseModel):
     host: str = Field("127.0.0.1", description="HTTP bind address (loopback by default).")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
     grpc_port: int = Field(9000, ge=1, le=65535, description="gRPC port.")
-    served_model_name: str | None = Field(None, description="Model id in the API; the checkpoint folder name when null.")
+    served_model_name: str | None = Field(
+        None, description="Model id in the API; the checkpoint folder name when null."
+    )
     api_key: str | None = Field(None, description="Bearer key required on /v1 routes (or env MIXSERVE_API_KEY).")
     max_request_bytes: int = Field(1 << 20, ge=1024, description="Largest request body accepted.")
     max_tokens_default: int = Field(256, ge=1, description="max_tokens when a request gives none.")
     replicas: int = Field(1, ge=1, description="Ingress replicas (OpenAI/gRPC front: tokenise, detokenise, admission).")
     max_ongoing_requests: int = Field(
-        1024, ge=1, description="Requests one ingress replica holds at once (Serve's default is 5). Admission "
+        1024,
+        ge=1,
+        description="Requests one ingress replica holds at once (Serve's default is 5). Admission "
         "is the engine's (engine.max_num_seqs + engine.max_waiting, then 503), not this.",
     )
     num_cpus: float = Field(0.0, ge=0, description="CPUs per ingress replica.")
-    resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per ingress replica, e.g. {ingress_slot: 1} for the head node.")
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources per ingress replica, e.g. {ingress_slot: 1} for the head node.",
+    )
 
 
 class AppConfig(BaseModel):

@@ -76,8 +76,16 @@ class ExpertDirectory:
 class ExpertDeployment:
     """One expert group's replica: the worker host, announced to the directory while it serves."""
 
-    def __init__(self, model_dir: str | None, experts: list[int], dtype: str = "auto", num_threads: int | None = None,
-                 cfg: dict | None = None, group: int = 0, directory=None):
+    def __init__(
+        self,
+        model_dir: str | None,
+        experts: list[int],
+        dtype: str = "auto",
+        num_threads: int | None = None,
+        cfg: dict | None = None,
+        group: int = 0,
+        directory=None,
+    ):
         self.cfg = ExpertsConfig.model_validate(cfg or {})
         secret = app_secret() if directory is not None else None
         self.host = ExpertHost(resolve_model(model_dir), experts, dtype, num_threads, secret, self.cfg)
@@ -88,7 +96,9 @@ class ExpertDeployment:
             addr = self.host.channel_address()
             self.heartbeat = Refresher(
                 lambda: directory.register.remote(self.replica, group, addr).result(timeout_s=10),
-                HEARTBEAT_S, "expert-heartbeat")
+                HEARTBEAT_S,
+                "expert-heartbeat",
+            )
         self._gauges = None
 
     def run(self, layer: int, batches: dict) -> dict:
@@ -109,7 +119,9 @@ class ExpertDeployment:
                 from ray.util.metrics import Gauge
 
                 tags = ("experts",)
-                self._gauges = {k: Gauge(f"mixserve_expert_replica_{k}", f"per replica: {k}", tag_keys=tags) for k in load}
+                self._gauges = {
+                    k: Gauge(f"mixserve_expert_replica_{k}", f"per replica: {k}", tag_keys=tags) for k in load
+                }
             for k, v in load.items():
                 self._gauges[k].set(v, tags={"experts": ",".join(map(str, self.host.worker.experts))})
         except Exception:  # noqa: BLE001 - metrics export must never fail the autoscaler's call
@@ -172,8 +184,12 @@ class ServeExperts(ExpertClient):
 
     def __init__(self, handles: list, expert_map: dict[int, int], cfg: ExpertsConfig, directory=None):
         use_channel = directory is not None and cfg.transport == "channel"
-        super().__init__(ServeFleet(handles, directory if use_channel else None), expert_map, cfg,
-                         app_secret() if use_channel else None)
+        super().__init__(
+            ServeFleet(handles, directory if use_channel else None),
+            expert_map,
+            cfg,
+            app_secret() if use_channel else None,
+        )
 
     def close(self) -> None:
         self.fleet.close()

@@ -41,8 +41,15 @@ log = logging.getLogger(__name__)
 
 # Failures after which a call is re-sent elsewhere (calls are idempotent): the replica died, hung,
 # is being removed, or the connection broke. A worker's own error (RemoteExpertError) is not one.
-RETRYABLE = (RayActorError, ActorDiedError, ActorUnavailableError, GetTimeoutError, TimeoutError,
-             RequestCancelledError, ChannelError)
+RETRYABLE = (
+    RayActorError,
+    ActorDiedError,
+    ActorUnavailableError,
+    GetTimeoutError,
+    TimeoutError,
+    RequestCancelledError,
+    ChannelError,
+)
 
 
 class ExpertsConfig(BaseModel):
@@ -53,37 +60,49 @@ class ExpertsConfig(BaseModel):
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per expert replica.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per expert replica (0 on CPU clusters).")
     resources: dict[str, float] = Field(
-        default_factory=dict, description="Custom Ray resources per replica, e.g. {expert_slot: 1}, placing it on expert nodes."
+        default_factory=dict,
+        description="Custom Ray resources per replica, e.g. {expert_slot: 1}, placing it on expert nodes.",
     )
     num_threads: int | None = Field(None, ge=1, description="torch threads per replica (default: torch's).")
     max_tries: int = Field(4, ge=1, description="Attempts of one expert call before the request fails.")
     call_timeout_s: float = Field(30.0, gt=0, description="Seconds to wait for one expert call before retrying.")
     max_restarts: int = Field(-1, ge=-1, description="Ray restarts of a dead replica (-1 = always).")
     autoscaling: ExpertAutoscalingConfig | None = Field(
-        None, description="Scale each expert group's replicas on routed-token load (Serve app); null = fixed `replicas`."
+        None,
+        description="Scale each expert group's replicas on routed-token load (Serve app); null = fixed `replicas`.",
     )
     split_tokens: int | None = Field(
-        None, ge=1, description="Split one layer's batch for a group into calls of at most this many tokens, "
+        None,
+        ge=1,
+        description="Split one layer's batch for a group into calls of at most this many tokens, "
         "each to the least-loaded replica of the group; null = one call per group and layer.",
     )
     graceful_shutdown_timeout_s: float = Field(
-        20.0, ge=0, description="A replica being removed gets nothing new and this long to finish its calls.",
+        20.0,
+        ge=0,
+        description="A replica being removed gets nothing new and this long to finish its calls.",
     )
     max_ongoing_requests: int = Field(
-        64, ge=1, description="Ray-path calls one expert replica of the Serve app takes at once (Serve's default is 5).",
+        64,
+        ge=1,
+        description="Ray-path calls one expert replica of the Serve app takes at once (Serve's default is 5).",
     )
     max_call_tokens: int = Field(
-        16384, ge=1, description="Token rows one expert call may carry (all its experts together); the data plane "
+        16384,
+        ge=1,
+        description="Token rows one expert call may carry (all its experts together); the data plane "
         "refuses larger frames before allocating. At least engine.max_num_batched_tokens x top-k.",
     )
     channel_max_connections: int = Field(64, ge=1, description="Data-plane connections one expert replica accepts.")
     channel_idle_timeout_s: float = Field(600.0, gt=0, description="A data-plane connection idle this long is closed.")
     channel_ports: tuple[int, int] | None = Field(
-        None, description="[first, last]: the data-plane listener takes the first free port of this range (name it "
+        None,
+        description="[first, last]: the data-plane listener takes the first free port of this range (name it "
         "in firewalls and NetworkPolicies); null = any free port.",
     )
     transport: Literal["channel", "ray"] = Field(
-        "channel", description="How token batches reach expert replicas: `channel` = a direct authenticated TCP "
+        "channel",
+        description="How token batches reach expert replicas: `channel` = a direct authenticated TCP "
         "connection per replica, with Ray calls as the fallback; `ray` = every call through Ray (actor calls, or "
         "Serve handles by value in the application).",
     )
@@ -115,15 +134,27 @@ class ExpertHost:
     Hosted by `ExpertActor` (a Ray actor) or `ExpertDeployment` (a Serve replica); `secret` is the
     data plane's shared key (None, or `transport: ray`: no listener, Ray calls only)."""
 
-    def __init__(self, model_dir: str, experts: list[int], dtype: str, num_threads: int | None,
-                 secret: bytes | None, cfg: ExpertsConfig):
+    def __init__(
+        self,
+        model_dir: str,
+        experts: list[int],
+        dtype: str,
+        num_threads: int | None,
+        secret: bytes | None,
+        cfg: ExpertsConfig,
+    ):
         self.worker = ExpertWorker(model_dir, experts, dtype, num_threads)
         self.channel: ChannelServer | None = None
         if cfg.transport == "channel" and secret:
             self.channel = ChannelServer(
-                self.worker, ray.util.get_node_ip_address(), secret,
+                self.worker,
+                ray.util.get_node_ip_address(),
+                secret,
                 FrameLimits.for_worker(self.worker, cfg.max_call_tokens),
-                cfg.channel_max_connections, cfg.channel_idle_timeout_s, cfg.call_timeout_s, ports=cfg.channel_ports,
+                cfg.channel_max_connections,
+                cfg.channel_idle_timeout_s,
+                cfg.call_timeout_s,
+                ports=cfg.channel_ports,
             )
         self._last = (time.monotonic(), 0)
 
@@ -140,9 +171,14 @@ class ExpertHost:
 
         w = self.worker
         return {
-            "experts": w.experts, "weight_bytes": w.weight_bytes(), "bytes_read": w.bytes_read,
-            "stats": w.stats.snapshot(), "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
-            "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss_bytes": rss_bytes(),
+            "experts": w.experts,
+            "weight_bytes": w.weight_bytes(),
+            "bytes_read": w.bytes_read,
+            "stats": w.stats.snapshot(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "pid": os.getpid(),
+            "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "rss_bytes": rss_bytes(),
             "channel_address": self.channel_address(),
             "channel_connections": self.channel.num_connections if self.channel else 0,
         }
@@ -198,7 +234,7 @@ class _Call:
 
 
 class ClientFuture:
-    def __init__(self, client: "ExpertClient", layer: int, calls: list[_Call], sizes: dict[int, int]):
+    def __init__(self, client: ExpertClient, layer: int, calls: list[_Call], sizes: dict[int, int]):
         self.client, self.layer, self.calls, self.sizes = client, layer, calls, sizes
         self.t0 = time.perf_counter()
 
@@ -253,7 +289,7 @@ class ExpertClient:
     def _mark_bad(self, key: str, address: tuple) -> None:
         _, _, strikes = self.bad.get(key, ((), 0.0, 0))
         lo, hi = self.BACKOFF_S
-        self.bad[key] = (address, time.monotonic() + min(hi, lo * 2 ** strikes), strikes + 1)
+        self.bad[key] = (address, time.monotonic() + min(hi, lo * 2**strikes), strikes + 1)
         ch = self.channels.pop(key, None)
         if ch is not None:
             ch.close()
@@ -312,8 +348,15 @@ class ExpertClient:
                 return self.fleet.wait(call.pending, self.cfg.call_timeout_s)
             except RETRYABLE as e:
                 self.retries += 1
-                log.warning("expert call failed; re-sending", extra={
-                    "group": call.group, "layer": layer, "attempt": attempt, "error": f"{type(e).__name__}: {e}"[:200]})
+                log.warning(
+                    "expert call failed; re-sending",
+                    extra={
+                        "group": call.group,
+                        "layer": layer,
+                        "attempt": attempt,
+                        "error": f"{type(e).__name__}: {e}"[:200],
+                    },
+                )
                 if call.key is not None:
                     self._mark_bad(call.key, call.pending[0].address)
                 else:
@@ -321,7 +364,8 @@ class ExpertClient:
                 self._settle(call)
                 if attempt == self.cfg.max_tries:
                     raise ExpertUnavailable(
-                        f"expert group {call.group} (layer {layer}) failed {attempt} times: {type(e).__name__}: {e}") from None
+                        f"expert group {call.group} (layer {layer}) failed {attempt} times: {type(e).__name__}: {e}"
+                    ) from None
                 nxt = self._send(call.group, layer, call.part, call.rows, call.tried)
                 call.key, call.pending, call.tried = nxt.key, nxt.pending, nxt.tried
         raise AssertionError("unreachable")

@@ -20,26 +20,47 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 class Metrics:
     def __init__(self):
         r = self.registry = CollectorRegistry()
-        self.requests = Counter("mixserve_requests_total", "HTTP requests by route and status", ["route", "status"], registry=r)
+        self.requests = Counter(
+            "mixserve_requests_total", "HTTP requests by route and status", ["route", "status"], registry=r
+        )
         self.prompt_tokens = Counter("mixserve_prompt_tokens_total", "Prompt tokens of admitted requests", registry=r)
         self.generated_tokens = Counter("mixserve_generation_tokens_total", "Generated tokens", registry=r)
-        self.ttft = Histogram("mixserve_time_to_first_token_seconds", "Time to first token", buckets=LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram("mixserve_inter_token_latency_seconds", "Time between tokens", buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram(
+            "mixserve_time_to_first_token_seconds", "Time to first token", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.itl = Histogram(
+            "mixserve_inter_token_latency_seconds", "Time between tokens", buckets=LATENCY_BUCKETS, registry=r
+        )
         self.running = Gauge("mixserve_running_sequences", "Sequences in the running batch", registry=r)
         self.waiting = Gauge("mixserve_waiting_sequences", "Sequences waiting for admission", registry=r)
         self.kv_usage = Gauge("mixserve_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use", registry=r)
         self.preemptions = Gauge("mixserve_preemptions", "Sequences preempted for KV space so far", registry=r)
-        self.routed = Gauge("mixserve_expert_routed_tokens", "Tokens routed to an expert in a layer so far", ["layer", "expert"], registry=r)
+        self.routed = Gauge(
+            "mixserve_expert_routed_tokens",
+            "Tokens routed to an expert in a layer so far",
+            ["layer", "expert"],
+            registry=r,
+        )
         self.expert_calls = Gauge("mixserve_expert_layer_calls", "Layer fan-outs to the experts so far", registry=r)
-        self.expert_seconds = Gauge("mixserve_expert_layer_call_seconds", "Summed layer fan-out round-trip time", registry=r)
+        self.expert_seconds = Gauge(
+            "mixserve_expert_layer_call_seconds", "Summed layer fan-out round-trip time", registry=r
+        )
         self.retries = Gauge("mixserve_expert_retries", "Expert calls re-sent after a failure so far", registry=r)
         self.replicas = Gauge("mixserve_expert_replicas", "Running replicas per expert group", ["group"], registry=r)
-        self.load = Gauge("mixserve_expert_load_tokens_per_second",
-                          "Tokens routed per second to an expert since the previous scrape (layer=all: summed)",
-                          ["layer", "expert"], registry=r)
-        self.queued = Gauge("mixserve_expert_queued_tokens", "Tokens sent to an expert and not yet returned", ["expert"], registry=r)
-        self.resubmits = Counter("mixserve_attention_resubmits_total",
-                                 "Requests re-submitted to another attention replica after theirs died", registry=r)
+        self.load = Gauge(
+            "mixserve_expert_load_tokens_per_second",
+            "Tokens routed per second to an expert since the previous scrape (layer=all: summed)",
+            ["layer", "expert"],
+            registry=r,
+        )
+        self.queued = Gauge(
+            "mixserve_expert_queued_tokens", "Tokens sent to an expert and not yet returned", ["expert"], registry=r
+        )
+        self.resubmits = Counter(
+            "mixserve_attention_resubmits_total",
+            "Requests re-submitted to another attention replica after theirs died",
+            registry=r,
+        )
         self._last: tuple[float, dict] | None = None
 
     def update_from(self, stats: dict, replicas: dict[str, int], now: float | None = None) -> None:

@@ -11,15 +11,14 @@ matching status codes.
 """
 
 import ipaddress
-import json
 import logging
 import os
 import time
 
+import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-import grpc
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.grpc_util import RayServegRPCContext
@@ -34,17 +33,34 @@ from router.engine import RequestOutput, Resume
 from .config import AppConfig
 from .metrics import Metrics
 from .proto import mixserve_pb2 as pb
-from .protocol import (APIError, ChatRequest, CompletionRequest, Detokenize, ModelLimits, TokenizeChat,
-                       TokenizeCompletion, key_matches, parse_json, read_body, unauthorized, validate)
+from .protocol import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    Detokenize,
+    ModelLimits,
+    TokenizeChat,
+    TokenizeCompletion,
+    key_matches,
+    parse_json,
+    read_body,
+    unauthorized,
+    validate,
+)
 from .serving import OpenAIServing
 
 log = logging.getLogger(__name__)
 # A streaming call fails with these when its attention replica's process is gone.
 ATTENTION_LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
 # HTTP status -> gRPC status for the same refusal.
-GRPC_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
-              403: grpc.StatusCode.PERMISSION_DENIED, 404: grpc.StatusCode.NOT_FOUND,
-              413: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE}
+GRPC_CODES = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
+    404: grpc.StatusCode.NOT_FOUND,
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    503: grpc.StatusCode.UNAVAILABLE,
+}
 
 api = FastAPI(title="mixserve", description="OpenAI-compatible API of mixserve")
 
@@ -72,8 +88,13 @@ async def _http_error(request: Request, e: StarletteHTTPException):
 def output_error(out: RequestOutput) -> APIError:
     """The refusal or failure an attention replica reported for one request, as an API error."""
     if out.error_kind == "overloaded":
-        return APIError(503, "the server is overloaded; retry later", "server_error", code="overloaded",
-                        headers={"Retry-After": "1"})
+        return APIError(
+            503,
+            "the server is overloaded; retry later",
+            "server_error",
+            code="overloaded",
+            headers={"Retry-After": "1"},
+        )
     if out.error_kind == "invalid":
         return APIError(400, out.error or "invalid request")
     return APIError(500, f"the request failed: {out.error}", "server_error", code="request_failed")
@@ -120,7 +141,9 @@ class OpenAIIngress:
         self.tokenizer = Tokenizer.for_model(self.cfg.model)
         mc = MixtralConfig.from_file(self.cfg.model)
         self.vocab = mc.vocab_size
-        self.max_model_len = min(self.cfg.engine.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        self.max_model_len = min(
+            self.cfg.engine.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings
+        )
         s = self.cfg.server
         self.model_name = s.served_model_name or os.path.basename(os.path.normpath(self.cfg.model))
         self.limits = ModelLimits(self.model_name, self.vocab, self.max_model_len, s.max_tokens_default)
@@ -209,11 +232,17 @@ class OpenAIIngress:
                 resp.cancel()
                 resubmits += 1
                 if resubmits > self.cfg.attention.max_resubmits:
-                    raise APIError(503, f"the request was lost with {resubmits} attention replicas",
-                                   "server_error", code="attention_unavailable") from None
+                    raise APIError(
+                        503,
+                        f"the request was lost with {resubmits} attention replicas",
+                        "server_error",
+                        code="attention_unavailable",
+                    ) from None
                 self.metrics.resubmits.inc()
-                log.warning("attention replica lost; re-submitting",
-                            extra={"tokens_so_far": len(done), "attempt": resubmits, "error": type(e).__name__})
+                log.warning(
+                    "attention replica lost; re-submitting",
+                    extra={"tokens_so_far": len(done), "attempt": resubmits, "error": type(e).__name__},
+                )
             except BaseException:  # the client went away (generator closed) or a real error: free the sequence
                 resp.cancel()
                 raise
@@ -231,8 +260,11 @@ class OpenAIIngress:
         try:  # replica counts as Serve sees them; absent where the controller cannot be asked
             from .app import replica_counts
 
-            replicas = {name.removeprefix("expert-group-"): n for name, n in replica_counts(self.app_name).items()
-                        if name.startswith("expert-group-")}
+            replicas = {
+                name.removeprefix("expert-group-"): n
+                for name, n in replica_counts(self.app_name).items()
+                if name.startswith("expert-group-")
+            }
         except Exception:  # noqa: BLE001
             pass
         self.metrics.update_from(stats, replicas)
@@ -241,8 +273,18 @@ class OpenAIIngress:
     @api.get("/v1/models")
     async def models(self, request: Request):
         self._authorize(request)
-        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
-                                            "owned_by": "mixserve", "max_model_len": self.max_model_len}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": self.model_name,
+                    "object": "model",
+                    "created": self.created,
+                    "owned_by": "mixserve",
+                    "max_model_len": self.max_model_len,
+                }
+            ],
+        }
 
     async def _counted(self, route: str, fn, request: Request):
         """Run a route, counting its outcome; an APIError becomes its OpenAI-shaped response."""
@@ -256,7 +298,9 @@ class OpenAIIngress:
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):
-        return await self._counted("/v1/completions", self._generate(CompletionRequest, self.serving.completions), request)
+        return await self._counted(
+            "/v1/completions", self._generate(CompletionRequest, self.serving.completions), request
+        )
 
     @api.post("/v1/chat/completions")
     async def chat(self, request: Request):
@@ -291,21 +335,33 @@ class OpenAIIngress:
         """proto GenerateRequest -> (prompt ids, SamplingParams) through the same checks as HTTP:
         the peer and API key first, then size, then the completion schema."""
         if self.loopback_only and not is_loopback(_peer_host(grpc_context.peer())):
-            raise APIError(403, "this server takes gRPC calls from this host only (server.host is a loopback address)",
-                           "permission_error")
+            raise APIError(
+                403,
+                "this server takes gRPC calls from this host only (server.host is a loopback address)",
+                "permission_error",
+            )
         metadata = dict(grpc_context.invocation_metadata())
         if not key_matches(metadata.get("authorization"), self.api_key):
             raise unauthorized()
         size = request.ByteSize()
         if size > self.cfg.server.max_request_bytes:
             raise APIError(413, f"request is {size} bytes; the limit is {self.cfg.server.max_request_bytes}")
-        body = {"model": self.model_name, "temperature": request.temperature, "top_p": request.top_p or 1.0,
-                "top_k": request.top_k, "stop": list(request.stop), "ignore_eos": request.ignore_eos,
-                "prompt": list(request.prompt_token_ids) or request.prompt,
-                "presence_penalty": request.presence_penalty, "frequency_penalty": request.frequency_penalty,
-                "min_p": request.min_p, "min_tokens": request.min_tokens,
-                "stop_token_ids": list(request.stop_token_ids), "logit_bias": dict(request.logit_bias),
-                "include_stop_str_in_output": request.include_stop_str_in_output}
+        body = {
+            "model": self.model_name,
+            "temperature": request.temperature,
+            "top_p": request.top_p or 1.0,
+            "top_k": request.top_k,
+            "stop": list(request.stop),
+            "ignore_eos": request.ignore_eos,
+            "prompt": list(request.prompt_token_ids) or request.prompt,
+            "presence_penalty": request.presence_penalty,
+            "frequency_penalty": request.frequency_penalty,
+            "min_p": request.min_p,
+            "min_tokens": request.min_tokens,
+            "stop_token_ids": list(request.stop_token_ids),
+            "logit_bias": dict(request.logit_bias),
+            "include_stop_str_in_output": request.include_stop_str_in_output,
+        }
         for name in ("max_tokens",):
             if getattr(request, name):
                 body[name] = getattr(request, name)
@@ -339,9 +395,15 @@ class OpenAIIngress:
             grpc_context.set_code(GRPC_CODES.get(e.status, grpc.StatusCode.INTERNAL))
             grpc_context.set_details(e.message)
             return pb.GenerateResponse()
-        return pb.GenerateResponse(text=text, token_ids=toks, finished=True, finish_reason=last.finish_reason,
-                                   prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens,
-                                   **_stop_reason(last))
+        return pb.GenerateResponse(
+            text=text,
+            token_ids=toks,
+            finished=True,
+            finish_reason=last.finish_reason,
+            prompt_tokens=last.prompt_tokens,
+            completion_tokens=last.completion_tokens,
+            **_stop_reason(last),
+        )
 
     async def GenerateStream(self, request, grpc_context: RayServegRPCContext):
         outs = await self._grpc_outputs(request, grpc_context)
@@ -349,9 +411,15 @@ class OpenAIIngress:
             return
         try:
             async for out in outs:
-                yield pb.GenerateResponse(text=out.text, token_ids=out.new_token_ids, finished=out.finished,
-                                          finish_reason=out.finish_reason or "", prompt_tokens=out.prompt_tokens,
-                                          completion_tokens=out.completion_tokens, **_stop_reason(out))
+                yield pb.GenerateResponse(
+                    text=out.text,
+                    token_ids=out.new_token_ids,
+                    finished=out.finished,
+                    finish_reason=out.finish_reason or "",
+                    prompt_tokens=out.prompt_tokens,
+                    completion_tokens=out.completion_tokens,
+                    **_stop_reason(out),
+                )
         except APIError as e:
             grpc_context.set_code(GRPC_CODES.get(e.status, grpc.StatusCode.INTERNAL))
             grpc_context.set_details(e.message)

@@ -16,8 +16,15 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from model.sampling import (MAX_LOGIT_BIAS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS, MAX_TOKENS_LIMIT, SEED_MAX, SEED_MIN,
-                            SamplingParams)
+from model.sampling import (
+    MAX_LOGIT_BIAS,
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS,
+    MAX_TOKENS_LIMIT,
+    SEED_MAX,
+    SEED_MIN,
+    SamplingParams,
+)
 
 MAX_JSON_DEPTH = 32  # the deepest real request (chat content parts) nests 4 levels
 MAX_NUMBER_CHARS = 40  # a JSON number literal longer than this is refused before it is converted
@@ -28,10 +35,24 @@ MAX_CHOICES = 128  # sequences one request may ask for: prompts x n
 class APIError(Exception):
     """A request that ends with an OpenAI-shaped error and an HTTP status (or its gRPC code)."""
 
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict | None = None,
+    ):
         super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code, self.headers = status, message, type_, param, code, headers
+        self.status, self.message, self.type, self.param, self.code, self.headers = (
+            status,
+            message,
+            type_,
+            param,
+            code,
+            headers,
+        )
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -190,8 +211,12 @@ class _Common(BaseModel):
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[int] | Annotated[list[str], Field(max_length=MAX_CHOICES)] | \
-        Annotated[list[list[int]], Field(max_length=MAX_CHOICES)]
+    prompt: (
+        str
+        | list[int]
+        | Annotated[list[str], Field(max_length=MAX_CHOICES)]
+        | Annotated[list[list[int]], Field(max_length=MAX_CHOICES)]
+    )
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     best_of: int | None = Field(None, ge=1, le=MAX_CHOICES, description="Only equal to n (no extra candidates).")
@@ -278,33 +303,56 @@ class ModelLimits:
     for HTTP and gRPC alike."""
 
     def __init__(self, name: str, vocab: int, max_model_len: int, max_tokens_default: int):
-        self.name, self.vocab, self.max_model_len, self.max_tokens_default = name, vocab, max_model_len, max_tokens_default
+        self.name, self.vocab, self.max_model_len, self.max_tokens_default = (
+            name,
+            vocab,
+            max_model_len,
+            max_tokens_default,
+        )
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.name:
-            raise APIError(404, f"model {model!r} does not exist; this server serves {self.name!r}",
-                           "not_found_error", "model", "model_not_found")
+            raise APIError(
+                404,
+                f"model {model!r} does not exist; this server serves {self.name!r}",
+                "not_found_error",
+                "model",
+                "model_not_found",
+            )
 
     def check_token_ids(self, ids: list[int], param: str, allow_empty: bool = False) -> list[int]:
         if (not ids and not allow_empty) or (ids and (min(ids) < 0 or max(ids) >= self.vocab)):
-            raise APIError(400, f"{param}: token ids must be {'' if allow_empty else 'non-empty and '}in [0, {self.vocab})",
-                           param=param)
+            raise APIError(
+                400,
+                f"{param}: token ids must be {'' if allow_empty else 'non-empty and '}in [0, {self.vocab})",
+                param=param,
+            )
         return list(ids)
 
-    def sampling_params(self, req, prompt_len: int, max_tokens: int | None, logprobs: int | None,
-                        param: str, seed_offset: int = 0) -> SamplingParams:
+    def sampling_params(
+        self, req, prompt_len: int, max_tokens: int | None, logprobs: int | None, param: str, seed_offset: int = 0
+    ) -> SamplingParams:
         """The request's sampling parameters for a prompt of `prompt_len` tokens: context length,
         token ranges and every value checked; choice `seed_offset` of n gets seed + offset (vLLM's
         rule, so that each choice is its own reproducible sequence)."""
         if prompt_len >= self.max_model_len:
-            raise APIError(400, f"the prompt has {prompt_len} tokens; this model's context is {self.max_model_len} tokens",
-                           param=param, code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"the prompt has {prompt_len} tokens; this model's context is {self.max_model_len} tokens",
+                param=param,
+                code="context_length_exceeded",
+            )
         room = self.max_model_len - prompt_len
         if max_tokens is None:
             max_tokens = min(self.max_tokens_default, room)
         elif max_tokens > room:
-            raise APIError(400, f"max_tokens={max_tokens} plus the prompt's {prompt_len} tokens exceeds the "
-                                f"context of {self.max_model_len} tokens", param="max_tokens", code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"max_tokens={max_tokens} plus the prompt's {prompt_len} tokens exceeds the "
+                f"context of {self.max_model_len} tokens",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
         if req.min_tokens > max_tokens:
             raise APIError(400, f"min_tokens={req.min_tokens} is more than max_tokens={max_tokens}", param="min_tokens")
         self.check_token_ids(req.stop_token_ids, "stop_token_ids", allow_empty=True)
@@ -316,11 +364,22 @@ class ModelLimits:
             seed = (seed + seed_offset - SEED_MIN) % (SEED_MAX - SEED_MIN + 1) + SEED_MIN
         try:
             return SamplingParams(
-                max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=seed,
-                stop=stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, logprobs=logprobs,
-                presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-                repetition_penalty=req.repetition_penalty, logit_bias=bias, min_p=req.min_p,
-                min_tokens=req.min_tokens, skip_special_tokens=req.skip_special_tokens,
+                max_tokens=max_tokens,
+                temperature=req.temperature,
+                top_p=req.top_p,
+                top_k=req.top_k,
+                seed=seed,
+                stop=stop,
+                stop_token_ids=req.stop_token_ids,
+                ignore_eos=req.ignore_eos,
+                logprobs=logprobs,
+                presence_penalty=req.presence_penalty,
+                frequency_penalty=req.frequency_penalty,
+                repetition_penalty=req.repetition_penalty,
+                logit_bias=bias,
+                min_p=req.min_p,
+                min_tokens=req.min_tokens,
+                skip_special_tokens=req.skip_special_tokens,
                 include_stop_str_in_output=req.include_stop_str_in_output,
             )
         except ValueError as e:

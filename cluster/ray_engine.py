@@ -112,7 +112,9 @@ class RayExperts(ExpertClient):
         bundle = {k: v for k, v in bundle.items() if v > 0}
         replicas = []
         for g in self.groups:
-            opts = dict(num_cpus=c.num_cpus, num_gpus=c.num_gpus, resources=dict(c.resources), max_restarts=c.max_restarts)
+            opts = dict(
+                num_cpus=c.num_cpus, num_gpus=c.num_gpus, resources=dict(c.resources), max_restarts=c.max_restarts
+            )
             if bundle and c.replicas > 1:
                 # One bundle per replica, on different nodes where possible (best-effort spread).
                 pg = placement_group([dict(bundle) for _ in range(c.replicas)], strategy="SPREAD")
@@ -124,8 +126,10 @@ class RayExperts(ExpertClient):
                     for i in range(c.replicas)
                 ]
             else:
-                actors = [ExpertActor.options(**opts).remote(model_dir, g, dtype, c.num_threads, secret, c)
-                          for _ in range(c.replicas)]
+                actors = [
+                    ExpertActor.options(**opts).remote(model_dir, g, dtype, c.num_threads, secret, c)
+                    for _ in range(c.replicas)
+                ]
             replicas.append(actors)
         self.replicas = replicas
         emap = {e: gi for gi, g in enumerate(self.groups) for e in g}
@@ -163,7 +167,10 @@ def ensure_ray() -> bool:
 
 
 def start_disaggregated(
-    model_dir: str, dtype: str = "auto", engine_cfg: EngineConfig | None = None, experts_cfg: ExpertsConfig | None = None
+    model_dir: str,
+    dtype: str = "auto",
+    engine_cfg: EngineConfig | None = None,
+    experts_cfg: ExpertsConfig | None = None,
 ) -> tuple[LLMEngine, Runtime]:
     """An engine in this process whose experts are Ray actors (started here, ready on return)."""
     started = ensure_ray()

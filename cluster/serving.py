@@ -21,11 +21,19 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from model.sampling import SamplingParams
-from model.tokenizer import ChatFormatError, Tokenizer, TokenizeError
+from model.tokenizer import ChatFormatError, TokenizeError, Tokenizer
 from router.engine import RequestOutput
 
-from .protocol import (MAX_CHOICES, APIError, ChatRequest, CompletionRequest, Detokenize, ModelLimits, TokenizeChat,
-                       TokenizeCompletion)
+from .protocol import (
+    MAX_CHOICES,
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    Detokenize,
+    ModelLimits,
+    TokenizeChat,
+    TokenizeCompletion,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +79,11 @@ async def merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tu
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def sse(data: dict) -> str:
@@ -120,22 +131,30 @@ class OpenAIServing:
         except ChatFormatError as e:
             raise APIError(400, str(e), param="messages") from None
 
-    def _choices(self, req, prompts: list[Prompt], max_tokens: int | None, logprobs: int | None,
-                 param: str) -> list[SamplingParams]:
+    def _choices(
+        self, req, prompts: list[Prompt], max_tokens: int | None, logprobs: int | None, param: str
+    ) -> list[SamplingParams]:
         """One SamplingParams per choice, index i * n + j: every value checked before any starts."""
         if len(prompts) * req.n > MAX_CHOICES:
-            raise APIError(400, f"{len(prompts)} prompts x n={req.n} choices is over the limit of {MAX_CHOICES} "
-                                "sequences per request", param="n")
+            raise APIError(
+                400,
+                f"{len(prompts)} prompts x n={req.n} choices is over the limit of {MAX_CHOICES} sequences per request",
+                param="n",
+            )
         if req.user:
             log.debug("request", extra={"user": req.user, "choices": len(prompts) * req.n})
-        return [self.limits.sampling_params(req, len(p.ids), max_tokens, logprobs, param, seed_offset=j)
-                for p in prompts for j in range(req.n)]
+        return [
+            self.limits.sampling_params(req, len(p.ids), max_tokens, logprobs, param, seed_offset=j)
+            for p in prompts
+            for j in range(req.n)
+        ]
 
     async def _start(self, prompts: list[Prompt], params: list[SamplingParams], n: int) -> list[AsyncIterator]:
         """Every choice's sequence, admitted together: if one is refused, the others are closed and
         the request gets that refusal."""
-        got = await asyncio.gather(*(self.outputs(prompts[k // n].ids, sp) for k, sp in enumerate(params)),
-                                   return_exceptions=True)
+        got = await asyncio.gather(
+            *(self.outputs(prompts[k // n].ids, sp) for k, sp in enumerate(params)), return_exceptions=True
+        )
         failed = next((g for g in got if isinstance(g, BaseException)), None)
         if failed is not None:
             for g in got:
@@ -152,8 +171,9 @@ class OpenAIServing:
         if req.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
         if req.best_of is not None and req.best_of != req.n:
-            raise APIError(400, f"best_of={req.best_of} must equal n={req.n} (no extra candidates are generated)",
-                           param="best_of")
+            raise APIError(
+                400, f"best_of={req.best_of} must equal n={req.n} (no extra candidates are generated)", param="best_of"
+            )
         if req.echo and req.logprobs is not None:
             raise APIError(400, "echo with logprobs (the prompt's logprobs) is not supported", param="echo")
         prompts = self.completion_prompts(req)
@@ -166,19 +186,29 @@ class OpenAIServing:
         if req.stream:
             return self._stream(req, head, streams, prompt_tokens, self._completion_chunk(req), echo)
         texts, lps, last = await self._collect(streams)
-        choices = [{"index": k, "text": echo[k] + texts[k], "finish_reason": last[k].finish_reason,
-                    "stop_reason": last[k].stop_reason,
-                    "logprobs": self._completion_logprobs(lps[k]) if req.logprobs is not None else None}
-                   for k in range(len(streams))]
+        choices = [
+            {
+                "index": k,
+                "text": echo[k] + texts[k],
+                "finish_reason": last[k].finish_reason,
+                "stop_reason": last[k].stop_reason,
+                "logprobs": self._completion_logprobs(lps[k]) if req.logprobs is not None else None,
+            }
+            for k in range(len(streams))
+        ]
         return head | {"choices": choices, "usage": usage(prompt_tokens, sum(o.completion_tokens for o in last))}
 
     def _completion_chunk(self, req):
         def choice_of(k: int, out: RequestOutput) -> dict | None:
             if not (out.text or out.finished):
                 return None
-            return {"index": k, "text": out.text, "finish_reason": out.finish_reason if out.finished else None,
-                    "stop_reason": out.stop_reason if out.finished else None,
-                    "logprobs": self._completion_logprobs(out.logprobs) if req.logprobs is not None else None}
+            return {
+                "index": k,
+                "text": out.text,
+                "finish_reason": out.finish_reason if out.finished else None,
+                "stop_reason": out.stop_reason if out.finished else None,
+                "logprobs": self._completion_logprobs(out.logprobs) if req.logprobs is not None else None,
+            }
 
         return choice_of
 
@@ -187,8 +217,12 @@ class OpenAIServing:
     async def chat(self, req: ChatRequest):
         self.limits.check_model(req.model)
         if req.response_format is not None and req.response_format.type != "text":
-            raise APIError(400, f"response_format {req.response_format.type!r} is not supported (no constrained "
-                                "decoding); only {'type': 'text'}", param="response_format")
+            raise APIError(
+                400,
+                f"response_format {req.response_format.type!r} is not supported (no constrained "
+                "decoding); only {'type': 'text'}",
+                param="response_format",
+            )
         prompt = self.chat_prompt(req)
         top = (req.top_logprobs or 0) if req.logprobs else None
         params = self._choices(req, [prompt], req.max_completion_tokens or req.max_tokens, top, "messages")
@@ -197,24 +231,35 @@ class OpenAIServing:
         head = {"id": rid, "object": "chat.completion", "created": created, "model": self.limits.name}
         if req.stream:
             head["object"] = "chat.completion.chunk"
-            first = [{"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                      "finish_reason": None} for k in range(len(params))]
+            first = [
+                {"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                for k in range(len(params))
+            ]
             return self._stream(req, head, streams, len(prompt.ids), self._chat_chunk(req), first=first)
         texts, lps, last = await self._collect(streams)
-        choices = [{"index": k, "message": {"role": "assistant", "content": texts[k]},
-                    "finish_reason": last[k].finish_reason, "stop_reason": last[k].stop_reason,
-                    "logprobs": self._chat_logprobs(lps[k]) if req.logprobs else None}
-                   for k in range(len(streams))]
+        choices = [
+            {
+                "index": k,
+                "message": {"role": "assistant", "content": texts[k]},
+                "finish_reason": last[k].finish_reason,
+                "stop_reason": last[k].stop_reason,
+                "logprobs": self._chat_logprobs(lps[k]) if req.logprobs else None,
+            }
+            for k in range(len(streams))
+        ]
         return head | {"choices": choices, "usage": usage(len(prompt.ids), sum(o.completion_tokens for o in last))}
 
     def _chat_chunk(self, req):
         def choice_of(k: int, out: RequestOutput) -> dict | None:
             if not (out.text or out.finished or (req.logprobs and out.logprobs)):
                 return None
-            return {"index": k, "delta": {"content": out.text} if out.text else {},
-                    "finish_reason": out.finish_reason if out.finished else None,
-                    "stop_reason": out.stop_reason if out.finished else None,
-                    "logprobs": self._chat_logprobs(out.logprobs) if req.logprobs else None}
+            return {
+                "index": k,
+                "delta": {"content": out.text} if out.text else {},
+                "finish_reason": out.finish_reason if out.finished else None,
+                "stop_reason": out.stop_reason if out.finished else None,
+                "logprobs": self._chat_logprobs(out.logprobs) if req.logprobs else None,
+            }
 
         return choice_of
 
@@ -230,8 +275,16 @@ class OpenAIServing:
             last[k] = out
         return texts, lps, last
 
-    async def _stream(self, req, head: dict, streams, prompt_tokens: int, choice_of, echo: list[str] | None = None,
-                      first: list[dict] | None = None) -> AsyncIterator[str]:
+    async def _stream(
+        self,
+        req,
+        head: dict,
+        streams,
+        prompt_tokens: int,
+        choice_of,
+        echo: list[str] | None = None,
+        first: list[dict] | None = None,
+    ) -> AsyncIterator[str]:
         """SSE framing for both routes: opening chunks (chat's role, completions' echoed prompt), a
         chunk per output that `choice_of` turns into a choice, then, when asked, a last chunk whose
         `choices` is empty and that alone carries `usage` (OpenAI's include_usage); vLLM's
@@ -249,12 +302,13 @@ class OpenAIServing:
             return sse(c)
 
         try:
-            for k, opening in enumerate(first or []):
+            for opening in first or []:
                 yield chunk([opening])
             for k, text in enumerate(echo or []):
                 if text:
-                    yield chunk([{"index": k, "text": text, "logprobs": None, "finish_reason": None,
-                                  "stop_reason": None}])
+                    yield chunk(
+                        [{"index": k, "text": text, "logprobs": None, "finish_reason": None, "stop_reason": None}]
+                    )
             async for k, out in merge(streams):
                 done_tokens[k] = out.completion_tokens
                 choice = choice_of(k, out)
@@ -277,8 +331,12 @@ class OpenAIServing:
             ids = self.chat_prompt(req).ids  # the Mixtral-Instruct format starts with BOS itself
         else:
             ids = self._encode(req.prompt, "prompt", bos=req.add_special_tokens)
-        return {"count": len(ids), "max_model_len": self.limits.max_model_len, "tokens": ids,
-                "token_strs": [self.tokenizer.sp.id_to_piece(t) for t in ids] if req.return_token_strs else None}
+        return {
+            "count": len(ids),
+            "max_model_len": self.limits.max_model_len,
+            "tokens": ids,
+            "token_strs": [self.tokenizer.sp.id_to_piece(t) for t in ids] if req.return_token_strs else None,
+        }
 
     def detokenize(self, req: Detokenize) -> dict:
         self.limits.check_model(req.model)
@@ -300,5 +358,9 @@ class OpenAIServing:
         for s in tokens:
             offsets.append(at)
             at += len(s)
-        return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in lps],
-                "top_logprobs": [{piece(a): v for a, v in alts} for _, _, alts in lps], "text_offset": offsets}
+        return {
+            "tokens": tokens,
+            "token_logprobs": [lp for _, lp, _ in lps],
+            "top_logprobs": [{piece(a): v for a, v in alts} for _, _, alts in lps],
+            "text_offset": offsets,
+        }

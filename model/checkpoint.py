@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from safetensors import safe_open
@@ -127,9 +127,7 @@ class Checkpoint:
         unexpected = sorted(k for k in self.weight_map if k not in known and not SKIPPED.fullmatch(k))
         if unexpected:
             head = ", ".join(unexpected[:5]) + (" ..." if len(unexpected) > 5 else "")
-            raise CheckpointError(
-                f"{self.path}: {len(unexpected)} tensor(s) the config does not describe: {head}"
-            )
+            raise CheckpointError(f"{self.path}: {len(unexpected)} tensor(s) the config does not describe: {head}")
 
     def load(self, names: dict[str, tuple[int, ...]], dtype: torch.dtype | str = "auto") -> LoadedWeights:
         """Read exactly `names` (name -> expected shape), converting to `dtype` ('auto' keeps it)."""

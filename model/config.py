@@ -68,7 +68,7 @@ class MixtralConfig(BaseModel):
         return d
 
     @model_validator(mode="after")
-    def _check(self) -> "MixtralConfig":
+    def _check(self) -> MixtralConfig:
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
                 raise ValueError(
@@ -123,7 +123,7 @@ class MixtralConfig(BaseModel):
         return self.dense_params() + self.num_hidden_layers * self.num_experts_per_tok * self.expert_params()
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "MixtralConfig":
+    def from_file(cls, path: str | Path) -> MixtralConfig:
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"

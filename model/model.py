@@ -15,15 +15,14 @@ in router/ overlaps several micro-batches against remote ones. The model never k
 from __future__ import annotations
 
 import os
+from collections.abc import Generator
 from dataclasses import dataclass, field
-from typing import Generator
 
 import torch
 import torch.nn.functional as Fn
 
 from .checkpoint import Checkpoint
 from .config import MixtralConfig
-
 
 # ---------------------------------------------------------------- small pure functions
 
@@ -92,8 +91,13 @@ _PACK_OK: dict[torch.dtype, bool] = {}
 
 
 def _can_pack(w: torch.Tensor) -> bool:
-    if (w.device.type != "cpu" or w.dim() != 2 or w.dtype not in (torch.bfloat16, torch.float16)
-            or os.environ.get("MIXSERVE_PACKED_WEIGHTS", "1") == "0" or not torch.backends.mkldnn.is_available()):
+    if (
+        w.device.type != "cpu"
+        or w.dim() != 2
+        or w.dtype not in (torch.bfloat16, torch.float16)
+        or os.environ.get("MIXSERVE_PACKED_WEIGHTS", "1") == "0"
+        or not torch.backends.mkldnn.is_available()
+    ):
         return False
     if w.dtype not in _PACK_OK:  # once per dtype: does this build/CPU pack it, and give the same numbers?
         try:
@@ -233,7 +237,9 @@ class AttnMeta:
     def dec_bias(self, dtype: torch.dtype) -> torch.Tensor:
         """dec_mask as an additive mask (0 / -inf) in `dtype`; built once per step, used by every layer."""
         if dtype not in self._bias:
-            self._bias[dtype] = torch.zeros(self.dec_mask.shape, dtype=dtype).masked_fill_(~self.dec_mask, float("-inf"))
+            self._bias[dtype] = torch.zeros(self.dec_mask.shape, dtype=dtype).masked_fill_(
+                ~self.dec_mask, float("-inf")
+            )
         return self._bias[dtype]
 
     @property
@@ -319,7 +325,7 @@ class MixtralDense:
         self.lin["lm_head"] = prepare_weight(head if head is not None else self.w["model.embed_tokens.weight"])
 
     @classmethod
-    def from_checkpoint(cls, ckpt: Checkpoint, dtype="auto") -> "MixtralDense":
+    def from_checkpoint(cls, ckpt: Checkpoint, dtype="auto") -> MixtralDense:
         return cls(ckpt.config, ckpt.load_dense(dtype).tensors)
 
     def nbytes(self) -> int:
@@ -395,10 +401,12 @@ class LocalExperts:
                 p = name[: -len("w1.weight")]
                 parts = p.split(".")
                 l, e = int(parts[2]), int(parts[5])
-                self.experts[(l, e)] = ExpertFFN(weights[p + "w1.weight"], weights[p + "w2.weight"], weights[p + "w3.weight"])
+                self.experts[(l, e)] = ExpertFFN(
+                    weights[p + "w1.weight"], weights[p + "w2.weight"], weights[p + "w3.weight"]
+                )
 
     @classmethod
-    def from_checkpoint(cls, ckpt: Checkpoint, pairs, dtype="auto") -> "LocalExperts":
+    def from_checkpoint(cls, ckpt: Checkpoint, pairs, dtype="auto") -> LocalExperts:
         return cls(ckpt.config, ckpt.load_experts(pairs, dtype).tensors)
 
     def __call__(self, req: ExpertRequest) -> dict[int, torch.Tensor]:
@@ -422,7 +430,7 @@ class Transformer:
         self.dense, self.experts, self.cfg = dense, experts, dense.cfg
 
     @classmethod
-    def from_pretrained(cls, path, dtype="auto") -> "Transformer":
+    def from_pretrained(cls, path, dtype="auto") -> Transformer:
         from .checkpoint import all_expert_pairs
 
         ckpt = Checkpoint(path)

@@ -88,7 +88,7 @@ class SamplingParams:
         if any(k < 0 or not -100.0 <= v <= 100.0 for k, v in self.logit_bias.items()):
             raise ValueError("logit_bias: token ids >= 0 and biases in [-100, 100]")
 
-    def for_vocab(self, vocab_size: int) -> "SamplingParams":
+    def for_vocab(self, vocab_size: int) -> SamplingParams:
         """Checked against the model: stop token ids inside the vocabulary, top_k clipped to it."""
         if any(t >= vocab_size for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be in [0, {vocab_size})")
@@ -112,8 +112,13 @@ class SamplingParams:
         return bool(self.penalised or self.logit_bias or self.min_tokens)
 
 
-def process_logits(logits: torch.Tensor, params: list[SamplingParams], prompts: list[list[int]],
-                   outputs: list[list[int]], stop_ids: list[set[int]]) -> torch.Tensor:
+def process_logits(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    prompts: list[list[int]],
+    outputs: list[list[int]],
+    stop_ids: list[set[int]],
+) -> torch.Tensor:
     """vLLM's order, on the rows that ask for it, all rows at once: min_tokens bans the row's stop
     tokens (`stop_ids`: EOS unless ignored, and `stop_token_ids`) while it has fewer outputs; then
     logit_bias is added; then the penalties: repetition (prompt and output tokens: a positive logit

@@ -25,21 +25,42 @@ log = logging.getLogger(__name__)
 
 PRESETS: dict[str, dict] = {
     "tiny": dict(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
-        max_position_embeddings=4096, torch_dtype="bfloat16",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=4096,
+        torch_dtype="bfloat16",
     ),
     "mini": dict(
-        hidden_size=512, intermediate_size=1792, num_hidden_layers=8, num_attention_heads=8,
-        num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
-        max_position_embeddings=4096, torch_dtype="bfloat16",
+        hidden_size=512,
+        intermediate_size=1792,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=4096,
+        torch_dtype="bfloat16",
     ),
     # The real Mixtral-8x7B shapes (~46.7B parameters): config only, or layer slices, for GPU
     # benchmarks and for building the deployment graph offline; far too big to write whole here.
     "mixtral-8x7b": dict(
-        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, vocab_size=32000,
-        max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-5, torch_dtype="bfloat16",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        vocab_size=32000,
+        max_position_embeddings=32768,
+        rope_theta=1e6,
+        rms_norm_eps=1e-5,
+        torch_dtype="bfloat16",
     ),
 }
 

@@ -53,7 +53,7 @@ class Tokenizer:
         self.eos_id: int = self.sp.eos_id
 
     @classmethod
-    def for_model(cls, model_dir: str | Path | None) -> "Tokenizer":
+    def for_model(cls, model_dir: str | Path | None) -> Tokenizer:
         return cls(tokenizer_path(model_dir))
 
     def encode(self, text: str, bos: bool = True) -> list[int]:

@@ -69,13 +69,21 @@ class RequestOutput:
     error_kind: str | None = None  # "invalid" (refused: bad request), "overloaded" (refused: retry), "failed"
     stop_reason: int | str | None = None  # vLLM's: the stop string or stop token id that ended it; None for EOS
 
-    def merge(self, later: "RequestOutput") -> "RequestOutput":
+    def merge(self, later: RequestOutput) -> RequestOutput:
         """This output followed by `later` (same request) as one: what a stream sends when it has
         fallen behind the engine by more than a step."""
         return RequestOutput(
-            self.req_id, self.new_token_ids + later.new_token_ids, self.text + later.text, later.finished,
-            later.finish_reason, later.prompt_tokens or self.prompt_tokens, later.completion_tokens,
-            self.logprobs + later.logprobs, later.error, later.error_kind, later.stop_reason,
+            self.req_id,
+            self.new_token_ids + later.new_token_ids,
+            self.text + later.text,
+            later.finished,
+            later.finish_reason,
+            later.prompt_tokens or self.prompt_tokens,
+            later.completion_tokens,
+            self.logprobs + later.logprobs,
+            later.error,
+            later.error_kind,
+            later.stop_reason,
         )
 
 
@@ -107,7 +115,9 @@ def run_pipelined(gens: list, backend: ExpertBackend) -> list[torch.Tensor]:
 
 
 class LLMEngine:
-    def __init__(self, dense: MixtralDense, experts: ExpertBackend, tokenizer: Tokenizer | None, cfg: EngineConfig | None = None):
+    def __init__(
+        self, dense: MixtralDense, experts: ExpertBackend, tokenizer: Tokenizer | None, cfg: EngineConfig | None = None
+    ):
         self.cfg = cfg or EngineConfig()
         self.dense, self.experts, self.tokenizer = dense, experts, tokenizer
         mc = dense.cfg
@@ -122,7 +132,9 @@ class LLMEngine:
         self.steps = 0
 
     @classmethod
-    def local(cls, model_dir: str, dtype: str = "auto", cfg: EngineConfig | None = None, experts_per_worker: int = 1) -> "LLMEngine":
+    def local(
+        cls, model_dir: str, dtype: str = "auto", cfg: EngineConfig | None = None, experts_per_worker: int = 1
+    ) -> LLMEngine:
         """The whole engine in this process: dense weights plus in-process expert workers."""
         from model.checkpoint import Checkpoint
 
@@ -136,8 +148,9 @@ class LLMEngine:
 
     # ------------------------------------------------------------ requests
 
-    def add_request(self, prompt_ids: list[int], params: SamplingParams, req_id: str | None = None,
-                    resume: Resume | None = None) -> str:
+    def add_request(
+        self, prompt_ids: list[int], params: SamplingParams, req_id: str | None = None, resume: Resume | None = None
+    ) -> str:
         if req_id in self.seqs:
             raise EngineError(f"request id {req_id!r} is already in use")
         if not prompt_ids:
@@ -261,8 +274,13 @@ class LLMEngine:
         params = [q.params for q in seqs]
         raw = lg
         if any(p.processes_logits for p in params):
-            lg = process_logits(lg, params, [q.prompt_ids for q in seqs], [q.output_ids for q in seqs],
-                                [self._stop_ids(q.params) for q in seqs])
+            lg = process_logits(
+                lg,
+                params,
+                [q.prompt_ids for q in seqs],
+                [q.output_ids for q in seqs],
+                [self._stop_ids(q.params) for q in seqs],
+            )
         try:
             toks = sample(lg, params, [q.generator for q in seqs]).tolist()
         except Exception:  # noqa: BLE001 - cannot happen for validated params; find the row that fails
@@ -358,8 +376,17 @@ class LLMEngine:
         seq.status = Status.FINISHED
         self.seqs.pop(seq.req_id, None)
         if error is not None:  # held-back text is not sent after an error
-            return RequestOutput(seq.req_id, [], "", True, reason, len(seq.prompt_ids), len(seq.output_ids),
-                                 error=error, error_kind="failed")
+            return RequestOutput(
+                seq.req_id,
+                [],
+                "",
+                True,
+                reason,
+                len(seq.prompt_ids),
+                len(seq.output_ids),
+                error=error,
+                error_kind="failed",
+            )
         return self._emit(seq, len(seq.text), True)
 
     def _emit(self, seq: Sequence, upto: int, finished: bool) -> RequestOutput:
@@ -369,8 +396,14 @@ class LLMEngine:
         lps = seq.logprobs[seq.emitted_tokens :] if seq.params.logprobs is not None else []
         seq.emitted_tokens = len(seq.output_ids)
         return RequestOutput(
-            seq.req_id, new, text, finished, seq.finish_reason,
-            prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids), logprobs=lps,
+            seq.req_id,
+            new,
+            text,
+            finished,
+            seq.finish_reason,
+            prompt_tokens=len(seq.prompt_ids),
+            completion_tokens=len(seq.output_ids),
+            logprobs=lps,
             stop_reason=seq.stop_reason if finished else None,
         )
 
@@ -390,6 +423,11 @@ class LLMEngine:
                 a.new_token_ids += o.new_token_ids
                 a.text += o.text
                 a.logprobs += o.logprobs
-                a.finished, a.finish_reason, a.error, a.stop_reason = o.finished, o.finish_reason, o.error, o.stop_reason
+                a.finished, a.finish_reason, a.error, a.stop_reason = (
+                    o.finished,
+                    o.finish_reason,
+                    o.error,
+                    o.stop_reason,
+                )
                 a.prompt_tokens, a.completion_tokens = o.prompt_tokens, o.completion_tokens
         return [acc[r] for r in rids]

@@ -73,7 +73,9 @@ def split_by_group(batches: dict[int, torch.Tensor], expert_map: dict[int, int])
 class InProcessExperts:
     """All expert workers live in this process; calls complete on submit."""
 
-    def __init__(self, model_dir: str, experts_per_worker: int = 1, dtype: str = "auto", num_experts: int | None = None):
+    def __init__(
+        self, model_dir: str, experts_per_worker: int = 1, dtype: str = "auto", num_experts: int | None = None
+    ):
         if num_experts is None:
             from model.config import MixtralConfig
 

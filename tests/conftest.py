@@ -19,17 +19,25 @@ def tiny_sharded_dir(tmp_path_factory):
     return str(write_checkpoint(tmp_path_factory.mktemp("tiny-sharded"), preset_config("tiny"), shards=3))
 
 
-def hf_checkpoint(path, *, kv_heads=2, experts=4, top_k=2, dtype=torch.float32, shard=False, layers=2, seed=0,
-                  old_form=False):
+def hf_checkpoint(
+    path, *, kv_heads=2, experts=4, top_k=2, dtype=torch.float32, shard=False, layers=2, seed=0, old_form=False
+):
     """A random MixtralForCausalLM written by transformers itself (save_pretrained)."""
     from transformers import MixtralConfig as HFConfig
     from transformers import MixtralForCausalLM
 
     torch.manual_seed(seed)
     c = HFConfig(
-        vocab_size=32000, hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=kv_heads, num_local_experts=experts, num_experts_per_tok=top_k,
-        max_position_embeddings=512, rope_theta=10000.0,
+        vocab_size=32000,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        num_local_experts=experts,
+        num_experts_per_tok=top_k,
+        max_position_embeddings=512,
+        rope_theta=10000.0,
     )
     m = MixtralForCausalLM(c)
     with torch.no_grad():  # larger weights than HF's init, so logits have a real spread
@@ -51,9 +59,17 @@ def hf_checkpoint(path, *, kv_heads=2, experts=4, top_k=2, dtype=torch.float32, 
 
 @pytest.fixture
 def small_cfg() -> MixtralConfig:
-    return MixtralConfig(vocab_size=32000, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
-                         torch_dtype="float32")
+    return MixtralConfig(
+        vocab_size=32000,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        torch_dtype="float32",
+    )
 
 
 def free_port() -> int:
@@ -79,16 +95,23 @@ def serve_run_answer(config_path, port: int, body: dict, cwd, env: dict, timeout
 
     env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
     serve_bin = Path(sys.executable).with_name("serve")
-    p = subprocess.Popen([str(serve_bin), "run", str(config_path)], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, start_new_session=True)
+    p = subprocess.Popen(
+        [str(serve_bin), "run", str(config_path)],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         data = json.dumps(body).encode()
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             assert p.poll() is None, "serve run exited"
             try:
-                req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=data,
-                                             headers={"Content-Type": "application/json"})
+                req = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/v1/completions", data=data, headers={"Content-Type": "application/json"}
+                )
                 with urllib.request.urlopen(req, timeout=10) as r:
                     return json.loads(r.read())
             except (urllib.error.URLError, ConnectionError, TimeoutError):

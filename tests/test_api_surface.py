@@ -35,10 +35,13 @@ REPEATS = "Un deux trois " * 12  # the tiny model repeats itself after this prom
 def server(tiny_dir):
     port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port},
-                grpc_options={"port": GRPC_PORT, "grpc_servicer_functions": [GRPC_SERVICER]})
-    cfg = load_config(CONFIG, {"model": tiny_dir, "dtype": "float32", "server.served_model_name": M,
-                               "engine.max_model_len": 256})
+    serve.start(
+        http_options={"host": "127.0.0.1", "port": port},
+        grpc_options={"port": GRPC_PORT, "grpc_servicer_functions": [GRPC_SERVICER]},
+    )
+    cfg = load_config(
+        CONFIG, {"model": tiny_dir, "dtype": "float32", "server.served_model_name": M, "engine.max_model_len": 256}
+    )
     serve.run(build_app(cfg), name="mixserve", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
@@ -65,8 +68,9 @@ def stream_texts(chunks) -> dict[int, str]:
     texts: dict[int, str] = {}
     for c in chunks:
         for ch in c.choices:
-            texts[ch.index] = texts.get(ch.index, "") + (getattr(ch, "text", None) or
-                                                         (ch.delta.content if hasattr(ch, "delta") else "") or "")
+            texts[ch.index] = texts.get(ch.index, "") + (
+                getattr(ch, "text", None) or (ch.delta.content if hasattr(ch, "delta") else "") or ""
+            )
     return texts
 
 
@@ -97,8 +101,9 @@ def test_chat_n_streams_and_non_streams_alike(client, local):
     want = [solo(local, ids, max_tokens=8, temperature=0.9, seed=3 + j)[0] for j in range(2)]
     r = client.chat.completions.create(model=M, messages=msgs, n=2, max_tokens=8, temperature=0.9, seed=3)
     assert [c.message.content for c in r.choices] == want
-    chunks = list(client.chat.completions.create(model=M, messages=msgs, n=2, max_tokens=8, temperature=0.9, seed=3,
-                                                 stream=True))
+    chunks = list(
+        client.chat.completions.create(model=M, messages=msgs, n=2, max_tokens=8, temperature=0.9, seed=3, stream=True)
+    )
     assert stream_texts(chunks) == dict(enumerate(want))
     roles = [ch.index for c in chunks for ch in c.choices if ch.delta.role == "assistant"]
     assert sorted(roles) == [0, 1]
@@ -145,8 +150,13 @@ def test_each_sampling_parameter_equals_the_engine_and_is_batch_independent(clie
     def one(i):
         sp = {"temperature": 0} | SAMPLING[i]
         body = {k: sp.pop(k) for k in ("min_p", "top_k", "repetition_penalty", "min_tokens") if k in sp}
-        got[i] = client.completions.create(model=M, prompt=REPEATS, max_tokens=12, extra_body=body | {"ignore_eos": True},
-                                           **sp).choices[0].text
+        got[i] = (
+            client.completions.create(
+                model=M, prompt=REPEATS, max_tokens=12, extra_body=body | {"ignore_eos": True}, **sp
+            )
+            .choices[0]
+            .text
+        )
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(len(SAMPLING))]
     for t in threads:
@@ -157,27 +167,50 @@ def test_each_sampling_parameter_equals_the_engine_and_is_batch_independent(clie
     plain = solo(local, REPEATS, max_tokens=12, temperature=0, ignore_eos=True)[0]
     for i in range(3):
         assert got[i] != plain, SAMPLING[i]  # each penalty breaks the repetition
-    assert got[4] == local.tokenizer.decode(local.tokenizer.encode(REPEATS) + [13] * 12)[len(local.tokenizer.decode(
-        local.tokenizer.encode(REPEATS))):]
+    assert (
+        got[4]
+        == local.tokenizer.decode(local.tokenizer.encode(REPEATS) + [13] * 12)[
+            len(local.tokenizer.decode(local.tokenizer.encode(REPEATS))) :
+        ]
+    )
 
 
 def test_stop_extensions(client, local):
     full, toks, _ = solo(local, "Hello there", max_tokens=12, temperature=0, ignore_eos=True)
     stop = full[4:7]
-    r = client.completions.create(model=M, prompt="Hello there", max_tokens=12, temperature=0, stop=[stop],
-                                  extra_body={"include_stop_str_in_output": True, "ignore_eos": True})
+    r = client.completions.create(
+        model=M,
+        prompt="Hello there",
+        max_tokens=12,
+        temperature=0,
+        stop=[stop],
+        extra_body={"include_stop_str_in_output": True, "ignore_eos": True},
+    )
     c = r.choices[0]
     assert c.text == full[: full.find(stop) + len(stop)] and c.finish_reason == "stop"
     assert c.model_extra["stop_reason"] == stop
-    r = client.completions.create(model=M, prompt="Hello there", max_tokens=12, temperature=0,
-                                  extra_body={"stop_token_ids": [toks[2]]})
+    r = client.completions.create(
+        model=M, prompt="Hello there", max_tokens=12, temperature=0, extra_body={"stop_token_ids": [toks[2]]}
+    )
     assert r.usage.completion_tokens == 3 and r.choices[0].model_extra["stop_reason"] == toks[2]
     eos = local.tokenizer.eos_id
-    r = client.completions.create(model=M, prompt="Hello there", max_tokens=3, temperature=0, logit_bias={str(eos): 100},
-                                  extra_body={"ignore_eos": True, "skip_special_tokens": False})
+    r = client.completions.create(
+        model=M,
+        prompt="Hello there",
+        max_tokens=3,
+        temperature=0,
+        logit_bias={str(eos): 100},
+        extra_body={"ignore_eos": True, "skip_special_tokens": False},
+    )
     assert r.choices[0].text == "</s>" * 3
-    r = client.completions.create(model=M, prompt="Hello there", max_tokens=3, temperature=0, logit_bias={str(eos): 100},
-                                  extra_body={"min_tokens": 2})
+    r = client.completions.create(
+        model=M,
+        prompt="Hello there",
+        max_tokens=3,
+        temperature=0,
+        logit_bias={str(eos): 100},
+        extra_body={"min_tokens": 2},
+    )
     assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "stop"  # EOS only once min_tokens are out
 
 
@@ -185,8 +218,9 @@ def test_echo(client, local):
     want = solo(local, "Echo this", max_tokens=5, temperature=0)[0]
     r = client.completions.create(model=M, prompt="Echo this", max_tokens=5, temperature=0, echo=True)
     assert r.choices[0].text == "Echo this" + want
-    chunks = list(client.completions.create(model=M, prompt="Echo this", max_tokens=5, temperature=0, echo=True,
-                                            stream=True))
+    chunks = list(
+        client.completions.create(model=M, prompt="Echo this", max_tokens=5, temperature=0, echo=True, stream=True)
+    )
     assert stream_texts(chunks)[0] == "Echo this" + want
     ids = local.tokenizer.encode("Echo this")
     r = client.completions.create(model=M, prompt=ids, max_tokens=5, temperature=0, echo=True)
@@ -197,12 +231,27 @@ def test_echo(client, local):
 
 
 def test_usage_is_a_final_chunk_with_no_choices(client):
-    chunks = list(client.chat.completions.create(model=M, messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
-                                                 stream=True, stream_options={"include_usage": True}, n=2))
+    chunks = list(
+        client.chat.completions.create(
+            model=M,
+            messages=[{"role": "user", "content": "Hi"}],
+            max_tokens=4,
+            stream=True,
+            stream_options={"include_usage": True},
+            n=2,
+        )
+    )
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
     assert all(c.usage is None for c in chunks[:-1])
-    chunks = list(client.completions.create(model=M, prompt="Hi", max_tokens=4, stream=True,
-                                            stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    chunks = list(
+        client.completions.create(
+            model=M,
+            prompt="Hi",
+            max_tokens=4,
+            stream=True,
+            stream_options={"include_usage": True, "continuous_usage_stats": True},
+        )
+    )
     assert all(c.usage is not None for c in chunks)
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 4
     plain = list(client.completions.create(model=M, prompt="Hi", max_tokens=4, stream=True))
@@ -215,18 +264,22 @@ def test_chat_content_parts_token_limits_user_and_response_format(client, local)
     want = solo(local, local.tokenizer.encode_chat(text), max_tokens=6, temperature=0)[0]
     for msgs in (text, parts):
         for limit in ({"max_tokens": 6}, {"max_completion_tokens": 6}):
-            r = client.chat.completions.create(model=M, messages=msgs, temperature=0, user="u-1",
-                                               response_format={"type": "text"}, **limit)
+            r = client.chat.completions.create(
+                model=M, messages=msgs, temperature=0, user="u-1", response_format={"type": "text"}, **limit
+            )
             assert r.choices[0].message.content == want
-    dev = client.chat.completions.create(model=M, messages=[{"role": "developer", "content": "Be brief."}] + text,
-                                         max_tokens=2, temperature=0)
+    dev = client.chat.completions.create(
+        model=M, messages=[{"role": "developer", "content": "Be brief."}] + text, max_tokens=2, temperature=0
+    )
     assert dev.usage.prompt_tokens > len(local.tokenizer.encode_chat(text))
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=M, messages=text, response_format={"type": "json_object"})
     assert e.value.body["param"] == "response_format"
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model=M, messages=[{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}])
+        client.chat.completions.create(
+            model=M,
+            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}],
+        )
     assert e.value.body["param"] == "messages" and "text" in e.value.body["message"]
 
 
@@ -234,30 +287,61 @@ def test_tokenize_and_detokenize(server, local):
     code, _, r = post(server + "/tokenize", json.dumps({"model": M, "prompt": "Résumé naïve"}).encode())
     ids = local.tokenizer.encode("Résumé naïve")
     assert code == 200 and r["tokens"] == ids and r["count"] == len(ids) and r["max_model_len"] == 256
-    code, _, r = post(server + "/tokenize", json.dumps({"prompt": "x", "add_special_tokens": False,
-                                                        "return_token_strs": True}).encode())
+    code, _, r = post(
+        server + "/tokenize",
+        json.dumps({"prompt": "x", "add_special_tokens": False, "return_token_strs": True}).encode(),
+    )
     assert r["tokens"] == local.tokenizer.encode("x", bos=False) and len(r["token_strs"]) == r["count"]
     msgs = [{"role": "user", "content": "Hi"}]
     code, _, r = post(server + "/tokenize", json.dumps({"messages": msgs}).encode())
     assert r["tokens"] == local.tokenizer.encode_chat(msgs)
     code, _, r = post(server + "/detokenize", json.dumps({"model": M, "tokens": ids}).encode())
     assert code == 200 and r["prompt"] == "Résumé naïve"
-    for route, body, param in [("/detokenize", {"tokens": [1, 10**6]}, "tokens"), ("/tokenize", {"prompt": 5}, "prompt"),
-                               ("/tokenize", {"prompt": "x", "model": "other"}, "model"),
-                               ("/tokenize", {"prompt": "x", "bogus": 1}, "bogus")]:
+    for route, body, param in [
+        ("/detokenize", {"tokens": [1, 10**6]}, "tokens"),
+        ("/tokenize", {"prompt": 5}, "prompt"),
+        ("/tokenize", {"prompt": "x", "model": "other"}, "model"),
+        ("/tokenize", {"prompt": "x", "bogus": 1}, "bogus"),
+    ]:
         code, _, err = post(server + route, json.dumps(body).encode())
         assert code in (400, 404) and err["error"]["param"] == param, (route, body, err)
 
 
 BAD_VALUES = [
-    ("presence_penalty", 2.5), ("presence_penalty", "x"), ("frequency_penalty", -2.01), ("repetition_penalty", 0),
-    ("repetition_penalty", -1), ("min_p", 1.5), ("min_p", -0.1), ("min_tokens", -1), ("min_tokens", 50),
-    ("logit_bias", {"5": 101}), ("logit_bias", {"abc": 1}), ("logit_bias", {"-1": 1}), ("logit_bias", {"99999": 1}),
-    ("logit_bias", [1, 2]), ("n", 0), ("n", 129), ("n", 1.5), ("stop_token_ids", [-1]), ("stop_token_ids", [10**6]),
-    ("skip_special_tokens", "maybe"), ("include_stop_str_in_output", 3), ("echo", "often"), ("best_of", 3),
-    ("suffix", "tail"), ("stream_options", {"include_usage": True, "x": 1}), ("user", 5), ("prompt", []),
-    ("prompt", [[]]), ("prompt", [[1, -1]]), ("prompt", [1, "a"]), ("prompt", ["ok", 3]), ("top_k", -2),
-    ("seed", 2**64), ("logprobs", 21),
+    ("presence_penalty", 2.5),
+    ("presence_penalty", "x"),
+    ("frequency_penalty", -2.01),
+    ("repetition_penalty", 0),
+    ("repetition_penalty", -1),
+    ("min_p", 1.5),
+    ("min_p", -0.1),
+    ("min_tokens", -1),
+    ("min_tokens", 50),
+    ("logit_bias", {"5": 101}),
+    ("logit_bias", {"abc": 1}),
+    ("logit_bias", {"-1": 1}),
+    ("logit_bias", {"99999": 1}),
+    ("logit_bias", [1, 2]),
+    ("n", 0),
+    ("n", 129),
+    ("n", 1.5),
+    ("stop_token_ids", [-1]),
+    ("stop_token_ids", [10**6]),
+    ("skip_special_tokens", "maybe"),
+    ("include_stop_str_in_output", 3),
+    ("echo", "often"),
+    ("best_of", 3),
+    ("suffix", "tail"),
+    ("stream_options", {"include_usage": True, "x": 1}),
+    ("user", 5),
+    ("prompt", []),
+    ("prompt", [[]]),
+    ("prompt", [[1, -1]]),
+    ("prompt", [1, "a"]),
+    ("prompt", ["ok", 3]),
+    ("top_k", -2),
+    ("seed", 2**64),
+    ("logprobs", 21),
 ]
 
 
@@ -270,9 +354,19 @@ def test_bad_values_get_a_400_naming_the_parameter(server, field, value):
     assert err["error"]["param"] == field and field in err["error"]["message"], err
 
 
-@pytest.mark.parametrize("field,value", [("presence_penalty", 3), ("repetition_penalty", 0), ("logit_bias", {"1": -101}),
-                                         ("n", 200), ("max_completion_tokens", 0), ("response_format", {"type": "xml"}),
-                                         ("top_logprobs", 30), ("min_tokens", 10**3)])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("presence_penalty", 3),
+        ("repetition_penalty", 0),
+        ("logit_bias", {"1": -101}),
+        ("n", 200),
+        ("max_completion_tokens", 0),
+        ("response_format", {"type": "xml"}),
+        ("top_logprobs", 30),
+        ("min_tokens", 10**3),
+    ],
+)
 def test_bad_chat_values_name_the_parameter(server, field, value):
     body = {"model": M, "messages": [{"role": "user", "content": "x"}], field: value}
     code, _, err = post(server + "/v1/chat/completions", json.dumps(body).encode())
@@ -284,8 +378,9 @@ def test_a_bad_request_leaves_running_streams_alone(client, local):
     got = []
 
     def stream():
-        s = client.completions.create(model=M, prompt="Keep going", max_tokens=40, temperature=0, stream=True,
-                                      extra_body={"ignore_eos": True})
+        s = client.completions.create(
+            model=M, prompt="Keep going", max_tokens=40, temperature=0, stream=True, extra_body={"ignore_eos": True}
+        )
         got.append("".join(c.choices[0].text for c in s))
 
     th = threading.Thread(target=stream)
@@ -307,18 +402,31 @@ def test_grpc_takes_the_same_sampling_fields(server, local):
     from cluster.proto.mixserve_pb2_grpc import MixServeStub
 
     full, toks, _ = solo(local, REPEATS, max_tokens=10, temperature=0, ignore_eos=True)
-    want = solo(local, REPEATS, max_tokens=10, temperature=0, ignore_eos=True, repetition_penalty=1.8,
-                logit_bias={toks[0]: -100.0})
+    want = solo(
+        local,
+        REPEATS,
+        max_tokens=10,
+        temperature=0,
+        ignore_eos=True,
+        repetition_penalty=1.8,
+        logit_bias={toks[0]: -100.0},
+    )
     with grpc.insecure_channel(f"127.0.0.1:{GRPC_PORT}") as ch:
         grpc.channel_ready_future(ch).result(timeout=30)
         stub = MixServeStub(ch)
-        r = stub.Generate(pb.GenerateRequest(prompt=REPEATS, max_tokens=10, ignore_eos=True, repetition_penalty=1.8,
-                                             logit_bias={toks[0]: -100.0}), timeout=60)
+        r = stub.Generate(
+            pb.GenerateRequest(
+                prompt=REPEATS, max_tokens=10, ignore_eos=True, repetition_penalty=1.8, logit_bias={toks[0]: -100.0}
+            ),
+            timeout=60,
+        )
         assert (r.text, list(r.token_ids)) == want[:2]
         r = stub.Generate(pb.GenerateRequest(prompt=REPEATS, max_tokens=10, stop_token_ids=[toks[1]]), timeout=60)
         assert list(r.token_ids) == toks[:2] and r.stop_token_id == toks[1]
-        r = stub.Generate(pb.GenerateRequest(prompt=REPEATS, max_tokens=10, stop_token_ids=[toks[1]], min_tokens=4,
-                                             ignore_eos=True), timeout=60)
+        r = stub.Generate(
+            pb.GenerateRequest(prompt=REPEATS, max_tokens=10, stop_token_ids=[toks[1]], min_tokens=4, ignore_eos=True),
+            timeout=60,
+        )
         assert len(r.token_ids) >= 4
         for bad in (dict(repetition_penalty=0), dict(presence_penalty=9), dict(min_p=2), dict(logit_bias={1: 500})):
             with pytest.raises(grpc.RpcError) as e:
@@ -338,10 +446,37 @@ def test_vllm_bench_client_runs_against_the_server(server, tiny_dir):
     from benchmarks.bench import VLLM_CLIENT
 
     out = tempfile.mkdtemp()
-    cmd = [py, "-c", VLLM_CLIENT, "--backend", "openai", "--base-url", server, "--endpoint", "/v1/completions",
-           "--model", M, "--tokenizer", tiny_dir, "--dataset-name", "random", "--random-input-len", "16",
-           "--random-output-len", "8", "--num-prompts", "8", "--max-concurrency", "4", "--ignore-eos",
-           "--save-result", "--result-dir", out, "--result-filename", "r.json"]
+    cmd = [
+        py,
+        "-c",
+        VLLM_CLIENT,
+        "--backend",
+        "openai",
+        "--base-url",
+        server,
+        "--endpoint",
+        "/v1/completions",
+        "--model",
+        M,
+        "--tokenizer",
+        tiny_dir,
+        "--dataset-name",
+        "random",
+        "--random-input-len",
+        "16",
+        "--random-output-len",
+        "8",
+        "--num-prompts",
+        "8",
+        "--max-concurrency",
+        "4",
+        "--ignore-eos",
+        "--save-result",
+        "--result-dir",
+        out,
+        "--result-filename",
+        "r.json",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     r = json.loads((Path(out) / "r.json").read_text())
@@ -359,8 +494,15 @@ def test_a_client_gone_mid_stream_frees_every_choice(server, client):
                     return float(line.split()[1])
         raise AssertionError("no running-sequences gauge")
 
-    stream = client.completions.create(model=M, prompt=["Long story", "Another"], n=2, max_tokens=200, temperature=0.7,
-                                       stream=True, extra_body={"ignore_eos": True})
+    stream = client.completions.create(
+        model=M,
+        prompt=["Long story", "Another"],
+        n=2,
+        max_tokens=200,
+        temperature=0.7,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
     next(iter(stream))
     assert running() == 4
     stream.close()

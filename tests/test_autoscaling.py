@@ -41,8 +41,12 @@ def test_policy_keeps_target_until_replicas_report():
 
 
 def test_config_bounds_are_validated_and_reach_serve():
-    cfg = ExpertAutoscalingConfig(tokens_per_s_per_replica=50, min_replicas=1, max_replicas=3,
-                                  per_group={2: {"min_replicas": 2, "max_replicas": 5}})
+    cfg = ExpertAutoscalingConfig(
+        tokens_per_s_per_replica=50,
+        min_replicas=1,
+        max_replicas=3,
+        per_group={2: {"min_replicas": 2, "max_replicas": 5}},
+    )
     assert cfg.bounds(0) == (1, 3) and cfg.bounds(2) == (2, 5)
     sc = cfg.serve_config(2)
     assert (sc.min_replicas, sc.max_replicas, sc.initial_replicas) == (2, 5, 2)
@@ -65,15 +69,30 @@ def deployed(skewed):
     os.environ["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.25"
     os.environ["RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.25"
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    cfg = AppConfig(model=skewed, dtype="float32", attention={"num_cpus": 0},
-                    experts={"num_cpus": 0, "autoscaling": {
-                        "min_replicas": 1, "max_replicas": 2, "tokens_per_s_per_replica": 1e9,
-                        "upscale_delay_s": 1.0, "downscale_delay_s": 3.0, "look_back_period_s": 2.0}})
+    cfg = AppConfig(
+        model=skewed,
+        dtype="float32",
+        attention={"num_cpus": 0},
+        experts={
+            "num_cpus": 0,
+            "autoscaling": {
+                "min_replicas": 1,
+                "max_replicas": 2,
+                "tokens_per_s_per_replica": 1e9,
+                "upscale_delay_s": 1.0,
+                "downscale_delay_s": 3.0,
+                "look_back_period_s": 2.0,
+            },
+        },
+    )
     handle = serve.run(build_attention(cfg), name=APP, route_prefix=None)
     yield cfg, handle
     serve.shutdown()
     ray.shutdown()
-    for k in ("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"):
+    for k in (
+        "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S",
+        "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S",
+    ):
         os.environ.pop(k, None)
 
 
@@ -139,7 +158,10 @@ def test_hot_expert_scales_up_under_load_and_back_down(deployed, skewed):
     local = LLMEngine.local(skewed, "float32")
     texts = ["Once upon a time", "The capital of France is", "def f(x): return", "1 2 3 4", "Hello, how are"]
     prompts = [local.tokenizer.encode(t) for t in texts]
-    want = [o.new_token_ids for o in local.generate(prompts, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))]
+    want = [
+        o.new_token_ids
+        for o in local.generate(prompts, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))
+    ]
     groups = [f"expert-group-{g}" for g in range(8)]
 
     # Measure the load first (capacity 1e9: no scaling), then set the per-replica capacity between
@@ -151,9 +173,9 @@ def test_hot_expert_scales_up_under_load_and_back_down(deployed, skewed):
     after = handle.stats.remote().result()["routed_tokens"]
     dt = time.monotonic() - t0
     rate = {e: 0.0 for e in range(8)}
-    for (l, e, n) in after:
+    for _l, e, n in after:
         rate[e] += n
-    for (l, e, n) in before:
+    for _l, e, n in before:
         rate[e] -= n
     rate = {e: n / dt for e, n in rate.items()}
     cold_max = max(v for e, v in rate.items() if e != HOT)
@@ -179,10 +201,15 @@ def test_hot_expert_scales_up_under_load_and_back_down(deployed, skewed):
     for ld in (load, up, down):
         assert ld.failed == 0, ld.errors[:3]
         assert ld.identical == ld.completed > 0
-    print(f"\nskewed load: rates {({e: round(v) for e, v in rate.items()})} tok/s, capacity {capacity:.0f}; "
-          f"up: sent {up.sent} completed {up.completed} failed {up.failed}; down: sent {down.sent} "
-          f"completed {down.completed} failed {down.failed}")
+    print(
+        f"\nskewed load: rates { ({e: round(v) for e, v in rate.items()}) } tok/s, capacity {capacity:.0f}; "
+        f"up: sent {up.sent} completed {up.completed} failed {up.failed}; down: sent {down.sent} "
+        f"completed {down.completed} failed {down.failed}"
+    )
     t0 = timeline[0][0]
-    changes = [(round(t - t0, 1), c.get(groups[HOT]), max(c.get(g, 0) for g in groups if g != groups[HOT]))
-               for i, (t, c) in enumerate(timeline) if i == 0 or c != timeline[i - 1][1]]
+    changes = [
+        (round(t - t0, 1), c.get(groups[HOT]), max(c.get(g, 0) for g in groups if g != groups[HOT]))
+        for i, (t, c) in enumerate(timeline)
+        if i == 0 or c != timeline[i - 1][1]
+    ]
     print("(seconds, hot group replicas, most replicas of any other group) at each change:", changes)

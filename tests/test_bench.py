@@ -17,7 +17,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_workload_is_seeded_and_within_ranges():
     a = workload(20, 7, (8, 32), (4, 12), 32000)
-    assert [(r.prompt, r.out_len) for r in a] == [(r.prompt, r.out_len) for r in workload(20, 7, (8, 32), (4, 12), 32000)]
+    assert [(r.prompt, r.out_len) for r in a] == [
+        (r.prompt, r.out_len) for r in workload(20, 7, (8, 32), (4, 12), 32000)
+    ]
     assert a[0].prompt != workload(20, 8, (8, 32), (4, 12), 32000)[0].prompt
     assert all(8 <= len(r.prompt) <= 32 and 4 <= r.out_len <= 12 and r.prompt[0] == 1 for r in a)
     assert all(3 <= t < 32000 for r in a for t in r.prompt[1:])
@@ -38,8 +40,14 @@ def test_quick_bench_runs_all_systems_and_writes_json_and_table(tmp_path):
     env = {**os.environ}
     env.pop("RAY_ADDRESS", None)
     env.pop("MIXSERVE_VLLM_PYTHON", None)  # the vLLM peer is optional and never part of the test run
-    p = subprocess.run([str(Path(sys.executable).with_name("mixserve")), "bench", "--quick", "--out", str(tmp_path)],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [str(Path(sys.executable).with_name("mixserve")), "bench", "--quick", "--out", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads((tmp_path / "bench-tiny-quick.json").read_text())
     assert set(res["systems"]) == set(SYSTEMS) - {"vllm"}
@@ -53,10 +61,13 @@ def test_quick_bench_runs_all_systems_and_writes_json_and_table(tmp_path):
     assert len({tuple(v) for v in totals.values()}) == 1, totals
     assert res["dispatch_ms_per_layer"]["disaggregated"] > 0
     assert res["ffn_vs_gemm"][0]["tokens"] == 256 and res["ffn_vs_gemm"][0]["gemm_gflops"] > 0
-    assert len(res["expert_memory"]) == 8 and all(m["weight_mb"] > 0 and m["system"] == "disaggregated"
-                                                   for m in res["expert_memory"])
-    assert {t["target"].split(":")[0] for t in res["targets"]} >= {"expert FFN vs dense GEMM FLOP/s, >= 256 tokens",
-                                                                  "disaggregated"}
+    assert len(res["expert_memory"]) == 8 and all(
+        m["weight_mb"] > 0 and m["system"] == "disaggregated" for m in res["expert_memory"]
+    )
+    assert {t["target"].split(":")[0] for t in res["targets"]} >= {
+        "expert FFN vs dense GEMM FLOP/s, >= 256 tokens",
+        "disaggregated",
+    }
     assert 0 < res["params"]["active_fraction"] < 1
     md = (tmp_path / "bench-tiny-quick.md").read_text()
     assert "| system | concurrency | output tok/s" in md and "| http | 4 |" in md

@@ -13,8 +13,21 @@ import time
 import pytest
 import torch
 
-from cluster.channel import (ENTRY, HANDSHAKE_TIMEOUT_S, HELLO, MAGIC, REQ, RESP, ChannelClient, _recv_exact, ChannelError, ChannelServer, FrameLimits,
-                             RemoteExpertError, new_secret)
+from cluster.channel import (
+    ENTRY,
+    HANDSHAKE_TIMEOUT_S,
+    HELLO,
+    MAGIC,
+    REQ,
+    RESP,
+    ChannelClient,
+    ChannelError,
+    ChannelServer,
+    FrameLimits,
+    RemoteExpertError,
+    _recv_exact,
+    new_secret,
+)
 from workers.expert import ExpertWorker
 
 SECRET = new_secret()
@@ -177,17 +190,20 @@ def frame(layer=0, dt=0, cols=None, k=1, entries=((1, 1),), worker=None) -> byte
     return REQ.pack(MAGIC, 7, layer, dt, cols, k) + b"".join(ENTRY.pack(e, n) for e, n in entries)
 
 
-@pytest.mark.parametrize("lie", [
-    dict(k=2**32 - 1),  # k x 8 bytes of entries
-    dict(entries=((1, 2**32 - 1),)),  # 2^32 rows: hundreds of GiB
-    dict(entries=((1, 5000),)),  # over max_rows
-    dict(cols=2**31),
-    dict(cols=0),
-    dict(layer=-1),
-    dict(layer=2**31 - 1),
-    dict(dt=200),
-    dict(k=0, entries=()),
-])
+@pytest.mark.parametrize(
+    "lie",
+    [
+        dict(k=2**32 - 1),  # k x 8 bytes of entries
+        dict(entries=((1, 2**32 - 1),)),  # 2^32 rows: hundreds of GiB
+        dict(entries=((1, 5000),)),  # over max_rows
+        dict(cols=2**31),
+        dict(cols=0),
+        dict(layer=-1),
+        dict(layer=2**31 - 1),
+        dict(dt=200),
+        dict(k=0, entries=()),
+    ],
+)
 def test_lying_headers_are_refused_before_allocating(worker, server, lie):
     c = connect(server)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

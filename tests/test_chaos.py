@@ -30,18 +30,33 @@ GROUPS = [f"expert-group-{g}" for g in range(4)]  # 8 experts, 2 per worker
 
 @pytest.fixture(scope="module")
 def chaos(tiny_dir):
-    c = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 2, "include_dashboard": False, "resources": {"ingress_slot": 2, "attention_slot": 2}})
+    c = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 2,
+            "include_dashboard": False,
+            "resources": {"ingress_slot": 2, "attention_slot": 2},
+        },
+    )
     nodes = [c.add_node(num_cpus=1, resources={"expert_slot": 4}) for _ in range(2)]
     ray.init(address=c.address, log_to_driver=False)
     c.wait_for_nodes()
     port = free_port()
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
-    cfg = AppConfig(model=tiny_dir, dtype="float32",
-                    server={"resources": {"ingress_slot": 1}, "served_model_name": "tiny"},
-                    attention={"replicas": 2, "num_cpus": 0, "resources": {"attention_slot": 1}},
-                    experts={"experts_per_worker": 2, "replicas": 2, "num_cpus": 0, "resources": {"expert_slot": 1},
-                             "call_timeout_s": 3, "max_tries": 6})
+    cfg = AppConfig(
+        model=tiny_dir,
+        dtype="float32",
+        server={"resources": {"ingress_slot": 1}, "served_model_name": "tiny"},
+        attention={"replicas": 2, "num_cpus": 0, "resources": {"attention_slot": 1}},
+        experts={
+            "experts_per_worker": 2,
+            "replicas": 2,
+            "num_cpus": 0,
+            "resources": {"expert_slot": 1},
+            "call_timeout_s": 3,
+            "max_tries": 6,
+        },
+    )
     serve.run(build_app(cfg), name=APP, route_prefix="/")
     yield c, nodes, f"http://127.0.0.1:{port}/v1"
     serve.shutdown()
@@ -71,13 +86,24 @@ class Stream:
                 if i % 2:  # streamed, with a stop string: the text across a failover must be exact
                     text, stop = self.want[p]
                     chunks = self.client.completions.create(
-                        model="tiny", prompt=self.prompts[p], max_tokens=16, temperature=0, stream=True, stop=[stop],
-                        extra_body={"ignore_eos": True})
+                        model="tiny",
+                        prompt=self.prompts[p],
+                        max_tokens=16,
+                        temperature=0,
+                        stream=True,
+                        stop=[stop],
+                        extra_body={"ignore_eos": True},
+                    )
                     got, ok = "".join(c.choices[0].text for c in chunks if c.choices), True
                     want = text[: text.find(stop)]
                 else:
-                    r = self.client.completions.create(model="tiny", prompt=self.prompts[p], max_tokens=16,
-                                                       temperature=0, extra_body={"ignore_eos": True})
+                    r = self.client.completions.create(
+                        model="tiny",
+                        prompt=self.prompts[p],
+                        max_tokens=16,
+                        temperature=0,
+                        extra_body={"ignore_eos": True},
+                    )
                     got, want, ok = r.choices[0].text, self.want[p][0], r.usage.completion_tokens == 16
                 with self.lock:
                     self.completed += 1
@@ -106,7 +132,9 @@ def progress(stream: Stream, n: int, timeout: float = 90) -> None:
     """Wait until `n` more requests have completed: the service is answering again."""
     start, deadline = stream.completed_now(), time.monotonic() + timeout
     while stream.completed_now() < start + n:
-        assert time.monotonic() < deadline and not stream.errors, f"no progress for {timeout} s; errors: {stream.errors[:3]}"
+        assert time.monotonic() < deadline and not stream.errors, (
+            f"no progress for {timeout} s; errors: {stream.errors[:3]}"
+        )
         time.sleep(0.2)
 
 
@@ -114,8 +142,9 @@ def test_requests_survive_replica_and_node_failures(chaos, tiny_dir):
     c, nodes, url = chaos
     local = LLMEngine.local(tiny_dir, "float32")
     prompts = ["Once upon a time", "The capital of France is", "def f(x): return", "1 2 3 4", "Hello, how are you"]
-    outs = local.generate([local.tokenizer.encode(p) for p in prompts],
-                          SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
+    outs = local.generate(
+        [local.tokenizer.encode(p) for p in prompts], SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    )
     # (full text, a stop string from its second half): streamed clients stop there
     want = [(o.text, o.text[len(o.text) // 2 : len(o.text) // 2 + 3]) for o in outs]
     assert all(len(stop) == 3 and text.find(stop) > 0 for text, stop in want)
@@ -153,10 +182,15 @@ def test_requests_survive_replica_and_node_failures(chaos, tiny_dir):
         finally:
             os.kill(hung, signal.SIGCONT)
     metrics = urllib.request.urlopen(url.removesuffix("/v1") + "/metrics", timeout=30).read().decode()
-    resubmits = next(float(line.split()[-1]) for line in metrics.splitlines()
-                     if line.startswith("mixserve_attention_resubmits_total "))
-    summary = (f"sent {stream.sent}, completed {stream.completed}, failed {stream.failed}, "
-               f"identical {stream.identical}, re-submitted after the attention kill {resubmits:.0f}; events {events}")
+    resubmits = next(
+        float(line.split()[-1])
+        for line in metrics.splitlines()
+        if line.startswith("mixserve_attention_resubmits_total ")
+    )
+    summary = (
+        f"sent {stream.sent}, completed {stream.completed}, failed {stream.failed}, "
+        f"identical {stream.identical}, re-submitted after the attention kill {resubmits:.0f}; events {events}"
+    )
     print("\nchaos:", summary)
     assert stream.failed == 0, f"{summary}; errors: {stream.errors[:3]}"
     assert stream.identical == stream.completed == stream.sent, summary

@@ -50,10 +50,23 @@ def test_dtype_conversion(tiny_dir):
 
 
 def test_both_config_forms(tmp_path):
-    new = {"model_type": "mixtral", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
-           "rope_parameters": {"rope_theta": 5000.0, "rope_type": "default"}, "dtype": "float32", "head_dim": None}
-    old = {"model_type": "mixtral", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
-           "rope_theta": 5000.0, "torch_dtype": "float32"}
+    new = {
+        "model_type": "mixtral",
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rope_parameters": {"rope_theta": 5000.0, "rope_type": "default"},
+        "dtype": "float32",
+        "head_dim": None,
+    }
+    old = {
+        "model_type": "mixtral",
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rope_theta": 5000.0,
+        "torch_dtype": "float32",
+    }
     for i, d in enumerate([new, old]):
         p = tmp_path / f"c{i}.json"
         p.write_text(json.dumps(d))
@@ -61,16 +74,19 @@ def test_both_config_forms(tmp_path):
         assert (c.rope_theta, c.torch_dtype, c.head_dim) == (5000.0, "float32", 16)
 
 
-@pytest.mark.parametrize("change,field", [
-    ({"num_attention_heads": 5}, "num_attention_heads"),
-    ({"num_key_value_heads": 3}, "num_key_value_heads"),
-    ({"num_experts_per_tok": 9}, "num_experts_per_tok"),
-    ({"num_experts_per_tok": 0}, "num_experts_per_tok"),
-    ({"torch_dtype": "int4"}, "torch_dtype"),
-    ({"hidden_size": -1}, "hidden_size"),
-    ({"hidden_act": "gelu"}, "hidden_act"),
-    ({"model_type": "llama"}, "model_type"),
-])
+@pytest.mark.parametrize(
+    "change,field",
+    [
+        ({"num_attention_heads": 5}, "num_attention_heads"),
+        ({"num_key_value_heads": 3}, "num_key_value_heads"),
+        ({"num_experts_per_tok": 9}, "num_experts_per_tok"),
+        ({"num_experts_per_tok": 0}, "num_experts_per_tok"),
+        ({"torch_dtype": "int4"}, "torch_dtype"),
+        ({"hidden_size": -1}, "hidden_size"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"model_type": "llama"}, "model_type"),
+    ],
+)
 def test_bad_configs_name_the_field(tmp_path, change, field):
     d = preset_config("tiny").to_hf_dict() | change
     p = tmp_path / "config.json"

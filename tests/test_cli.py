@@ -5,24 +5,43 @@ import sys
 
 
 def test_generate_local_prints_only_text(tiny_dir):
+    from model.sampling import SamplingParams
     from model.tokenizer import Tokenizer
     from router.engine import LLMEngine
-    from model.sampling import SamplingParams
 
     r = subprocess.run(
-        [sys.executable, "-m", "cluster", "generate", "--local", "--model", tiny_dir, "--prompt", "Once upon a time",
-         "--max-tokens", "8", "--dtype", "float32"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "cluster",
+            "generate",
+            "--local",
+            "--model",
+            tiny_dir,
+            "--prompt",
+            "Once upon a time",
+            "--max-tokens",
+            "8",
+            "--dtype",
+            "float32",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert r.returncode == 0, r.stderr
     eng = LLMEngine.local(tiny_dir, "float32")
-    want = eng.generate([Tokenizer.for_model(tiny_dir).encode("Once upon a time")], SamplingParams(max_tokens=8, temperature=0))[0]
+    want = eng.generate(
+        [Tokenizer.for_model(tiny_dir).encode("Once upon a time")], SamplingParams(max_tokens=8, temperature=0)
+    )[0]
     assert r.stdout == want.text + "\n"
     assert "tokens/s" in r.stderr
 
 
 def test_init_tiny_writes_a_loadable_checkpoint(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "cluster", "init-tiny", str(tmp_path / "t")], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "cluster", "init-tiny", str(tmp_path / "t")], capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0, r.stderr
     assert {p.name for p in (tmp_path / "t").iterdir()} == {"config.json", "model.safetensors", "tokenizer.model"}
     from model.checkpoint import Checkpoint
@@ -31,6 +50,10 @@ def test_init_tiny_writes_a_loadable_checkpoint(tmp_path):
 
 
 def test_missing_model_is_a_clear_error(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "cluster", "generate", "--local", "--model", str(tmp_path / "no"), "--prompt", "x"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "cluster", "generate", "--local", "--model", str(tmp_path / "no"), "--prompt", "x"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and "not a directory" in r.stderr and r.stdout == ""

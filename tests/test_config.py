@@ -23,13 +23,16 @@ def test_real_model_config_places_workers():
     assert cfg.attention.resources == {"attention_slot": 1}
 
 
-@pytest.mark.parametrize("text,key", [
-    ("engine:\n  max_num_seqz: 4\n", "engine.max_num_seqz"),
-    ("servr:\n  port: 1\n", "servr"),
-    ("server:\n  port: 70000\n", "server.port"),
-    ("dtype: int8\n", "dtype"),
-    ("experts:\n  replicas: 0\n", "experts.replicas"),
-])
+@pytest.mark.parametrize(
+    "text,key",
+    [
+        ("engine:\n  max_num_seqz: 4\n", "engine.max_num_seqz"),
+        ("servr:\n  port: 1\n", "servr"),
+        ("server:\n  port: 70000\n", "server.port"),
+        ("dtype: int8\n", "dtype"),
+        ("experts:\n  replicas: 0\n", "experts.replicas"),
+    ],
+)
 def test_bad_config_names_key_and_file(tmp_path, text, key):
     p = tmp_path / "bad.yaml"
     p.write_text(text)

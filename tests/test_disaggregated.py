@@ -36,16 +36,30 @@ def disaggregated(model_dir, experts_cfg, engine_cfg=None):
     experts = RayExperts(model_dir, ckpt.config.num_local_experts, "float32", experts_cfg)
     experts.wait_ready()
     local = LLMEngine.local(model_dir, "float32")
-    eng = LLMEngine(MixtralDense.from_checkpoint(ckpt, "float32"), experts, local.tokenizer,
-                    engine_cfg or EngineConfig(num_microbatches=2, max_num_batched_tokens=16))
+    eng = LLMEngine(
+        MixtralDense.from_checkpoint(ckpt, "float32"),
+        experts,
+        local.tokenizer,
+        engine_cfg or EngineConfig(num_microbatches=2, max_num_batched_tokens=16),
+    )
     return eng, local, experts
 
 
-@pytest.mark.parametrize("which,per_worker,transport", [
-    ("tiny", 1, "channel"), ("tiny", 2, "channel"), ("top3", 1, "channel"), ("top3", 2, "channel"), ("tiny", 1, "ray")])
+@pytest.mark.parametrize(
+    "which,per_worker,transport",
+    [
+        ("tiny", 1, "channel"),
+        ("tiny", 2, "channel"),
+        ("top3", 1, "channel"),
+        ("top3", 2, "channel"),
+        ("tiny", 1, "ray"),
+    ],
+)
 def test_same_tokens_as_in_process(request, tiny_dir, top3_dir, which, per_worker, transport):
     model_dir = tiny_dir if which == "tiny" else top3_dir
-    eng, local, experts = disaggregated(model_dir, ExpertsConfig(num_cpus=0, experts_per_worker=per_worker, transport=transport))
+    eng, local, experts = disaggregated(
+        model_dir, ExpertsConfig(num_cpus=0, experts_per_worker=per_worker, transport=transport)
+    )
     try:
         ps = [local.tokenizer.encode(t) for t in TEXTS]
         got = [o.new_token_ids for o in eng.generate(ps, GREEDY)]
@@ -103,6 +117,7 @@ def generate_with_fault(eng, local, max_tokens: int, at_step: int, fault) -> tup
 def test_expert_replica_killed_mid_generation(tiny_dir):
     eng, local, experts = disaggregated(tiny_dir, ExpertsConfig(num_cpus=0, replicas=2, call_timeout_s=20))
     try:
+
         def kill():  # both replicas of expert 0's group: one restarts, calls are re-sent
             ray.kill(experts.replicas[0][0], no_restart=False)
             ray.kill(experts.replicas[1][1], no_restart=False)

@@ -18,8 +18,13 @@ def model(tiny_dir):
 
 
 def prompts(tok):
-    texts = ["Hello there", "The quick brown fox jumps over the lazy dog, and then it",
-             "Un deux trois " * 12, "1 2 3", "Résumé: naïve café — 你好，世界"]
+    texts = [
+        "Hello there",
+        "The quick brown fox jumps over the lazy dog, and then it",
+        "Un deux trois " * 12,
+        "1 2 3",
+        "Résumé: naïve café — 你好，世界",
+    ]
     return [tok.encode(t) for t in texts]
 
 
@@ -152,15 +157,19 @@ def test_merged_outputs_are_the_stream_in_fewer_pieces(tiny_dir):
         head, tail = outs[0], outs[cut]
         for o in outs[1:cut]:
             head = head.merge(o)
-        for o in outs[cut + 1:]:
+        for o in outs[cut + 1 :]:
             tail = tail.merge(o)
         whole = head.merge(tail)
         assert whole.new_token_ids == [t for o in outs for t in o.new_token_ids]
         assert whole.text == "".join(o.text for o in outs)
         assert whole.logprobs == [lp for o in outs for lp in o.logprobs]
         last = outs[-1]
-        assert (whole.finished, whole.finish_reason, whole.completion_tokens, whole.error) == \
-            (last.finished, last.finish_reason, last.completion_tokens, last.error)
+        assert (whole.finished, whole.finish_reason, whole.completion_tokens, whole.error) == (
+            last.finished,
+            last.finish_reason,
+            last.completion_tokens,
+            last.error,
+        )
         assert whole.prompt_tokens == len(p) and not head.finished
 
 
@@ -213,15 +222,17 @@ def test_stop_string_kept_when_asked_and_stop_reason(tiny_dir):
     p = eng.tokenizer.encode("Hello there")
     full = eng.generate([p], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
     stop = full.text[5:8]
-    kept = eng.generate([p], SamplingParams(max_tokens=12, temperature=0, stop=[stop], ignore_eos=True,
-                                            include_stop_str_in_output=True))[0]
+    kept = eng.generate(
+        [p], SamplingParams(max_tokens=12, temperature=0, stop=[stop], ignore_eos=True, include_stop_str_in_output=True)
+    )[0]
     i = full.text.find(stop)
     assert kept.text == full.text[: i + len(stop)] and kept.stop_reason == stop and kept.finish_reason == "stop"
     assert full.stop_reason is None
     t3 = full.new_token_ids[3]
-    st = eng.generate([p], SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[t3],
-                                          include_stop_str_in_output=True))[0]
-    assert st.text == eng.tokenizer.decode(p + full.new_token_ids[:4])[len(eng.tokenizer.decode(p)):]
+    st = eng.generate(
+        [p], SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[t3], include_stop_str_in_output=True)
+    )[0]
+    assert st.text == eng.tokenizer.decode(p + full.new_token_ids[:4])[len(eng.tokenizer.decode(p)) :]
 
 
 def test_special_tokens_are_text_only_when_asked(tiny_dir):

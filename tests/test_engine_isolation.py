@@ -72,9 +72,20 @@ def test_tiny_temperature_is_greedy(engine, solo):
     assert out.new_token_ids == want[0].new_token_ids
 
 
-@pytest.mark.parametrize("bad", [dict(seed=2**64), dict(seed=-(2**63) - 1), dict(temperature=math.nan),
-                                 dict(temperature=math.inf), dict(top_p=math.nan), dict(top_k=-2),
-                                 dict(max_tokens=2**31), dict(stop=["a", ""]), dict(stop_token_ids=[-1])])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(seed=2**64),
+        dict(seed=-(2**63) - 1),
+        dict(temperature=math.nan),
+        dict(temperature=math.inf),
+        dict(top_p=math.nan),
+        dict(top_k=-2),
+        dict(max_tokens=2**31),
+        dict(stop=["a", ""]),
+        dict(stop_token_ids=[-1]),
+    ],
+)
 def test_out_of_range_values_are_refused_when_made(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)
@@ -95,8 +106,15 @@ def test_a_row_that_overflows_fails_alone(tiny_dir, solo):
     dense.w["model.embed_tokens.weight"][poison] = float("nan")
     eng = LLMEngine(dense, InProcessExperts(tiny_dir, 1, "float32"), Tokenizer.for_model(tiny_dir), EngineConfig())
     ps, want = solo
-    out = run_all(eng, [(ps[0], GREEDY), (ps[1] + [poison], GREEDY), (ps[2], GREEDY),
-                        (ps[3], SamplingParams(max_tokens=4, temperature=1.0, seed=1))])
+    out = run_all(
+        eng,
+        [
+            (ps[0], GREEDY),
+            (ps[1] + [poison], GREEDY),
+            (ps[2], GREEDY),
+            (ps[3], SamplingParams(max_tokens=4, temperature=1.0, seed=1)),
+        ],
+    )
     assert out[1][1].finish_reason == "error" and "not finite" in out[1][1].error
     for i in (0, 2):
         assert out[i][0] == want[i].new_token_ids and out[i][1].error is None
@@ -119,8 +137,12 @@ class FailingExperts:
 def test_a_failed_step_fails_its_requests_with_an_error_and_the_engine_goes_on(tiny_dir, solo):
     ps, want = solo
     experts = FailingExperts(InProcessExperts(tiny_dir, 1, "float32"))
-    eng = LLMEngine(MixtralDense.from_checkpoint(Checkpoint(tiny_dir), "float32"), experts,
-                    Tokenizer.for_model(tiny_dir), EngineConfig())
+    eng = LLMEngine(
+        MixtralDense.from_checkpoint(Checkpoint(tiny_dir), "float32"),
+        experts,
+        Tokenizer.for_model(tiny_dir),
+        EngineConfig(),
+    )
     a = eng.add_request(ps[0], GREEDY)
     first = eng.step()  # prefill: a's first token
     assert [o.req_id for o in first] == [a] and not first[0].finished
@@ -151,7 +173,7 @@ def test_resume_on_another_engine_keeps_every_character(tiny_dir, cut):
     p = a.tokenizer.encode("The quick brown fox")
     full = a.generate([p], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
     # A stop string that starts inside the first `cut` tokens' text and ends after it.
-    before = a.tokenizer.decode(p + full.new_token_ids[:cut])[len(a.tokenizer.decode(p)):]
+    before = a.tokenizer.decode(p + full.new_token_ids[:cut])[len(a.tokenizer.decode(p)) :]
     start = max(0, len(before) - 2)
     stop = full.text[start : start + 5]
     assert len(stop) == 5 and full.text.find(stop) == start
@@ -178,7 +200,7 @@ def test_resume_without_a_stop_string_equals_the_undisturbed_stream(tiny_dir):
     full = a.generate([p], sp)[0]
     for cut in range(1, 9):
         b = LLMEngine(a.dense, a.experts, a.tokenizer, EngineConfig())
-        head = a.tokenizer.decode(p + full.new_token_ids[:cut])[len(a.tokenizer.decode(p)):]
+        head = a.tokenizer.decode(p + full.new_token_ids[:cut])[len(a.tokenizer.decode(p)) :]
         emitted = len(head.rstrip("\ufffd"))  # what a stream had sent: never a partial character
         rid = b.add_request(p, sp, resume=Resume(full.new_token_ids[:cut], emitted))
         rest, toks, last = stream(b, rid)

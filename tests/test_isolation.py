@@ -40,11 +40,18 @@ MAX_REQUEST_BYTES = 64 << 10
 def server(tiny_dir):
     port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port},
-                grpc_options={"port": GRPC_PORT, "grpc_servicer_functions": [GRPC_SERVICER]})
-    cfg = AppConfig(model=tiny_dir, dtype="float32", engine={"max_model_len": 256, "num_microbatches": 2},
-                    attention={"num_cpus": 0}, experts={"num_cpus": 0, "experts_per_worker": 4},
-                    server={"served_model_name": MODEL, "api_key": KEY, "max_request_bytes": MAX_REQUEST_BYTES})
+    serve.start(
+        http_options={"host": "127.0.0.1", "port": port},
+        grpc_options={"port": GRPC_PORT, "grpc_servicer_functions": [GRPC_SERVICER]},
+    )
+    cfg = AppConfig(
+        model=tiny_dir,
+        dtype="float32",
+        engine={"max_model_len": 256, "num_microbatches": 2},
+        attention={"num_cpus": 0},
+        experts={"num_cpus": 0, "experts_per_worker": 4},
+        server={"served_model_name": MODEL, "api_key": KEY, "max_request_bytes": MAX_REQUEST_BYTES},
+    )
     serve.run(build_app(cfg), name="iso", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
@@ -54,8 +61,9 @@ def server(tiny_dir):
 @pytest.fixture(scope="module")
 def solo(tiny_dir) -> list[str]:
     eng = LLMEngine.local(tiny_dir, "float32")
-    outs = eng.generate([eng.tokenizer.encode(p) for p in PROMPTS],
-                        SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
+    outs = eng.generate(
+        [eng.tokenizer.encode(p) for p in PROMPTS], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    )
     return [o.text for o in outs]
 
 
@@ -74,9 +82,18 @@ class Streams:
         while not self.stop.is_set():
             p, k = k % len(PROMPTS), k + 1
             try:
-                text = "".join(c.choices[0].text for c in self.client.completions.create(
-                    model=MODEL, prompt=PROMPTS[p], max_tokens=24, temperature=0, stream=True,
-                    extra_body={"ignore_eos": True}) if c.choices)
+                text = "".join(
+                    c.choices[0].text
+                    for c in self.client.completions.create(
+                        model=MODEL,
+                        prompt=PROMPTS[p],
+                        max_tokens=24,
+                        temperature=0,
+                        stream=True,
+                        extra_body={"ignore_eos": True},
+                    )
+                    if c.choices
+                )
                 self.done += 1
                 self.identical += text == self.want[p]
             except Exception as e:  # noqa: BLE001 - reported by the test
@@ -116,44 +133,101 @@ def check_answer(status: int, payload: bytes, what) -> None:
         assert json.loads(payload)["choices"], what
 
 
-FLOATS = [0.0, -0.0, 5e-324, 1e-300, 1e-45, 1e-6, 1e-5, 0.5, 1.0, 2.0, 2.0000001, -1e-300, 1e300, 1.7976931348623157e308,
-          -1.7976931348623157e308, 3.4e38]
-INTS = [0, 1, -1, 2, 31999, 32000, 2**31 - 1, 2**31, 2**32, 2**53 + 1, 2**63 - 1, 2**63, 2**64 - 1, 2**64, -(2**63),
-        -(2**63) - 1, 10**23, -(10**30)]
+FLOATS = [
+    0.0,
+    -0.0,
+    5e-324,
+    1e-300,
+    1e-45,
+    1e-6,
+    1e-5,
+    0.5,
+    1.0,
+    2.0,
+    2.0000001,
+    -1e-300,
+    1e300,
+    1.7976931348623157e308,
+    -1.7976931348623157e308,
+    3.4e38,
+]
+INTS = [
+    0,
+    1,
+    -1,
+    2,
+    31999,
+    32000,
+    2**31 - 1,
+    2**31,
+    2**32,
+    2**53 + 1,
+    2**63 - 1,
+    2**63,
+    2**64 - 1,
+    2**64,
+    -(2**63),
+    -(2**63) - 1,
+    10**23,
+    -(10**30),
+]
 STRINGS = ["", "\x00", "a\x00b", "\ud800", "x\udfffy", "\U0001f600", "é" * 50, "</s>", "<s>", "[INST]", " ", "\n" * 20]
 edge_float = st.sampled_from(FLOATS) | st.floats(allow_nan=False, allow_infinity=False)
 edge_int = st.sampled_from(INTS) | st.integers(-(2**70), 2**70)
 edge_str = st.sampled_from(STRINGS) | st.text(max_size=20)
-any_value = st.one_of(st.none(), st.booleans(), edge_int, edge_float, edge_str,
-                      st.lists(edge_int, max_size=4), st.lists(edge_str, max_size=4), st.dictionaries(edge_str, edge_int, max_size=2))
+any_value = st.one_of(
+    st.none(),
+    st.booleans(),
+    edge_int,
+    edge_float,
+    edge_str,
+    st.lists(edge_int, max_size=4),
+    st.lists(edge_str, max_size=4),
+    st.dictionaries(edge_str, edge_int, max_size=2),
+)
 
 
 def bodies():
-    return st.fixed_dictionaries({"model": st.just(MODEL)}, optional={
-        "prompt": edge_str | st.lists(edge_int, min_size=1, max_size=6) | st.lists(edge_str, min_size=1, max_size=2) | any_value,
-        "max_tokens": edge_int | any_value,
-        "temperature": edge_float | edge_int | any_value,
-        "top_p": edge_float | any_value,
-        "top_k": edge_int | edge_float | any_value,
-        "seed": edge_int | any_value,
-        "stop": st.lists(edge_str, max_size=20) | edge_str | any_value,
-        "stop_token_ids": st.lists(edge_int, max_size=4) | any_value,
-        "logprobs": edge_int | any_value,
-        "n": edge_int,
-        "stream": st.booleans(),
-        "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}) | any_value,
-        "ignore_eos": st.booleans() | any_value,
-        "presence_penalty": edge_float,
-        "user": edge_str,
-    })
+    return st.fixed_dictionaries(
+        {"model": st.just(MODEL)},
+        optional={
+            "prompt": edge_str
+            | st.lists(edge_int, min_size=1, max_size=6)
+            | st.lists(edge_str, min_size=1, max_size=2)
+            | any_value,
+            "max_tokens": edge_int | any_value,
+            "temperature": edge_float | edge_int | any_value,
+            "top_p": edge_float | any_value,
+            "top_k": edge_int | edge_float | any_value,
+            "seed": edge_int | any_value,
+            "stop": st.lists(edge_str, max_size=20) | edge_str | any_value,
+            "stop_token_ids": st.lists(edge_int, max_size=4) | any_value,
+            "logprobs": edge_int | any_value,
+            "n": edge_int,
+            "stream": st.booleans(),
+            "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}) | any_value,
+            "ignore_eos": st.booleans() | any_value,
+            "presence_penalty": edge_float,
+            "user": edge_str,
+        },
+    )
 
 
 def chat_bodies():
-    msg = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "tool", ""]),
-                                 "content": edge_str | st.lists(st.fixed_dictionaries(
-                                     {"type": st.sampled_from(["text", "image_url"]), "text": edge_str}), max_size=2)})
-    return bodies().flatmap(lambda b: st.lists(msg, max_size=3).map(
-        lambda m: {k: v for k, v in b.items() if k not in ("prompt", "logprobs")} | {"messages": m}))
+    msg = st.fixed_dictionaries(
+        {
+            "role": st.sampled_from(["user", "system", "assistant", "tool", ""]),
+            "content": edge_str
+            | st.lists(
+                st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url"]), "text": edge_str}), max_size=2
+            ),
+        }
+    )
+    return bodies().flatmap(
+        lambda b: st.lists(msg, max_size=3).map(
+            lambda m: {k: v for k, v in b.items() if k not in ("prompt", "logprobs")} | {"messages": m}
+        )
+    )
 
 
 def shorten(body: dict) -> dict:
@@ -213,8 +287,13 @@ def test_fuzzed_http_requests_never_hurt_other_streams(server, solo):
 def test_the_issue_values_get_clear_answers(server):
     """The values that once took a replica down: answered, as greedy or as a clear 400."""
     url = server + "/v1/completions"
-    for extra, want in [({"temperature": 1e-300}, 200), ({"top_k": 10**23}, 400), ({"top_p": 5e-324}, 200),
-                        ({"seed": 2**70}, 400), ({"prompt": "\ud800"}, 400)]:
+    for extra, want in [
+        ({"temperature": 1e-300}, 200),
+        ({"top_k": 10**23}, 400),
+        ({"top_p": 5e-324}, 200),
+        ({"seed": 2**70}, 400),
+        ({"prompt": "\ud800"}, 400),
+    ]:
         body = {"model": MODEL, "prompt": "Hi", "max_tokens": 3} | extra
         status, payload = post_raw(url, json.dumps(body).encode("utf-8", "surrogatepass"))
         assert status == want, (extra, payload[:300])
@@ -226,8 +305,10 @@ def test_the_issue_values_get_clear_answers(server):
 def test_a_lying_content_length_is_refused_before_the_body(server):
     host, port = server.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=30) as s:
-        s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-                  f"Authorization: Bearer {KEY}\r\nContent-Length: {10**12}\r\n\r\n{{".encode())
+        s.sendall(
+            f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer {KEY}\r\nContent-Length: {10**12}\r\n\r\n{{".encode()
+        )
         answer = s.recv(4096).decode(errors="replace")
     assert answer.startswith("HTTP/1.1 413"), answer[:200]
 
@@ -258,12 +339,28 @@ def test_grpc_checks_the_key_and_fuzzed_values_never_hurt_other_streams(server, 
         assert code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED), details
 
         @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
-        @given(prompt=st.sampled_from(["", "\x00", "Hi", "é" * 30]), ids=st.lists(i32, max_size=4), mt=u32,
-               temp=f32, top_p=f32, top_k=u32, seed=st.none() | st.sampled_from([-(2**63), 0, 2**63 - 1]),
-               stop=st.lists(st.sampled_from(["", "a", "\x00", "é"]), max_size=20), eos=st.booleans())
+        @given(
+            prompt=st.sampled_from(["", "\x00", "Hi", "é" * 30]),
+            ids=st.lists(i32, max_size=4),
+            mt=u32,
+            temp=f32,
+            top_p=f32,
+            top_k=u32,
+            seed=st.none() | st.sampled_from([-(2**63), 0, 2**63 - 1]),
+            stop=st.lists(st.sampled_from(["", "a", "\x00", "é"]), max_size=20),
+            eos=st.booleans(),
+        )
         def fuzz(prompt, ids, mt, temp, top_p, top_k, seed, stop, eos):
-            kw = dict(prompt=prompt, prompt_token_ids=ids, max_tokens=min(mt, 8) if 0 < mt < 10**6 else mt,
-                      temperature=temp, top_p=top_p, top_k=top_k, stop=stop, ignore_eos=eos)
+            kw = dict(
+                prompt=prompt,
+                prompt_token_ids=ids,
+                max_tokens=min(mt, 8) if 0 < mt < 10**6 else mt,
+                temperature=temp,
+                top_p=top_p,
+                top_k=top_k,
+                stop=stop,
+                ignore_eos=eos,
+            )
             if seed is not None:
                 kw["seed"] = seed
             code, r = grpc_call(stub, pb.GenerateRequest(**kw))
@@ -287,9 +384,18 @@ def test_grpc_from_another_host_is_refused_when_bound_to_loopback(server):
     assert code == grpc.StatusCode.PERMISSION_DENIED, details
 
 
-@pytest.mark.parametrize("peer,local", [("ipv4:127.0.0.1:5555", True), ("ipv6:%5B::1%5D:5555", True),
-                                        ("ipv6:[::ffff:127.0.0.1]:1", True), ("ipv4:10.0.0.2:4", False),
-                                        ("ipv6:[2001:db8::1]:80", False), ("", False), ("garbage", False)])
+@pytest.mark.parametrize(
+    "peer,local",
+    [
+        ("ipv4:127.0.0.1:5555", True),
+        ("ipv6:%5B::1%5D:5555", True),
+        ("ipv6:[::ffff:127.0.0.1]:1", True),
+        ("ipv4:10.0.0.2:4", False),
+        ("ipv6:[2001:db8::1]:80", False),
+        ("", False),
+        ("garbage", False),
+    ],
+)
 def test_peer_addresses_are_read_as_gRPC_writes_them(peer, local):
     from cluster.openai_api import _peer_host, is_loopback
 

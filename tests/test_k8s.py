@@ -55,7 +55,11 @@ def strict(schema):
     fields are not explicitly preserved: what `kubectl apply --validate=strict` enforces."""
     if isinstance(schema, dict):
         out = {k: strict(v) for k, v in schema.items()}
-        if "properties" in out and "additionalProperties" not in out and not out.get("x-kubernetes-preserve-unknown-fields"):
+        if (
+            "properties" in out
+            and "additionalProperties" not in out
+            and not out.get("x-kubernetes-preserve-unknown-fields")
+        ):
             out["additionalProperties"] = False
         return out
     if isinstance(schema, list):
@@ -113,7 +117,9 @@ def native_objects(path: Path) -> list[dict]:
         rc = d["spec"]["rayClusterConfig"]
         groups = [("head", rc["headGroupSpec"])] + [(g["groupName"], g) for g in rc["workerGroupSpecs"]]
         for name, g in groups:
-            out.append({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": name}, "template": g["template"]})
+            out.append(
+                {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": name}, "template": g["template"]}
+            )
         if "serveService" in d["spec"]:
             out.append({"apiVersion": "v1", "kind": "Service", **d["spec"]["serveService"]})
     return out
@@ -195,8 +201,11 @@ def test_secrets_the_manifests_name_are_required():
 
 
 def policy_for(path: Path, labels: dict) -> dict:
-    pols = [d for d in docs(path) if d["kind"] == "NetworkPolicy"
-            and d["spec"]["podSelector"]["matchLabels"].items() <= labels.items()]
+    pols = [
+        d
+        for d in docs(path)
+        if d["kind"] == "NetworkPolicy" and d["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    ]
     assert len(pols) == 1, f"{path.name}: no (single) NetworkPolicy selects pods labelled {labels}"
     return pols[0]
 
@@ -213,7 +222,9 @@ def test_only_the_serve_ports_are_open_beyond_the_ray_pods(path):
     assert pol["spec"]["policyTypes"] == ["Ingress"]
     open_ports, restricted = exposure(pol)
     assert open_ports == {8000, 9000}
-    assert restricted == {"kuberay-operator": {8265}, "prometheus": {8080}} or restricted == {"kuberay-operator": {8265}}
+    assert restricted == {"kuberay-operator": {8265}, "prometheus": {8080}} or restricted == {
+        "kuberay-operator": {8265}
+    }
     for g in groups:  # no Ray client server port, and the gRPC proxy's message bound is set everywhere
         c = g["template"]["spec"]["containers"][0]
         assert 10001 not in {p["containerPort"] for p in c["ports"]}
@@ -246,8 +257,9 @@ def test_the_port_check_catches_an_open_dashboard_and_an_open_rule():
     bad["spec"]["ingress"].append({"ports": [{"port": 8265, "protocol": "TCP"}]})
     assert 8265 in exposure(bad)[0]
     bad = copy.deepcopy(pol)
-    bad["spec"]["ingress"].append({"from": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {
-        "app.kubernetes.io/name": "anything"}}}]})
+    bad["spec"]["ingress"].append(
+        {"from": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"app.kubernetes.io/name": "anything"}}}]}
+    )
     with pytest.raises(AssertionError, match="must name its ports"):
         exposure(bad)
 
@@ -313,7 +325,8 @@ def test_unknown_key_check_finds_keys_ray_would_ignore():
     ]
     ServeDeploySchema.model_validate(cfg)  # Ray itself accepts this
     assert unknown_keys(ServeDeploySchema, cfg) == [
-        "http_options.hots", "applications[0].deployments[0].autoscaling_config.max_replica"
+        "http_options.hots",
+        "applications[0].deployments[0].autoscaling_config.max_replica",
     ]
 
 
@@ -442,9 +455,17 @@ def test_the_expert_data_plane_port_range_is_configured_named_and_open_between_r
         assert ports.get("expert-data") == first
     pol = policy_for(path, groups[0]["template"]["metadata"]["labels"])
     sel = pol["spec"]["podSelector"]["matchLabels"]
-    own = [r for r in pol["spec"]["ingress"] if any(p.get("podSelector", {}).get("matchLabels") == sel
-                                                    and "namespaceSelector" not in p for p in r.get("from", []))]
-    assert own and all("ports" not in r or any(p["port"] <= first and p.get("endPort", p["port"]) >= last
-                                               for p in r["ports"]) for r in own)
+    own = [
+        r
+        for r in pol["spec"]["ingress"]
+        if any(
+            p.get("podSelector", {}).get("matchLabels") == sel and "namespaceSelector" not in p
+            for p in r.get("from", [])
+        )
+    ]
+    assert own and all(
+        "ports" not in r or any(p["port"] <= first and p.get("endPort", p["port"]) >= last for p in r["ports"])
+        for r in own
+    )
     open_ports, restricted = exposure(pol)
     assert not any(first <= p <= last for p in open_ports | set().union(*restricted.values()))

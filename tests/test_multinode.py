@@ -39,8 +39,12 @@ def test_expert_replicas_on_expert_nodes_spread(cluster, tiny_dir):
         from router.engine import EngineConfig, LLMEngine
 
         local = LLMEngine.local(tiny_dir, "float32")
-        eng = LLMEngine(MixtralDense.from_checkpoint(Checkpoint(tiny_dir), "float32"), experts, local.tokenizer,
-                        EngineConfig(num_microbatches=2))
+        eng = LLMEngine(
+            MixtralDense.from_checkpoint(Checkpoint(tiny_dir), "float32"),
+            experts,
+            local.tokenizer,
+            EngineConfig(num_microbatches=2),
+        )
         p = [local.tokenizer.encode("Across nodes")]
         sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
         assert eng.generate(p, sp)[0].new_token_ids == local.generate(p, sp)[0].new_token_ids

@@ -32,10 +32,14 @@ GRPC_PORT = free_port()
 def server(tiny_dir):
     port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port},
-                grpc_options={"port": GRPC_PORT, "grpc_servicer_functions": [GRPC_SERVICER]})
-    cfg = load_config(CONFIG, {"model": tiny_dir, "dtype": "float32", "server.served_model_name": "tiny-test",
-                               "engine.max_model_len": 256})
+    serve.start(
+        http_options={"host": "127.0.0.1", "port": port},
+        grpc_options={"port": GRPC_PORT, "grpc_servicer_functions": [GRPC_SERVICER]},
+    )
+    cfg = load_config(
+        CONFIG,
+        {"model": tiny_dir, "dtype": "float32", "server.served_model_name": "tiny-test", "engine.max_model_len": 256},
+    )
     serve.run(build_app(cfg), name="mixserve", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
@@ -72,7 +76,9 @@ def test_completion_equals_in_process_and_stream_equals_non_stream(client, local
     assert r.choices[0].text == want.text
     assert r.choices[0].finish_reason == want.finish_reason
     assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (want.prompt_tokens, want.completion_tokens)
-    chunks = list(client.completions.create(model="tiny-test", prompt=prompt, max_tokens=12, temperature=0, stream=True))
+    chunks = list(
+        client.completions.create(model="tiny-test", prompt=prompt, max_tokens=12, temperature=0, stream=True)
+    )
     assert "".join(c.choices[0].text for c in chunks) == want.text
     assert chunks[-1].choices[0].finish_reason == want.finish_reason
 
@@ -83,8 +89,14 @@ def test_chat_equals_in_process_and_stream_equals_non_stream(client, local):
     r = client.chat.completions.create(model="tiny-test", messages=msgs, max_tokens=10, temperature=0)
     assert r.choices[0].message.content == want.text and r.choices[0].message.role == "assistant"
     assert r.usage.completion_tokens == want.completion_tokens
-    stream = client.chat.completions.create(model="tiny-test", messages=msgs, max_tokens=10, temperature=0, stream=True,
-                                            stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model="tiny-test",
+        messages=msgs,
+        max_tokens=10,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want.text
     assert chunks[-1].usage.completion_tokens == want.completion_tokens
@@ -92,14 +104,24 @@ def test_chat_equals_in_process_and_stream_equals_non_stream(client, local):
 
 def test_concurrent_streaming_clients_each_get_their_solo_output(server, client, local):
     prompts = [f"Request number {i} says" + " more" * (i % 5) for i in range(32)]
-    want = [o.text for o in local.generate([local.tokenizer.encode(p) for p in prompts],
-                                           SamplingParams(max_tokens=48, temperature=0, ignore_eos=True))]
+    want = [
+        o.text
+        for o in local.generate(
+            [local.tokenizer.encode(p) for p in prompts], SamplingParams(max_tokens=48, temperature=0, ignore_eos=True)
+        )
+    ]
     got = [None] * len(prompts)
     peak, done = [0.0], threading.Event()
 
     def one(i):
-        s = client.completions.create(model="tiny-test", prompt=prompts[i], max_tokens=48, temperature=0, stream=True,
-                                      extra_body={"ignore_eos": True})
+        s = client.completions.create(
+            model="tiny-test",
+            prompt=prompts[i],
+            max_tokens=48,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
         got[i] = "".join(c.choices[0].text for c in s)
 
     def watch():  # the engine's running batch, as /metrics reports it, while the streams are open
@@ -152,10 +174,13 @@ def test_bad_completion_requests(server, body, status, param):
         assert err["error"]["param"] == param
 
 
-@pytest.mark.parametrize("messages", [[], [{"role": "wizard", "content": "x"}], [{"role": "user"}],
-                                      [{"role": "assistant", "content": "x"}]])
+@pytest.mark.parametrize(
+    "messages", [[], [{"role": "wizard", "content": "x"}], [{"role": "user"}], [{"role": "assistant", "content": "x"}]]
+)
 def test_bad_chat_requests(server, messages):
-    code, _, err = post(server + "/v1/chat/completions", json.dumps({"model": "tiny-test", "messages": messages}).encode())
+    code, _, err = post(
+        server + "/v1/chat/completions", json.dumps({"model": "tiny-test", "messages": messages}).encode()
+    )
     assert code == 400 and err["error"]["type"] == "invalid_request_error"
 
 
@@ -191,8 +216,12 @@ def test_metrics_parse_and_move_with_traffic(server, client):
     after = scrape()
     key = ("mixserve_requests_total", (("route", "/v1/completions"), ("status", "200")))
     assert after[key] - before.get(key, 0) == 2
-    assert after[("mixserve_generation_tokens_total", ())] - before.get(("mixserve_generation_tokens_total", ()), 0) >= 5
-    assert after[("mixserve_time_to_first_token_seconds_count", ())] > before.get(("mixserve_time_to_first_token_seconds_count", ()), 0)
+    assert (
+        after[("mixserve_generation_tokens_total", ())] - before.get(("mixserve_generation_tokens_total", ()), 0) >= 5
+    )
+    assert after[("mixserve_time_to_first_token_seconds_count", ())] > before.get(
+        ("mixserve_time_to_first_token_seconds_count", ()), 0
+    )
     routed = sum(v for (n, _), v in after.items() if n == "mixserve_expert_routed_tokens")
     assert routed > sum(v for (n, _), v in before.items() if n == "mixserve_expert_routed_tokens")
     assert after[("mixserve_running_sequences", ())] == 0
@@ -200,8 +229,9 @@ def test_metrics_parse_and_move_with_traffic(server, client):
 
 
 def test_api_key_is_enforced(server, tiny_dir):
-    cfg = load_config(CONFIG, {"model": tiny_dir, "dtype": "float32", "server.api_key": "sesame",
-                               "experts.experts_per_worker": 8})
+    cfg = load_config(
+        CONFIG, {"model": tiny_dir, "dtype": "float32", "server.api_key": "sesame", "experts.experts_per_worker": 8}
+    )
     serve.run(build_app(cfg), name="keyed", route_prefix="/keyed")
     try:
         body = json.dumps({"model": Path(tiny_dir).name, "prompt": "x", "max_tokens": 2}).encode()
@@ -221,37 +251,59 @@ def test_fuzzed_requests_never_get_a_5xx(server):
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    scalar = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12), st.floats(allow_nan=False),
-                       st.text(max_size=40))
-    value = st.recursive(scalar, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
-                         max_leaves=8)
-    fields = st.fixed_dictionaries({}, optional={
-        "model": st.sampled_from(["tiny-test", "other"]) | value,
-        "prompt": st.text(max_size=60) | st.lists(st.integers(-5, 40000), max_size=6) | value,
-        "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "x"]),
-                                                    "content": st.text(max_size=30)}), max_size=3) | value,
-        "max_tokens": st.integers(-3, 6) | value, "temperature": st.floats(-1, 3) | value,
-        "top_p": st.floats(-0.5, 1.5) | value, "top_k": st.integers(-2, 50) | value,
-        "seed": st.integers(-2**70, 2**70) | value, "stop": st.lists(st.text(max_size=3), max_size=3) | value,
-        "stream": st.booleans() | value, "n": st.integers(0, 3) | value, "logprobs": st.integers(-1, 25) | value,
-        "presence_penalty": st.floats(-3, 3) | value, "frequency_penalty": st.floats(-3, 3) | value,
-        "repetition_penalty": st.floats(-1, 3) | value, "min_p": st.floats(-0.5, 1.5) | value,
-        "min_tokens": st.integers(-2, 8) | value, "echo": st.booleans() | value,
-        "logit_bias": st.dictionaries(st.integers(-5, 40000).map(str) | st.text(max_size=4),
-                                      st.floats(-150, 150) | value, max_size=3) | value,
-        "stop_token_ids": st.lists(st.integers(-3, 40000), max_size=3) | value,
-        "stream_options": st.fixed_dictionaries({}, optional={"include_usage": st.booleans() | value}) | value,
-        "response_format": st.fixed_dictionaries({"type": st.sampled_from(["text", "json_object", "x"])}) | value,
-        "include_stop_str_in_output": st.booleans() | value, "skip_special_tokens": st.booleans() | value,
-    }) | st.dictionaries(st.text(max_size=10), value, max_size=4)
+    scalar = st.one_of(
+        st.none(), st.booleans(), st.integers(-(10**12), 10**12), st.floats(allow_nan=False), st.text(max_size=40)
+    )
+    value = st.recursive(
+        scalar, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4), max_leaves=8
+    )
+    fields = st.fixed_dictionaries(
+        {},
+        optional={
+            "model": st.sampled_from(["tiny-test", "other"]) | value,
+            "prompt": st.text(max_size=60) | st.lists(st.integers(-5, 40000), max_size=6) | value,
+            "messages": st.lists(
+                st.fixed_dictionaries(
+                    {"role": st.sampled_from(["user", "assistant", "system", "x"]), "content": st.text(max_size=30)}
+                ),
+                max_size=3,
+            )
+            | value,
+            "max_tokens": st.integers(-3, 6) | value,
+            "temperature": st.floats(-1, 3) | value,
+            "top_p": st.floats(-0.5, 1.5) | value,
+            "top_k": st.integers(-2, 50) | value,
+            "seed": st.integers(-(2**70), 2**70) | value,
+            "stop": st.lists(st.text(max_size=3), max_size=3) | value,
+            "stream": st.booleans() | value,
+            "n": st.integers(0, 3) | value,
+            "logprobs": st.integers(-1, 25) | value,
+            "presence_penalty": st.floats(-3, 3) | value,
+            "frequency_penalty": st.floats(-3, 3) | value,
+            "repetition_penalty": st.floats(-1, 3) | value,
+            "min_p": st.floats(-0.5, 1.5) | value,
+            "min_tokens": st.integers(-2, 8) | value,
+            "echo": st.booleans() | value,
+            "logit_bias": st.dictionaries(
+                st.integers(-5, 40000).map(str) | st.text(max_size=4), st.floats(-150, 150) | value, max_size=3
+            )
+            | value,
+            "stop_token_ids": st.lists(st.integers(-3, 40000), max_size=3) | value,
+            "stream_options": st.fixed_dictionaries({}, optional={"include_usage": st.booleans() | value}) | value,
+            "response_format": st.fixed_dictionaries({"type": st.sampled_from(["text", "json_object", "x"])}) | value,
+            "include_stop_str_in_output": st.booleans() | value,
+            "skip_special_tokens": st.booleans() | value,
+        },
+    ) | st.dictionaries(st.text(max_size=10), value, max_size=4)
 
     @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
     @given(route=st.sampled_from(["/v1/completions", "/v1/chat/completions"]), body=fields)
     def check(route, body):
         if isinstance(body.get("max_tokens"), int) and body["max_tokens"] > 6:
             body["max_tokens"] = 6  # keep each generated answer short
-        req = urllib.request.Request(server + route, data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            server + route, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(req, timeout=60) as r:
                 status, payload = r.status, r.read()
@@ -274,8 +326,14 @@ def test_client_disconnect_frees_its_sequence(server, client):
                     return float(line.split()[1])
         raise AssertionError("no running-sequences gauge")
 
-    stream = client.completions.create(model="tiny-test", prompt="Long story", max_tokens=240, temperature=0,
-                                       stream=True, extra_body={"ignore_eos": True})
+    stream = client.completions.create(
+        model="tiny-test",
+        prompt="Long story",
+        max_tokens=240,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
     next(iter(stream))
     assert running() == 1  # ~240 tokens take far longer than this check
     stream.close()
@@ -323,14 +381,20 @@ def test_logprobs_match_the_engine(client, local):
     for got, (_, ref, _) in zip(lp.token_logprobs, want.logprobs):
         assert math.isclose(got, ref, abs_tol=1e-4)
     msgs = [{"role": "user", "content": prompt}]
-    want = local.generate([local.tokenizer.encode_chat(msgs)], SamplingParams(max_tokens=4, temperature=0, logprobs=3))[0]
-    r = client.chat.completions.create(model="tiny-test", messages=msgs, max_tokens=4, temperature=0, logprobs=True,
-                                       top_logprobs=3)
+    want = local.generate([local.tokenizer.encode_chat(msgs)], SamplingParams(max_tokens=4, temperature=0, logprobs=3))[
+        0
+    ]
+    r = client.chat.completions.create(
+        model="tiny-test", messages=msgs, max_tokens=4, temperature=0, logprobs=True, top_logprobs=3
+    )
     content = r.choices[0].logprobs.content
     assert [round(c.logprob, 4) for c in content] == [round(x[1], 4) for x in want.logprobs]
     assert all(len(c.top_logprobs) == 3 for c in content)
-    chunks = list(client.chat.completions.create(model="tiny-test", messages=msgs, max_tokens=4, temperature=0,
-                                                 logprobs=True, stream=True))
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny-test", messages=msgs, max_tokens=4, temperature=0, logprobs=True, stream=True
+        )
+    )
     streamed = [c for ch in chunks if ch.choices and ch.choices[0].logprobs for c in ch.choices[0].logprobs.content]
     assert len(streamed) == 4
 
@@ -339,14 +403,24 @@ def test_overload_gets_503_with_retry_after(server, tiny_dir):
     """A burst far past capacity (1 running + 1 waiting allowed, 48 sent at once): the excess gets a
     prompt 503 + Retry-After, admitted requests finish, and the attention worker's memory stays within
     its KV budget (allocated up front) plus a fixed margin."""
-    cfg = load_config(CONFIG, {"model": tiny_dir, "dtype": "float32", "experts.experts_per_worker": 8,
-                               "engine.max_num_seqs": 1, "engine.max_waiting": 1, "server.served_model_name": "small"})
+    cfg = load_config(
+        CONFIG,
+        {
+            "model": tiny_dir,
+            "dtype": "float32",
+            "experts.experts_per_worker": 8,
+            "engine.max_num_seqs": 1,
+            "engine.max_waiting": 1,
+            "server.served_model_name": "small",
+        },
+    )
     serve.run(build_app(cfg), name="small", route_prefix="/small")
     try:
         attention = serve.get_deployment_handle("AttentionWorker", app_name="small")
         before = attention.stats.remote().result()
-        body = json.dumps({"model": "small", "prompt": "Busy", "max_tokens": 40, "temperature": 0,
-                           "ignore_eos": True}).encode()
+        body = json.dumps(
+            {"model": "small", "prompt": "Busy", "max_tokens": 40, "temperature": 0, "ignore_eos": True}
+        ).encode()
         results, seconds = [None] * 48, [0.0] * 48
 
         def one(i):

@@ -47,7 +47,9 @@ def test_logits_and_greedy_match_transformers(tmp_path, shape):
     with torch.no_grad():
         hf_out = ref.generate(ids[None], max_new_tokens=n_new, do_sample=False, min_new_tokens=n_new)[0, 24:].tolist()
     eng = LLMEngine.local(str(tmp_path), "auto", EngineConfig(max_num_batched_tokens=10, kv_cache_tokens=256))
-    ours = eng.generate([ids.tolist()], SamplingParams(max_tokens=n_new, temperature=0, ignore_eos=True))[0].new_token_ids
+    ours = eng.generate([ids.tolist()], SamplingParams(max_tokens=n_new, temperature=0, ignore_eos=True))[
+        0
+    ].new_token_ids
     for i, (a, b) in enumerate(zip(ours, hf_out)):
         if a != b:  # allowed only where the reference's top-2 logits nearly tie
             with torch.no_grad():

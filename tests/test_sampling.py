@@ -105,10 +105,21 @@ def test_min_p_restricts_support():
     assert seen == {0, 1, 2, 3}
 
 
-@pytest.mark.parametrize("bad", [dict(presence_penalty=2.5), dict(frequency_penalty=-3), dict(repetition_penalty=0),
-                                 dict(min_p=1.5), dict(min_tokens=-1), dict(max_tokens=4, min_tokens=5),
-                                 dict(logit_bias={1: 101}), dict(logit_bias={-1: 1}),
-                                 dict(logit_bias={i: 1.0 for i in range(2000)}), dict(stop_token_ids=list(range(65)))])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(presence_penalty=2.5),
+        dict(frequency_penalty=-3),
+        dict(repetition_penalty=0),
+        dict(min_p=1.5),
+        dict(min_tokens=-1),
+        dict(max_tokens=4, min_tokens=5),
+        dict(logit_bias={1: 101}),
+        dict(logit_bias={-1: 1}),
+        dict(logit_bias={i: 1.0 for i in range(2000)}),
+        dict(stop_token_ids=list(range(65))),
+    ],
+)
 def test_out_of_range_values_are_refused(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)
@@ -116,9 +127,12 @@ def test_out_of_range_values_are_refused(bad):
 
 def test_values_at_the_edges_keep_the_row_sampleable():
     logits = torch.tensor([[5.0, 4.0, -3.0, 0.0]])
-    edges = [SamplingParams(repetition_penalty=1e-300, temperature=GREEDY_EPS), SamplingParams(repetition_penalty=2.0),
-             SamplingParams(presence_penalty=-2, frequency_penalty=-2, temperature=2.0),
-             SamplingParams(logit_bias={0: -100.0, 1: -100.0, 2: -100.0, 3: -100.0}, min_p=1.0)]
+    edges = [
+        SamplingParams(repetition_penalty=1e-300, temperature=GREEDY_EPS),
+        SamplingParams(repetition_penalty=2.0),
+        SamplingParams(presence_penalty=-2, frequency_penalty=-2, temperature=2.0),
+        SamplingParams(logit_bias={0: -100.0, 1: -100.0, 2: -100.0, 3: -100.0}, min_p=1.0),
+    ]
     for p in edges:
         x = process_logits(logits, [p], [[0, 1, 2, 3]], [[0] * 1000], [set()])
         assert not torch.isnan(x).any() and not torch.isposinf(x).any(), p

@@ -14,8 +14,9 @@ def make_scheduler(num_blocks: int = 64, block_size: int = 4, max_num_seqs: int 
 
 
 def make_request(sched: Scheduler, name: str, prompt_len: int) -> Sequence:
-    seq = Sequence(name, list(range(3, 3 + prompt_len)), SamplingParams(max_tokens=64, temperature=0),
-                   sched.blocks.block_size)
+    seq = Sequence(
+        name, list(range(3, 3 + prompt_len)), SamplingParams(max_tokens=64, temperature=0), sched.blocks.block_size
+    )
     sched.add(seq)
     return seq
 

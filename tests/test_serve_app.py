@@ -17,8 +17,9 @@ pytestmark = pytest.mark.ray
 @pytest.fixture(scope="module")
 def app(tiny_dir):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    cfg = AppConfig(model=tiny_dir, dtype="float32",
-                    attention={"num_cpus": 0}, experts={"num_cpus": 0, "experts_per_worker": 2})
+    cfg = AppConfig(
+        model=tiny_dir, dtype="float32", attention={"num_cpus": 0}, experts={"num_cpus": 0, "experts_per_worker": 2}
+    )
     handle = serve.run(build_attention(cfg), name="mixserve", route_prefix=None)
     yield handle
     serve.shutdown()

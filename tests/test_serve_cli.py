@@ -25,10 +25,18 @@ def test_serve_run_serves_the_app(tmp_path, tiny_dir):
     port, gport = free_port(), free_port()
     cfg["http_options"]["port"] = port
     cfg["grpc_options"]["port"] = gport
-    cfg["applications"][0]["args"] = {"config": str(ROOT / "configs" / "tiny.yaml"), "model": tiny_dir,
-                                      "server": {"served_model_name": "via-serve-run"}}
+    cfg["applications"][0]["args"] = {
+        "config": str(ROOT / "configs" / "tiny.yaml"),
+        "model": tiny_dir,
+        "server": {"served_model_name": "via-serve-run"},
+    }
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    answer = serve_run_answer(path, port, {"model": "via-serve-run", "prompt": "Hello", "max_tokens": 4}, ROOT,
-                              {**os.environ, "PYTHONPATH": str(ROOT)})
+    answer = serve_run_answer(
+        path,
+        port,
+        {"model": "via-serve-run", "prompt": "Hello", "max_tokens": 4},
+        ROOT,
+        {**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert answer["usage"]["completion_tokens"] == 4 and answer["model"] == "via-serve-run"

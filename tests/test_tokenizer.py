@@ -9,8 +9,15 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 from model.tokenizer import DEFAULT_TOKENIZER, ChatFormatError, IncrementalDetokenizer, Tokenizer
 
-TEXTS = ["Hello world", "  leading and  double  spaces ", "naïve café Ünïcödé", "你好，世界 🤷‍♂️ emoji",
-         "line1\nline2\n\ttab", "x" * 50, "1234567890 + -*/ = ?"]
+TEXTS = [
+    "Hello world",
+    "  leading and  double  spaces ",
+    "naïve café Ünïcödé",
+    "你好，世界 🤷‍♂️ emoji",
+    "line1\nline2\n\ttab",
+    "x" * 50,
+    "1234567890 + -*/ = ?",
+]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +41,7 @@ def test_incremental_detokenisation_equals_full_decode(tok, text):
     ids = tok.encode(text, bos=False)
     d = IncrementalDetokenizer(tok, prompt)
     deltas = [d.add([i]) for i in ids] + [d.flush()]
-    assert "".join(deltas) == tok.decode(prompt + ids)[len(tok.decode(prompt)):]
+    assert "".join(deltas) == tok.decode(prompt + ids)[len(tok.decode(prompt)) :]
     assert all("\ufffd" not in x for x in deltas)
 
 
@@ -48,12 +55,15 @@ def test_chat_encoding_equals_mistral_common(tok):
     assert "[INST]" in text and "[/INST]" in text
 
 
-@pytest.mark.parametrize("msgs,match", [
-    ([], "empty"),
-    ([{"role": "wizard", "content": "x"}], "role"),
-    ([{"role": "user", "content": 3}], "content"),
-    ([{"role": "user", "content": [{"type": "image_url"}]}], "text"),
-])
+@pytest.mark.parametrize(
+    "msgs,match",
+    [
+        ([], "empty"),
+        ([{"role": "wizard", "content": "x"}], "role"),
+        ([{"role": "user", "content": 3}], "content"),
+        ([{"role": "user", "content": [{"type": "image_url"}]}], "text"),
+    ],
+)
 def test_bad_chat_messages(tok, msgs, match):
     with pytest.raises(ChatFormatError, match=match):
         tok.encode_chat(msgs)

@@ -18,7 +18,6 @@ import torch
 from model.checkpoint import Checkpoint, expert_names
 from model.model import ExpertFFN
 
-
 TRIM_INTERVAL_S = 5.0
 
 
@@ -94,7 +93,9 @@ class ExpertWorker:
         # An empty group (no experts) holds nothing: the runtime baseline of a worker process.
         self.dtype = next(iter(t.values())).dtype if t else self.cfg.dtype
         self.weights = {
-            (l, e): ExpertFFN(*(t.pop(f"model.layers.{l}.block_sparse_moe.experts.{e}.{w}.weight") for w in ("w1", "w2", "w3")))
+            (l, e): ExpertFFN(
+                *(t.pop(f"model.layers.{l}.block_sparse_moe.experts.{e}.{w}.weight") for w in ("w1", "w2", "w3"))
+            )
             for l, e in pairs
         }
         self.stats = ExpertStats()
