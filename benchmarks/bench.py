@@ -41,7 +41,8 @@ from pathlib import Path
 import torch
 
 from model.config import MixtralConfig
-from model.model import ExpertFFN, linear, prepare_weight
+from model.kernels import linear, prepare_weight
+from model.moe import ExpertFFN
 from model.sampling import SamplingParams
 from model.tiny import preset_config, write_checkpoint
 from router.engine import EngineConfig, LLMEngine

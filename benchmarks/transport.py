@@ -21,7 +21,7 @@ import time
 import ray
 import torch
 
-from model.model import ExpertRequest, plan_dispatch, route
+from model.moe import ExpertRequest, plan_dispatch, route
 from model.tiny import preset_config, write_checkpoint
 from router.experts import InProcessExperts, expert_groups
 

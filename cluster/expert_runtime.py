@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
 from ray.serve.exceptions import RequestCancelledError
 
-from model.model import ExpertRequest
+from model.moe import ExpertRequest
 from router.experts import ExpertUnavailable, split_by_group
 from workers.expert import ExpertWorker
 

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from model.model import KVPool, MixtralDense, build_attn_meta
+from model.attention import KVPool, build_attn_meta
+from model.model import MixtralDense
 from model.sampling import SamplingParams, bad_rows, first_stop, logprobs_of, process_logits, sample
 from model.tokenizer import IncrementalDetokenizer, Tokenizer
 

@@ -13,7 +13,7 @@ from typing import Protocol
 
 import torch
 
-from model.model import ExpertRequest
+from model.moe import ExpertRequest
 from workers.expert import ExpertWorker
 
 

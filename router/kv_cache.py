@@ -1,6 +1,6 @@
 """Paged KV-cache bookkeeping: fixed-size blocks of slots, handed to sequences as they grow.
 
-The KV tensors themselves are a `model.model.KVPool` of `num_blocks * block_size` slots; this file
+The KV tensors themselves are a `model.attention.KVPool` of `num_blocks * block_size` slots; this file
 only decides which slots belong to which sequence (vLLM's block tables). A sequence's slot list is
 kept incrementally, so building a step's attention metadata costs nothing per token in Python.
 """

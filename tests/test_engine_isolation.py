@@ -103,7 +103,7 @@ def test_a_row_that_overflows_fails_alone(tiny_dir, solo):
     ckpt = Checkpoint(tiny_dir)
     dense = MixtralDense.from_checkpoint(ckpt, "float32")
     poison = 31990
-    dense.w["model.embed_tokens.weight"][poison] = float("nan")
+    dense.w.embed[poison] = float("nan")
     eng = LLMEngine(dense, InProcessExperts(tiny_dir, 1, "float32"), Tokenizer.for_model(tiny_dir), EngineConfig())
     ps, want = solo
     out = run_all(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.model import ExpertRequest
+from model.moe import ExpertRequest
 from router.experts import ExpertUnavailable, InProcessExperts, expert_groups, split_by_group, wait_with_retries
 
 

@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as Fn
 
 from model import model as M
-from model.model import AttnMeta, ExpertFFN, PackedWeight, build_attn_meta, linear, prepare_weight, swiglu
+from model.attention import AttnMeta, build_attn_meta
+from model.kernels import PackedWeight, linear, prepare_weight, swiglu
+from model.moe import ExpertFFN
 
 G = torch.Generator().manual_seed(0)
 

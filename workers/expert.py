@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from model.checkpoint import Checkpoint, expert_names
-from model.model import ExpertFFN
+from model.moe import ExpertFFN
 
 TRIM_INTERVAL_S = 5.0
 
