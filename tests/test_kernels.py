@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as Fn
 
-from model import model as M
+from model import kernels as M
 from model.attention import AttnMeta, build_attn_meta
 from model.kernels import PackedWeight, linear, prepare_weight, swiglu
 from model.moe import ExpertFFN
