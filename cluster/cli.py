@@ -181,12 +181,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--served-model-name")
     s.add_argument("--api-key", default=os.environ.get("MIXSERVE_API_KEY"))
     s.set_defaults(fn=cmd_serve)
+    s = sub.add_parser("routing", help="the Mixtral paper's routing analysis of text files through a running server")
+    s.add_argument("files", nargs="+", help="text files, one per domain")
+    s.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default: mixserve serve's)")
+    s.add_argument("--model", help="the served model name (default: the one the server lists)")
+    s.add_argument("--api-key", default=os.environ.get("MIXSERVE_API_KEY"))
+    s.add_argument("--chunk-chars", type=int, default=1500, help="characters of text per request")
+    s.add_argument("--out", default="routing-report", help="folder for report.json, report.md and the PNGs")
+    s.set_defaults(fn=cmd_routing)
     from benchmarks.bench import add_arguments
 
     s = sub.add_parser("bench", help="benchmark HF transformers, in-process, disaggregated and HTTP side by side")
     add_arguments(s)
     s.set_defaults(fn=cmd_bench)
     return p
+
+
+def cmd_routing(a) -> int:
+    from .routing import run
+
+    run(a.url, a.model, a.files, a.out, a.api_key, a.chunk_chars)
+    return 0
 
 
 def cmd_bench(a) -> int:

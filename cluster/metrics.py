@@ -56,12 +56,32 @@ class Metrics:
         self.queued = Gauge(
             "mixserve_expert_queued_tokens", "Tokens sent to an expert and not yet returned", ["expert"], registry=r
         )
+        self.group_load = Gauge(
+            "mixserve_expert_group_load_tokens_per_second",
+            "Tokens routed per second to an expert group's experts since the previous scrape",
+            ["group"],
+            registry=r,
+        )
+        self.replicas_min = Gauge(
+            "mixserve_expert_replicas_min", "Lower replica bound of an expert group", ["group"], registry=r
+        )
+        self.replicas_max = Gauge(
+            "mixserve_expert_replicas_max", "Upper replica bound of an expert group", ["group"], registry=r
+        )
         self.resubmits = Counter(
             "mixserve_attention_resubmits_total",
             "Requests re-submitted to another attention replica after theirs died",
             registry=r,
         )
         self._last: tuple[float, dict] | None = None
+        self.groups: list[list[int]] = []
+
+    def set_bounds(self, groups: list[list[int]], bounds: list[tuple[int, int]]) -> None:
+        """The expert groups (expert ids of each) and their replica bounds, from the config."""
+        self.groups = groups
+        for g, (lo, hi) in enumerate(bounds):
+            self.replicas_min.labels(str(g)).set(lo)
+            self.replicas_max.labels(str(g)).set(hi)
 
     def update_from(self, stats: dict, replicas: dict[str, int], now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
@@ -73,6 +93,9 @@ class Metrics:
             t0, before = self._last
             for key, n in totals.items():
                 self.load.labels(*key).set((n - before.get(key, 0)) / (now - t0))
+            for g, experts in enumerate(self.groups):
+                got = sum(totals.get(("all", str(e)), 0) - before.get(("all", str(e)), 0) for e in experts)
+                self.group_load.labels(str(g)).set(got / (now - t0))
         self._last = (now, totals)
         for e, n in stats.get("expert_in_flight_tokens", {}).items():
             self.queued.labels(str(e)).set(n)

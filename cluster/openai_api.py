@@ -29,6 +29,7 @@ from model.sampling import SamplingParams
 from model.tiny import resolve_model
 from model.tokenizer import Tokenizer
 from router.engine import RequestOutput, Resume
+from router.experts import expert_groups
 
 from .config import AppConfig
 from .metrics import Metrics
@@ -141,6 +142,7 @@ class OpenAIIngress:
         self.tokenizer = Tokenizer.for_model(self.cfg.model)
         mc = MixtralConfig.from_file(self.cfg.model)
         self.vocab = mc.vocab_size
+        self.num_experts, self.top_k = mc.num_local_experts, mc.num_experts_per_tok
         self.max_model_len = min(
             self.cfg.engine.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings
         )
@@ -154,6 +156,10 @@ class OpenAIIngress:
         self.loopback_only = is_loopback(s.host)
         self.created = int(time.time())
         self.metrics = Metrics()
+        x = self.cfg.experts
+        groups = expert_groups(mc.num_local_experts, x.experts_per_worker)
+        bounds = [x.autoscaling.bounds(g) if x.autoscaling else (x.replicas, x.replicas) for g in range(len(groups))]
+        self.metrics.set_bounds(groups, bounds)
         self.app_name = serve.get_replica_context().app_name
 
     # ------------------------------------------------------------ shared checks
@@ -282,6 +288,8 @@ class OpenAIIngress:
                     "created": self.created,
                     "owned_by": "mixserve",
                     "max_model_len": self.max_model_len,
+                    "num_experts": self.num_experts,  # extensions, for routed-expert tools
+                    "num_experts_per_tok": self.top_k,
                 }
             ],
         }

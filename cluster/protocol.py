@@ -208,6 +208,9 @@ class _Common(BaseModel):
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # vLLM's routed experts, opt-in per request: top-k expert ids per layer for every token
+    return_routed_experts: bool = False
+    return_prompt_routed_experts: bool = False
 
 
 class CompletionRequest(_Common):
@@ -381,6 +384,8 @@ class ModelLimits:
                 min_tokens=req.min_tokens,
                 skip_special_tokens=req.skip_special_tokens,
                 include_stop_str_in_output=req.include_stop_str_in_output,
+                return_routed_experts=req.return_routed_experts,
+                return_prompt_routed_experts=req.return_prompt_routed_experts,
             )
         except ValueError as e:
             raise APIError(400, str(e), param=_param_of(str(e))) from None

@@ -78,6 +78,15 @@ async def merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tu
             await s.aclose()
 
 
+def with_routes(choice: dict, req, out: RequestOutput) -> dict:
+    """vLLM's routed-expert fields on a choice, when the request asked for them."""
+    if req.return_routed_experts:
+        choice["routed_experts"] = out.routed_experts or []
+    if req.return_prompt_routed_experts and out.prompt_routed_experts is not None:
+        choice["prompt_routed_experts"] = out.prompt_routed_experts
+    return choice
+
+
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {
         "prompt_tokens": prompt_tokens,
@@ -185,30 +194,41 @@ class OpenAIServing:
         echo = [prompts[k // req.n].text if req.echo else "" for k in range(len(params))]
         if req.stream:
             return self._stream(req, head, streams, prompt_tokens, self._completion_chunk(req), echo)
-        texts, lps, last = await self._collect(streams)
+        outs = await self._collect(streams)
         choices = [
-            {
-                "index": k,
-                "text": echo[k] + texts[k],
-                "finish_reason": last[k].finish_reason,
-                "stop_reason": last[k].stop_reason,
-                "logprobs": self._completion_logprobs(lps[k]) if req.logprobs is not None else None,
-            }
-            for k in range(len(streams))
+            with_routes(
+                {
+                    "index": k,
+                    "text": echo[k] + o.text,
+                    "finish_reason": o.finish_reason,
+                    "stop_reason": o.stop_reason,
+                    "logprobs": self._completion_logprobs(o.logprobs) if req.logprobs is not None else None,
+                },
+                req,
+                o,
+            )
+            for k, o in enumerate(outs)
         ]
-        return head | {"choices": choices, "usage": usage(prompt_tokens, sum(o.completion_tokens for o in last))}
+        body = head | {"choices": choices, "usage": usage(prompt_tokens, sum(o.completion_tokens for o in outs))}
+        if req.return_prompt_routed_experts and len(prompts) == 1:  # vLLM's place for one prompt
+            body["prompt_routed_experts"] = outs[0].prompt_routed_experts
+        return body
 
     def _completion_chunk(self, req):
         def choice_of(k: int, out: RequestOutput) -> dict | None:
-            if not (out.text or out.finished):
+            if not (out.text or out.finished or out.routed_experts or out.prompt_routed_experts):
                 return None
-            return {
-                "index": k,
-                "text": out.text,
-                "finish_reason": out.finish_reason if out.finished else None,
-                "stop_reason": out.stop_reason if out.finished else None,
-                "logprobs": self._completion_logprobs(out.logprobs) if req.logprobs is not None else None,
-            }
+            return with_routes(
+                {
+                    "index": k,
+                    "text": out.text,
+                    "finish_reason": out.finish_reason if out.finished else None,
+                    "stop_reason": out.stop_reason if out.finished else None,
+                    "logprobs": self._completion_logprobs(out.logprobs) if req.logprobs is not None else None,
+                },
+                req,
+                out,
+            )
 
         return choice_of
 
@@ -236,44 +256,60 @@ class OpenAIServing:
                 for k in range(len(params))
             ]
             return self._stream(req, head, streams, len(prompt.ids), self._chat_chunk(req), first=first)
-        texts, lps, last = await self._collect(streams)
+        outs = await self._collect(streams)
         choices = [
-            {
-                "index": k,
-                "message": {"role": "assistant", "content": texts[k]},
-                "finish_reason": last[k].finish_reason,
-                "stop_reason": last[k].stop_reason,
-                "logprobs": self._chat_logprobs(lps[k]) if req.logprobs else None,
-            }
-            for k in range(len(streams))
+            with_routes(
+                {
+                    "index": k,
+                    "message": {"role": "assistant", "content": o.text},
+                    "finish_reason": o.finish_reason,
+                    "stop_reason": o.stop_reason,
+                    "logprobs": self._chat_logprobs(o.logprobs) if req.logprobs else None,
+                },
+                req,
+                o,
+            )
+            for k, o in enumerate(outs)
         ]
-        return head | {"choices": choices, "usage": usage(len(prompt.ids), sum(o.completion_tokens for o in last))}
+        body = head | {"choices": choices, "usage": usage(len(prompt.ids), sum(o.completion_tokens for o in outs))}
+        if req.return_prompt_routed_experts:
+            body["prompt_routed_experts"] = outs[0].prompt_routed_experts
+        return body
 
     def _chat_chunk(self, req):
         def choice_of(k: int, out: RequestOutput) -> dict | None:
-            if not (out.text or out.finished or (req.logprobs and out.logprobs)):
+            if not (
+                out.text
+                or out.finished
+                or (req.logprobs and out.logprobs)
+                or out.routed_experts
+                or out.prompt_routed_experts
+            ):
                 return None
-            return {
-                "index": k,
-                "delta": {"content": out.text} if out.text else {},
-                "finish_reason": out.finish_reason if out.finished else None,
-                "stop_reason": out.stop_reason if out.finished else None,
-                "logprobs": self._chat_logprobs(out.logprobs) if req.logprobs else None,
-            }
+            return with_routes(
+                {
+                    "index": k,
+                    "delta": {"content": out.text} if out.text else {},
+                    "finish_reason": out.finish_reason if out.finished else None,
+                    "stop_reason": out.stop_reason if out.finished else None,
+                    "logprobs": self._chat_logprobs(out.logprobs) if req.logprobs else None,
+                },
+                req,
+                out,
+            )
 
         return choice_of
 
     # ------------------------------------------------------------ collecting and streaming
 
     @staticmethod
-    async def _collect(streams) -> tuple[list[str], list[list], list[RequestOutput]]:
-        """Whole answers: each choice's text, logprobs and final output (usage, reasons)."""
-        texts, lps, last = [""] * len(streams), [[] for _ in streams], [None] * len(streams)
+    async def _collect(streams) -> list[RequestOutput]:
+        """Whole answers: each choice's outputs merged into one (text, logprobs, routes, the final
+        reasons and usage)."""
+        whole: list = [None] * len(streams)
         async for k, out in merge(streams):
-            texts[k] += out.text
-            lps[k] += out.logprobs
-            last[k] = out
-        return texts, lps, last
+            whole[k] = out if whole[k] is None else whole[k].merge(out)
+        return whole
 
     async def _stream(
         self,

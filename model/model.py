@@ -110,11 +110,18 @@ class MixtralDense:
         return linear(out.view(T, H * d), lw.o)
 
     def forward(
-        self, ids: torch.Tensor, meta: AttnMeta, kv: KVPool, logit_rows: torch.Tensor | None = None
+        self,
+        ids: torch.Tensor,
+        meta: AttnMeta,
+        kv: KVPool,
+        logit_rows: torch.Tensor | None = None,
+        routes: list | None = None,
     ) -> Generator[ExpertRequest, dict[int, torch.Tensor], torch.Tensor]:
         """ids [T] -> logits [len(logit_rows), V] (all rows when None), float32.
 
-        Yields one ExpertRequest per layer and expects the experts' outputs sent back.
+        Yields one ExpertRequest per layer and expects the experts' outputs sent back. With a
+        `routes` list, each layer's chosen experts [T, k] are appended to it (routed experts
+        returned to clients); without one nothing is kept.
         """
         c, w = self.cfg, self.w
         cos, sin = rope_cos_sin(meta.positions, c.head_dim, c.rope_theta, self.dtype)
@@ -124,6 +131,8 @@ class MixtralDense:
             h = h + self.attention(lw, l, x, meta, kv, cos, sin)
             x = rms_norm(h, lw.post_norm, c.rms_norm_eps)
             gw, e = route(Fn.linear(x, lw.gate), c.num_experts_per_tok)
+            if routes is not None:
+                routes.append(e)
             plan = plan_dispatch(gw, e, c.num_local_experts)
             outputs = yield ExpertRequest(l, {i: x[r] for i, r in plan.rows.items()})
             h = h + combine(x, plan, outputs)

@@ -47,6 +47,12 @@ class SamplingParams:
     min_tokens: int = 0  # no EOS / stop token / stop string before this many tokens
     skip_special_tokens: bool = True  # control tokens (<s>, </s>) carry no text
     include_stop_str_in_output: bool = False  # keep the matched stop string (or stop token's text)
+    return_routed_experts: bool = False  # each generated token's top-k expert ids per layer
+    return_prompt_routed_experts: bool = False  # and each prompt token's
+
+    @property
+    def wants_routes(self) -> bool:
+        return self.return_routed_experts or self.return_prompt_routed_experts
 
     def __post_init__(self):
         if isinstance(self.stop, str):

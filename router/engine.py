@@ -69,10 +69,20 @@ class RequestOutput:
     error: str | None = None  # with finish_reason "error": why this request (and only it) failed
     error_kind: str | None = None  # "invalid" (refused: bad request), "overloaded" (refused: retry), "failed"
     stop_reason: int | str | None = None  # vLLM's: the stop string or stop token id that ended it; None for EOS
+    # vLLM's routed experts, when asked: [new tokens][layers][k] for this output's tokens (the
+    # experts of the position whose output chose each token); the prompt's [prompt][layers][k]
+    # on the first output.
+    routed_experts: list | None = None
+    prompt_routed_experts: list | None = None
 
     def merge(self, later: RequestOutput) -> RequestOutput:
         """This output followed by `later` (same request) as one: what a stream sends when it has
         fallen behind the engine by more than a step."""
+        routed = (
+            None
+            if self.routed_experts is None and later.routed_experts is None
+            else (self.routed_experts or []) + (later.routed_experts or [])
+        )
         return RequestOutput(
             self.req_id,
             self.new_token_ids + later.new_token_ids,
@@ -85,6 +95,8 @@ class RequestOutput:
             later.error,
             later.error_kind,
             later.stop_reason,
+            routed,
+            self.prompt_routed_experts if self.prompt_routed_experts is not None else later.prompt_routed_experts,
         )
 
 
@@ -238,7 +250,22 @@ class LLMEngine:
             if s.samples:
                 logit_rows.append(row - 1)
         meta = build_attn_meta(seqs, self.dense.cfg.sliding_window)
-        return self.dense.forward(torch.tensor(ids), meta, self.kv, torch.tensor(logit_rows, dtype=torch.long))
+        routes = [] if any(s.seq.params.wants_routes for s in mb) else None
+        gen = self.dense.forward(torch.tensor(ids), meta, self.kv, torch.tensor(logit_rows, dtype=torch.long), routes)
+        return gen, routes
+
+    @staticmethod
+    def _keep_routes(mb: list[Scheduled], routes: list) -> None:
+        """Each asking sequence's rows of this step's routing [layers x [T, k]], by position."""
+        per_row = torch.stack(routes, dim=1)  # [T, layers, k]
+        row = 0
+        for s in mb:
+            seq = s.seq
+            if seq.params.wants_routes:
+                got = per_row[row : row + s.num_new].tolist()
+                del seq.routes[seq.num_computed :]  # recomputed positions (after preemption) are replaced
+                seq.routes.extend(got)
+            row += s.num_new
 
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
@@ -252,14 +279,17 @@ class LLMEngine:
             return []
         mbs = self._microbatches(sched)
         try:
-            logits = run_pipelined([self._forward(mb) for mb in mbs], self.experts)
+            fwd = [self._forward(mb) for mb in mbs]
+            logits = run_pipelined([g for g, _ in fwd], self.experts)
         except Exception as e:  # noqa: BLE001 - not one sequence's fault: fail this step's sequences
             log.warning("engine step failed", extra={"error": f"{type(e).__name__}: {e}"[:500]})
             msg = f"the engine step failed: {type(e).__name__}: {e}"
             return [self._fail(s.seq, msg) for s in sched if s.seq.req_id in self.seqs]
         self.steps += 1
         outputs = []
-        for mb, lg in zip(mbs, logits):
+        for mb, lg, (_, routes) in zip(mbs, logits, fwd):
+            if routes is not None:
+                self._keep_routes(mb, routes)
             sampling = [s.seq for s in mb if s.samples]
             for s in mb:
                 s.seq.num_computed += s.num_new
@@ -396,7 +426,7 @@ class LLMEngine:
         new = seq.output_ids[seq.emitted_tokens :]
         lps = seq.logprobs[seq.emitted_tokens :] if seq.params.logprobs is not None else []
         seq.emitted_tokens = len(seq.output_ids)
-        return RequestOutput(
+        out = RequestOutput(
             seq.req_id,
             new,
             text,
@@ -407,6 +437,15 @@ class LLMEngine:
             logprobs=lps,
             stop_reason=seq.stop_reason if finished else None,
         )
+        p = seq.params
+        if p.wants_routes:
+            P, first = len(seq.prompt_ids), len(seq.output_ids) - len(new)
+            if p.return_routed_experts:
+                out.routed_experts = seq.routes[P - 1 + first : P - 1 + first + len(new)]
+            if p.return_prompt_routed_experts and not seq.sent_prompt_routes:
+                out.prompt_routed_experts = seq.routes[:P]
+                seq.sent_prompt_routes = True
+        return out
 
     # ------------------------------------------------------------ convenience
 
@@ -420,15 +459,5 @@ class LLMEngine:
             if not outs and not self.has_unfinished():
                 break
             for o in outs:
-                a = acc[o.req_id]
-                a.new_token_ids += o.new_token_ids
-                a.text += o.text
-                a.logprobs += o.logprobs
-                a.finished, a.finish_reason, a.error, a.stop_reason = (
-                    o.finished,
-                    o.finish_reason,
-                    o.error,
-                    o.stop_reason,
-                )
-                a.prompt_tokens, a.completion_tokens = o.prompt_tokens, o.completion_tokens
+                acc[o.req_id] = acc[o.req_id].merge(o)
         return [acc[r] for r in rids]

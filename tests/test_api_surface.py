@@ -510,3 +510,106 @@ def test_a_client_gone_mid_stream_frees_every_choice(server, client):
     while running() != 0:
         assert time.monotonic() < deadline, "choices of an abandoned request are still running"
         time.sleep(0.2)
+
+
+# ---------------------------------------------------------------- routed experts, dashboard, routing report
+
+
+def test_routed_experts_per_token_opt_in_streamed_and_not(client, local):
+    prompt = "Routing is"
+    ids = local.tokenizer.encode(prompt)
+    want = local.generate(
+        [ids],
+        SamplingParams(max_tokens=6, temperature=0, return_routed_experts=True, return_prompt_routed_experts=True),
+    )[0]
+    extra = {"return_routed_experts": True, "return_prompt_routed_experts": True}
+    r = client.completions.create(model=M, prompt=prompt, max_tokens=6, temperature=0, extra_body=extra)
+    c = r.choices[0].model_extra
+    assert c["routed_experts"] == want.routed_experts and len(c["routed_experts"]) == r.usage.completion_tokens
+    assert r.model_extra["prompt_routed_experts"] == want.prompt_routed_experts and len(
+        want.prompt_routed_experts
+    ) == len(ids)
+    cfg = local.dense.cfg
+    assert all(
+        len(t) == cfg.num_hidden_layers
+        and all(len(k) == cfg.num_experts_per_tok and all(0 <= e < cfg.num_local_experts for e in k) for k in t)
+        for t in c["routed_experts"]
+    )
+    chunks = list(
+        client.completions.create(model=M, prompt=prompt, max_tokens=6, temperature=0, stream=True, extra_body=extra)
+    )
+    streamed = [t for ch in chunks for x in ch.choices for t in (x.model_extra.get("routed_experts") or [])]
+    assert streamed == want.routed_experts
+    plain = client.completions.create(model=M, prompt=prompt, max_tokens=6, temperature=0)
+    assert "routed_experts" not in plain.choices[0].model_extra  # off by default
+    chat = client.chat.completions.create(
+        model=M,
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=3,
+        temperature=0,
+        extra_body={"return_routed_experts": True},
+    )
+    assert len(chat.choices[0].model_extra["routed_experts"]) == chat.usage.completion_tokens
+
+
+def test_dashboard_queries_name_metrics_the_server_exports(server, client):
+    import re
+    import urllib.request
+
+    dash = json.loads(
+        (Path(__file__).resolve().parent.parent / "k8s" / "monitoring" / "grafana-dashboard.json").read_text()
+    )
+    assert dash["title"] and dash["uid"] and isinstance(dash["schemaVersion"], int)
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids)) >= 8
+    assert {v["name"] for v in dash["templating"]["list"]} >= {"datasource"}
+    for p in dash["panels"]:
+        assert p["type"] in {"timeseries", "heatmap", "stat", "bargauge", "table"} and p["targets"], p["title"]
+        assert set(p["gridPos"]) == {"x", "y", "w", "h"}
+    client.completions.create(model=M, prompt="Traffic for the dashboard", max_tokens=8)
+
+    def scrape() -> str:
+        with urllib.request.urlopen(server + "/metrics", timeout=60) as r:
+            return r.read().decode()
+
+    scrape()  # the per-scrape rates need two scrapes
+    client.completions.create(model=M, prompt="More traffic", max_tokens=8)
+    names = {line.split("{")[0].split(" ")[0] for line in scrape().splitlines() if line and not line.startswith("#")}
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    used = {m for e in exprs for m in re.findall(r"\bmixserve_[a-z_]+", e)}
+    assert used and used <= names, used - names
+    panels = " ".join(p["title"].lower() for p in dash["panels"])
+    for topic in (
+        "layer x expert",
+        "replicas",
+        "time to first token",
+        "inter-token",
+        "round trip",
+        "retries",
+        "kv-cache",
+        "waiting",
+    ):
+        assert topic in panels, topic
+
+
+def test_routing_report_through_the_server(server, tmp_path):
+    from cluster.cli import main
+    from cluster.routing import random_rates
+
+    a, b = tmp_path / "prose.txt", tmp_path / "code.txt"
+    a.write_text("The quick brown fox jumps over the lazy dog. " * 12)
+    b.write_text("def f(x):\n    return x + 1\n" * 12)
+    out = tmp_path / "report"
+    assert main(["routing", str(a), str(b), "--url", server, "--out", str(out), "--chunk-chars", "200"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert set(rep["files"]) == {"prose.txt", "code.txt"} and rep["model"] == M
+    assert (rep["random"]["keep_first"], rep["random"]["keep_any"]) == random_rates(rep["num_experts"], rep["top_k"])
+    for r in rep["files"].values():
+        assert r["tokens"] > 50
+        for row in r["share"]:
+            assert abs(sum(row) - 1) < 1e-9 and len(row) == rep["num_experts"]
+        assert all(0 <= x <= 1 for x in r["keep_first"] + r["keep_any"])
+        assert all(f <= y for f, y in zip(r["keep_first"], r["keep_any"]))
+    for png in ("shares.png", "repetition.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "keep first" in (out / "report.md").read_text()

@@ -244,3 +244,44 @@ def test_special_tokens_are_text_only_when_asked(tiny_dir):
     kept = eng.generate([p], SamplingParams(**sp, skip_special_tokens=False))[0]
     assert skipped.new_token_ids == kept.new_token_ids == [eos] * 4
     assert skipped.text == "" and kept.text == "</s>" * 4
+
+
+def reference_routes(tiny_dir, ids: list[int]) -> list:
+    """Every position's top-k experts per layer from one full forward: [T][layers][k]."""
+    from model.attention import KVPool, build_attn_meta
+    from model.moe import run_local
+
+    model = Transformer.from_pretrained(tiny_dir, "float32")
+    routes: list = []
+    kv = KVPool(model.cfg, len(ids), model.dense.dtype)
+    meta = build_attn_meta([(list(range(len(ids))), len(ids))], model.cfg.sliding_window)
+    run_local(model.dense.forward(torch.tensor(ids), meta, kv, None, routes), model.experts)
+    return torch.stack(routes, dim=1).tolist()
+
+
+def test_routed_experts_are_each_positions_routing_whatever_the_batch(tiny_dir):
+    eng = LLMEngine.local(tiny_dir, "float32", EngineConfig())
+    ps = prompts(eng.tokenizer)
+    sp = SamplingParams(
+        max_tokens=8, temperature=0, ignore_eos=True, return_routed_experts=True, return_prompt_routed_experts=True
+    )
+    outs = eng.generate(ps, [sp] + [GREEDY] * (len(ps) - 1))
+    o = outs[0]
+    ref = reference_routes(tiny_dir, ps[0] + o.new_token_ids)
+    P, cfg = len(ps[0]), eng.dense.cfg
+    assert o.prompt_routed_experts == ref[:P]
+    assert o.routed_experts == ref[P - 1 : P - 1 + len(o.new_token_ids)]  # the position that chose each token
+    assert len(o.routed_experts[0]) == cfg.num_hidden_layers and len(o.routed_experts[0][0]) == cfg.num_experts_per_tok
+    assert all(outs[i].routed_experts is None for i in range(1, len(ps)))  # off unless asked
+    # chunked prefill, micro-batches and preemption give the same routes
+    tight = LLMEngine.local(
+        tiny_dir,
+        "float32",
+        EngineConfig(max_num_batched_tokens=7, num_microbatches=2, kv_cache_tokens=96, block_size=8),
+    )
+    again = tight.generate(ps, [sp] * len(ps))
+    assert again[0].routed_experts == o.routed_experts and again[0].prompt_routed_experts == o.prompt_routed_experts
+    for p, a in zip(ps[1:], again[1:]):
+        want = reference_routes(tiny_dir, p + a.new_token_ids)
+        assert a.prompt_routed_experts == want[: len(p)]
+        assert a.routed_experts == want[len(p) - 1 : len(p) - 1 + len(a.new_token_ids)]

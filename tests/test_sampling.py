@@ -138,3 +138,13 @@ def test_values_at_the_edges_keep_the_row_sampleable():
         assert not torch.isnan(x).any() and not torch.isposinf(x).any(), p
         assert bad_rows(x) == []
         sample(x, [p], [make_generator(0)])  # does not raise
+
+
+def test_routing_analysis_counts_by_hand():
+    from cluster.routing import analyse, random_rates
+
+    routes = [[[[0, 1], [2, 3]], [[0, 2], [2, 3]], [[1, 0], [3, 2]]]]  # 3 tokens, 2 layers, top-2
+    r = analyse(routes, 8)
+    assert r["share"][0][:3] == [3 / 6, 2 / 6, 1 / 6] and r["share"][1][2:4] == [0.5, 0.5]
+    assert r["keep_first"] == [0.5, 0.5] and r["keep_any"] == [1.0, 1.0]
+    assert random_rates(8, 2) == (0.125, 1 - 15 / 28)  # the paper's 46% for top-2 of 8
