@@ -130,6 +130,7 @@ def plot(report: dict, out: Path) -> list[str]:
     a2.set_title(f"consecutive tokens share one of the top-{first['top_k']}")
     for a in (a1, a2):
         a.set_xlabel("layer")
+        a.set_xticks(range(L))
         a.set_ylim(0, 1)
         a.legend(fontsize="small")
     fig.tight_layout()
