@@ -140,15 +140,14 @@ class OpenAIIngress:
         self.cfg.model = resolve_model(self.cfg.model)
         self.attention = attention
         self.tokenizer = Tokenizer.for_model(self.cfg.model)
-        mc = MixtralConfig.from_file(self.cfg.model)
-        self.vocab = mc.vocab_size
-        self.num_experts, self.top_k = mc.num_local_experts, mc.num_experts_per_tok
-        self.max_model_len = min(
-            self.cfg.engine.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings
-        )
+        mc = self.mc = MixtralConfig.from_file(self.cfg.model)
         s = self.cfg.server
-        self.model_name = s.served_model_name or os.path.basename(os.path.normpath(self.cfg.model))
-        self.limits = ModelLimits(self.model_name, self.vocab, self.max_model_len, s.max_tokens_default)
+        self.limits = ModelLimits(
+            s.served_model_name or os.path.basename(os.path.normpath(self.cfg.model)),
+            mc.vocab_size,
+            min(self.cfg.engine.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings),
+            s.max_tokens_default,
+        )
         self.serving = OpenAIServing(self.tokenizer, self.limits, self._outputs)
         self.api_key = s.api_key or os.environ.get("MIXSERVE_API_KEY")
         # Serve's gRPC proxy listens on every interface (Ray has no option for its host); with a
@@ -168,12 +167,13 @@ class OpenAIIngress:
         if not key_matches(request.headers.get("authorization"), self.api_key):
             raise unauthorized()
 
-    async def _body(self, request: Request, schema):
+    async def _json(self, request: Request) -> dict:
+        """An authorised request's body as a JSON object, bounded as it is read."""
         self._authorize(request)
-        data = parse_json(await read_body(request, self.cfg.server.max_request_bytes))
-        if isinstance(schema, tuple):  # /tokenize: a prompt or chat messages
-            schema = schema[1] if "messages" in data else schema[0]
-        return validate(schema, data)
+        return parse_json(await read_body(request, self.cfg.server.max_request_bytes))
+
+    async def _body(self, request: Request, schema):
+        return validate(schema, await self._json(request))
 
     async def _outputs(self, prompt_ids: list[int], sp: SamplingParams):
         """The request's outputs, with the first one already received: a refusal (overload, bad
@@ -283,13 +283,13 @@ class OpenAIIngress:
             "object": "list",
             "data": [
                 {
-                    "id": self.model_name,
+                    "id": self.limits.name,
                     "object": "model",
                     "created": self.created,
                     "owned_by": "mixserve",
-                    "max_model_len": self.max_model_len,
-                    "num_experts": self.num_experts,  # extensions, for routed-expert tools
-                    "num_experts_per_tok": self.top_k,
+                    "max_model_len": self.limits.max_model_len,
+                    "num_experts": self.mc.num_local_experts,  # extensions, for routed-expert tools
+                    "num_experts_per_tok": self.mc.num_experts_per_tok,
                 }
             ],
         }
@@ -317,7 +317,8 @@ class OpenAIIngress:
     @api.post("/tokenize")
     async def tokenize(self, request: Request):
         async def run(request):
-            return self.serving.tokenize(await self._body(request, (TokenizeCompletion, TokenizeChat)))
+            data = await self._json(request)  # a prompt or chat messages
+            return self.serving.tokenize(validate(TokenizeChat if "messages" in data else TokenizeCompletion, data))
 
         return await self._counted("/tokenize", run, request)
 
@@ -355,7 +356,7 @@ class OpenAIIngress:
         if size > self.cfg.server.max_request_bytes:
             raise APIError(413, f"request is {size} bytes; the limit is {self.cfg.server.max_request_bytes}")
         body = {
-            "model": self.model_name,
+            "model": self.limits.name,
             "temperature": request.temperature,
             "top_p": request.top_p or 1.0,
             "top_k": request.top_k,
@@ -370,9 +371,8 @@ class OpenAIIngress:
             "logit_bias": dict(request.logit_bias),
             "include_stop_str_in_output": request.include_stop_str_in_output,
         }
-        for name in ("max_tokens",):
-            if getattr(request, name):
-                body[name] = getattr(request, name)
+        if request.max_tokens:  # 0 = the server default
+            body["max_tokens"] = request.max_tokens
         for name in ("seed", "repetition_penalty", "skip_special_tokens"):
             if request.HasField(name):
                 body[name] = getattr(request, name)
