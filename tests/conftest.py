@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -78,6 +80,42 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_app(cfg, name: str, grpc_port: int):
+    """A local Ray (2 CPUs) with Serve's HTTP proxy on a free loopback port and its gRPC proxy on
+    `grpc_port`, the application of `cfg` deployed at "/" under `name`; yields the base URL and
+    shuts Serve and Ray down afterwards."""
+    import ray
+    from ray import serve
+
+    from cluster.app import build_app
+    from cluster.cli import GRPC_SERVICER
+
+    port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(
+            http_options={"host": "127.0.0.1", "port": port},
+            grpc_options={"port": grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]},
+        )
+        serve.run(build_app(cfg), name=name, route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def running_sequences(base: str) -> float:
+    """The engine's running batch as a server's /metrics reports it."""
+    import urllib.request
+
+    with urllib.request.urlopen(base + "/metrics", timeout=60) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("mixserve_running_sequences "):
+                return float(line.split()[1])
+    raise AssertionError("no running-sequences gauge")
 
 
 def serve_run_answer(config_path, port: int, body: dict, cwd, env: dict, timeout_s: float = 180) -> dict:

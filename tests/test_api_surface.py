@@ -13,15 +13,11 @@ from pathlib import Path
 
 import openai
 import pytest
-import ray
-from ray import serve
 
-from cluster.app import build_app
-from cluster.cli import GRPC_SERVICER
 from cluster.config import load_config
 from model.sampling import SamplingParams
 from router.engine import LLMEngine
-from tests.conftest import free_port
+from tests.conftest import free_port, running_sequences, serve_app
 from tests.test_openai import post
 
 pytestmark = pytest.mark.ray
@@ -33,19 +29,11 @@ REPEATS = "Un deux trois " * 12  # the tiny model repeats itself after this prom
 
 @pytest.fixture(scope="module")
 def server(tiny_dir):
-    port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    serve.start(
-        http_options={"host": "127.0.0.1", "port": port},
-        grpc_options={"port": GRPC_PORT, "grpc_servicer_functions": [GRPC_SERVICER]},
-    )
     cfg = load_config(
         CONFIG, {"model": tiny_dir, "dtype": "float32", "server.served_model_name": M, "engine.max_model_len": 256}
     )
-    serve.run(build_app(cfg), name="mixserve", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
+    with serve_app(cfg, "mixserve", GRPC_PORT) as base:
+        yield base
 
 
 @pytest.fixture(scope="module")
@@ -485,14 +473,6 @@ def test_vllm_bench_client_runs_against_the_server(server, tiny_dir):
 
 def test_a_client_gone_mid_stream_frees_every_choice(server, client):
     import time
-    import urllib.request
-
-    def running() -> float:
-        with urllib.request.urlopen(server + "/metrics", timeout=60) as r:
-            for line in r.read().decode().splitlines():
-                if line.startswith("mixserve_running_sequences "):
-                    return float(line.split()[1])
-        raise AssertionError("no running-sequences gauge")
 
     stream = client.completions.create(
         model=M,
@@ -504,10 +484,10 @@ def test_a_client_gone_mid_stream_frees_every_choice(server, client):
         extra_body={"ignore_eos": True},
     )
     next(iter(stream))
-    assert running() == 4
+    assert running_sequences(server) == 4
     stream.close()
     deadline = time.monotonic() + 5
-    while running() != 0:
+    while running_sequences(server) != 0:
         assert time.monotonic() < deadline, "choices of an abandoned request are still running"
         time.sleep(0.2)
 

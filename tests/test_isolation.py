@@ -17,16 +17,13 @@ import pytest
 import ray
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from ray import serve
 
-from cluster.app import build_app
-from cluster.cli import GRPC_SERVICER
 from cluster.config import AppConfig
 from cluster.proto import mixserve_pb2 as pb
 from cluster.proto.mixserve_pb2_grpc import MixServeStub
 from model.sampling import SamplingParams
 from router.engine import LLMEngine
-from tests.conftest import free_port
+from tests.conftest import free_port, serve_app
 
 pytestmark = pytest.mark.ray
 KEY = "isolation-key"
@@ -38,12 +35,6 @@ MAX_REQUEST_BYTES = 64 << 10
 
 @pytest.fixture(scope="module")
 def server(tiny_dir):
-    port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    serve.start(
-        http_options={"host": "127.0.0.1", "port": port},
-        grpc_options={"port": GRPC_PORT, "grpc_servicer_functions": [GRPC_SERVICER]},
-    )
     cfg = AppConfig(
         model=tiny_dir,
         dtype="float32",
@@ -52,10 +43,8 @@ def server(tiny_dir):
         experts={"num_cpus": 0, "experts_per_worker": 4},
         server={"served_model_name": MODEL, "api_key": KEY, "max_request_bytes": MAX_REQUEST_BYTES},
     )
-    serve.run(build_app(cfg), name="iso", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
+    with serve_app(cfg, "iso", GRPC_PORT) as base:
+        yield base
 
 
 @pytest.fixture(scope="module")

@@ -10,16 +10,14 @@ from pathlib import Path
 
 import openai
 import pytest
-import ray
 from ray import serve
 
 from cluster.app import build_app
-from cluster.cli import GRPC_SERVICER
 from cluster.config import load_config
 from model.config import MixtralConfig
 from model.sampling import SamplingParams
 from router.engine import LLMEngine
-from tests.conftest import free_port
+from tests.conftest import free_port, running_sequences, serve_app
 
 pytestmark = pytest.mark.ray
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
@@ -30,20 +28,12 @@ GRPC_PORT = free_port()
 
 @pytest.fixture(scope="module")
 def server(tiny_dir):
-    port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    serve.start(
-        http_options={"host": "127.0.0.1", "port": port},
-        grpc_options={"port": GRPC_PORT, "grpc_servicer_functions": [GRPC_SERVICER]},
-    )
     cfg = load_config(
         CONFIG,
         {"model": tiny_dir, "dtype": "float32", "server.served_model_name": "tiny-test", "engine.max_model_len": 256},
     )
-    serve.run(build_app(cfg), name="mixserve", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
+    with serve_app(cfg, "mixserve", GRPC_PORT) as base:
+        yield base
 
 
 @pytest.fixture(scope="module")
@@ -126,9 +116,7 @@ def test_concurrent_streaming_clients_each_get_their_solo_output(server, client,
 
     def watch():  # the engine's running batch, as /metrics reports it, while the streams are open
         while not done.is_set():
-            for line in urllib.request.urlopen(server + "/metrics", timeout=30).read().decode().splitlines():
-                if line.startswith("mixserve_running_sequences "):
-                    peak[0] = max(peak[0], float(line.split()[1]))
+            peak[0] = max(peak[0], running_sequences(server))
             time.sleep(0.05)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
@@ -319,13 +307,6 @@ def test_fuzzed_requests_never_get_a_5xx(server):
 def test_client_disconnect_frees_its_sequence(server, client):
     import time
 
-    def running() -> float:
-        with urllib.request.urlopen(server + "/metrics", timeout=60) as r:
-            for line in r.read().decode().splitlines():
-                if line.startswith("mixserve_running_sequences "):
-                    return float(line.split()[1])
-        raise AssertionError("no running-sequences gauge")
-
     stream = client.completions.create(
         model="tiny-test",
         prompt="Long story",
@@ -335,10 +316,10 @@ def test_client_disconnect_frees_its_sequence(server, client):
         extra_body={"ignore_eos": True},
     )
     next(iter(stream))
-    assert running() == 1  # ~240 tokens take far longer than this check
+    assert running_sequences(server) == 1  # ~240 tokens take far longer than this check
     stream.close()
     deadline = time.monotonic() + 5
-    while running() != 0:
+    while running_sequences(server) != 0:
         assert time.monotonic() < deadline, "the abandoned sequence is still running"
         time.sleep(0.2)
 
