@@ -442,9 +442,8 @@ class LLMEngine:
             P, first = len(seq.prompt_ids), len(seq.output_ids) - len(new)
             if p.return_routed_experts:
                 out.routed_experts = seq.routes[P - 1 + first : P - 1 + first + len(new)]
-            if p.return_prompt_routed_experts and not seq.sent_prompt_routes:
+            if p.return_prompt_routed_experts and first == 0:  # the sequence's first output
                 out.prompt_routed_experts = seq.routes[:P]
-                seq.sent_prompt_routes = True
         return out
 
     # ------------------------------------------------------------ convenience

@@ -43,7 +43,6 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     routes: list = field(default_factory=list)  # position -> [layer][k] expert ids (when asked)
-    sent_prompt_routes: bool = False
     detok: IncrementalDetokenizer | None = None
     text: str = ""  # detokenised output (cut at a stop string once one is found)
     emitted_chars: int = 0
