@@ -339,8 +339,9 @@ class ChannelClient:
             self.sock = socket.create_connection(self.address, timeout=min(timeout_s, HANDSHAKE_TIMEOUT_S))
         except OSError as e:  # refused, unreachable, timed out: the replica is gone or not there yet
             raise ChannelError(f"connect to {self.address} failed: {e}") from None
+        self.timeout_s = timeout_s
         self.next_call = 0
-        self.sent: list[tuple[int, int, torch.dtype]] = []  # (call, cols, dtype) awaiting a response
+        self.sent: list[tuple[int, int, torch.dtype, float]] = []  # (call, cols, dtype, deadline) awaiting a response
         self.done: dict[int, dict | Exception] = {}
         self.alive = True
         try:
@@ -370,27 +371,30 @@ class ChannelClient:
         except OSError as e:
             self.close()
             raise ChannelError(f"send to {self.address} failed: {e}") from None
-        self.sent.append((call, cols, dtype))
+        self.sent.append((call, cols, dtype, time.monotonic() + self.timeout_s))
         return call
 
     def result(self, call: int) -> dict[int, torch.Tensor]:
         while call not in self.done:
             if not self.alive or not self.sent:
                 raise ChannelError(f"no response for call {call} from {self.address}")
-            want, cols, dtype = self.sent[0]
+            # The timeout runs from the send: calls in flight together on several connections (one
+            # host cut off) all time out together instead of one after the other.
+            want, cols, dtype, deadline = self.sent[0]
             try:
-                magic, got, status, k = RESP.unpack(_recv_exact(self.sock, RESP.size))
+                magic, got, status, k = RESP.unpack(_recv_exact(self.sock, RESP.size, deadline))
                 if magic != MAGIC or got != want:
                     raise ChannelError(f"out-of-order or corrupt response from {self.address}")
                 if status:
-                    (n,) = struct.unpack("<I", _recv_exact(self.sock, 4))
-                    msg = bytes(_recv_exact(self.sock, min(n, 4096))).decode(errors="replace")
+                    (n,) = struct.unpack("<I", _recv_exact(self.sock, 4, deadline))
+                    msg = bytes(_recv_exact(self.sock, min(n, 4096), deadline)).decode(errors="replace")
                     if msg == "draining":  # the replica is being removed: like a dead one, re-send elsewhere
                         raise ChannelError(f"{self.address} is draining")
                     self.done[got] = RemoteExpertError(msg)
                 else:
-                    entries = _entries(_recv_exact(self.sock, ENTRY.size * k), k) if k else []
-                    self.done[got] = _split(_recv_tensor(self.sock, sum(n for _, n in entries), cols, dtype), entries)
+                    entries = _entries(_recv_exact(self.sock, ENTRY.size * k, deadline), k) if k else []
+                    rows = sum(n for _, n in entries)
+                    self.done[got] = _split(_recv_tensor(self.sock, rows, cols, dtype, deadline), entries)
             except (OSError, struct.error) as e:  # timeout, reset, closed
                 self.close()
                 raise ChannelError(f"expert channel {self.address}: {type(e).__name__}: {e}") from None

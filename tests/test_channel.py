@@ -4,10 +4,13 @@ slow, idle and too many connections, no file descriptors left)."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import resource
 import socket
 import struct
+import threading
 import time
 
 import pytest
@@ -159,6 +162,60 @@ def still_serves(worker, server) -> None:
     got, want = c.result(c.send(1, b)), worker.run(1, b)
     assert all(torch.equal(got[e], want[e]) for e in want)
     c.close()
+
+
+def test_the_call_timeout_runs_from_the_send(worker):
+    """Calls in flight together on two connections to a host that stopped answering time out together
+    (as when a partition cuts off a host holding several replicas), not one timeout after the other;
+    and a response that trickles in keeps no call alive past its deadline."""
+
+    class Stuck:
+        cfg, experts = worker.cfg, worker.experts
+
+        def run(self, layer, b):
+            time.sleep(3)
+            return b
+
+    hung = [serve(Stuck()), serve(Stuck())]
+    try:
+        clients = [connect(h, timeout_s=0.6) for h in hung]
+        calls = [c.send(0, batches(worker.cfg.hidden_size, {1: 1})) for c in clients]
+        t0 = time.monotonic()
+        for c, call in zip(clients, calls):
+            with pytest.raises(ChannelError):
+                c.result(call)
+        assert time.monotonic() - t0 < 1.0, "the second call's timeout started after the first's ended"
+    finally:
+        for h in hung:
+            h.close()
+
+    # A server that answers one byte at a time, each within the timeout, still misses the deadline.
+    lsock = socket.create_server(("127.0.0.1", 0))
+
+    def trickle():
+        conn, _ = lsock.accept()
+        nonce_s = os.urandom(16)
+        conn.sendall(struct.pack("<I", HELLO) + nonce_s)
+        got = _recv_exact(conn, 16 + 32)
+        nonce_c = bytes(got[:16])
+        conn.sendall(hmac.new(SECRET, b"mxch-server" + nonce_c + nonce_s, hashlib.sha256).digest())
+        _recv_exact(conn, REQ.size)
+        for b in RESP.pack(MAGIC, 0, 0, 0) * 4:
+            time.sleep(0.2)
+            try:
+                conn.sendall(bytes([b]))
+            except OSError:
+                break
+        conn.close()
+
+    t = threading.Thread(target=trickle, daemon=True)
+    t.start()
+    c = ChannelClient(lsock.getsockname(), 0.5, SECRET)
+    t0 = time.monotonic()
+    with pytest.raises(ChannelError):
+        c.result(c.send(0, batches(worker.cfg.hidden_size, {1: 1})))
+    assert time.monotonic() - t0 < 1.0
+    lsock.close()
 
 
 def test_a_peer_without_the_secret_gets_nothing(worker, server):
