@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 import urllib.request
 
-import openai
 import pytest
 import ray
 from ray import serve
@@ -19,9 +17,8 @@ from ray.cluster_utils import Cluster
 
 from cluster.app import build_app, replica_counts
 from cluster.config import AppConfig
-from model.sampling import SamplingParams
-from router.engine import LLMEngine
 from tests.conftest import free_port
+from tests.load import PROMPTS, Stream, expected, progress
 
 pytestmark = pytest.mark.ray
 APP = "chaos"
@@ -64,92 +61,11 @@ def chaos(tiny_dir):
     c.shutdown()
 
 
-class Stream:
-    """`n` OpenAI clients sending greedy completions back to back, every other one streamed with a stop
-    string; each answer is checked against the undisturbed run."""
-
-    def __init__(self, base_url: str, prompts: list[str], want: list[tuple[str, str]], n: int):
-        self.client = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=120)
-        self.prompts, self.want = prompts, want
-        self.sent = self.completed = self.failed = self.identical = 0
-        self.errors: list[str] = []
-        self.lock, self.stop = threading.Lock(), threading.Event()
-        self.threads = [threading.Thread(target=self.run, args=(i,), daemon=True) for i in range(n)]
-
-    def run(self, i: int) -> None:
-        k = i
-        while not self.stop.is_set():
-            p, k = k % len(self.prompts), k + 1
-            with self.lock:
-                self.sent += 1
-            try:
-                if i % 2:  # streamed, with a stop string: the text across a failover must be exact
-                    text, stop = self.want[p]
-                    chunks = self.client.completions.create(
-                        model="tiny",
-                        prompt=self.prompts[p],
-                        max_tokens=16,
-                        temperature=0,
-                        stream=True,
-                        stop=[stop],
-                        extra_body={"ignore_eos": True},
-                    )
-                    got, ok = "".join(c.choices[0].text for c in chunks if c.choices), True
-                    want = text[: text.find(stop)]
-                else:
-                    r = self.client.completions.create(
-                        model="tiny",
-                        prompt=self.prompts[p],
-                        max_tokens=16,
-                        temperature=0,
-                        extra_body={"ignore_eos": True},
-                    )
-                    got, want, ok = r.choices[0].text, self.want[p][0], r.usage.completion_tokens == 16
-                with self.lock:
-                    self.completed += 1
-                    self.identical += got == want and ok
-            except Exception as e:  # noqa: BLE001 - counted and reported
-                with self.lock:
-                    self.failed += 1
-                    self.errors.append(f"{type(e).__name__}: {e}"[:300])
-
-    def completed_now(self) -> int:
-        with self.lock:
-            return self.completed
-
-    def __enter__(self):
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=180)
-
-
-def progress(stream: Stream, n: int, timeout: float = 90) -> None:
-    """Wait until `n` more requests have completed: the service is answering again."""
-    start, deadline = stream.completed_now(), time.monotonic() + timeout
-    while stream.completed_now() < start + n:
-        assert time.monotonic() < deadline and not stream.errors, (
-            f"no progress for {timeout} s; errors: {stream.errors[:3]}"
-        )
-        time.sleep(0.2)
-
-
 def test_requests_survive_replica_and_node_failures(chaos, tiny_dir):
     c, nodes, url = chaos
-    local = LLMEngine.local(tiny_dir, "float32")
-    prompts = ["Once upon a time", "The capital of France is", "def f(x): return", "1 2 3 4", "Hello, how are you"]
-    outs = local.generate(
-        [local.tokenizer.encode(p) for p in prompts], SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
-    )
-    # (full text, a stop string from its second half): streamed clients stop there
-    want = [(o.text, o.text[len(o.text) // 2 : len(o.text) // 2 + 3]) for o in outs]
-    assert all(len(stop) == 3 and text.find(stop) > 0 for text, stop in want)
+    want = expected(tiny_dir, PROMPTS)
     events = []
-    with Stream(url, prompts, want, n=4) as stream:
+    with Stream(url, "tiny", PROMPTS, want, n=4) as stream:
         progress(stream, 4)
         # 1. An expert replica dies (its process is killed, as in a crash).
         info = serve.get_deployment_handle(GROUPS[1], app_name=APP).info.remote().result()
