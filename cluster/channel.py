@@ -76,15 +76,16 @@ def _mac(secret: bytes, label: bytes, a: bytes, b: bytes) -> bytes:
 
 
 def _recv_into(sock: socket.socket, view: memoryview, deadline: float | None = None) -> memoryview:
-    """Fill `view` (bytes) from the socket; the peer closing first, or `deadline` passing, is a ChannelError."""
+    """Fill `view` (bytes) from the socket; the peer closing first, or `deadline` passing before the bytes
+    are there, is a ChannelError. Bytes that arrived in time are read even when the reader comes late."""
     got, n = 0, len(view)
     while got < n:
         if deadline is not None:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise ChannelError("frame not received in time")
-            sock.settimeout(left)
-        r = sock.recv_into(view[got:], n - got)
+            sock.settimeout(max(deadline - time.monotonic(), 0.0))  # 0.0: only what has arrived already
+        try:
+            r = sock.recv_into(view[got:], n - got)
+        except (TimeoutError, BlockingIOError):
+            raise ChannelError("frame not received in time") from None
         if r == 0:
             raise ChannelError("connection closed by the peer")
         got += r
@@ -266,6 +267,7 @@ class ChannelServer:
     def _refuse(self, conn: socket.socket, call: int, why: str) -> None:
         self.bad_frames += 1
         msg = why.encode()[:4096]
+        conn.settimeout(self.frame_timeout_s)
         conn.sendall(RESP.pack(MAGIC, call, 1, 0) + struct.pack("<I", len(msg)) + msg)
 
     def _serve(self, conn: socket.socket) -> None:
@@ -301,9 +303,11 @@ class ChannelServer:
                     out = self.worker.run(layer, _split(flat, entries))
                 except Exception as e:  # noqa: BLE001 - sent back to the caller, who raises it
                     msg = f"{type(e).__name__}: {e}".encode()[:4096]
+                    conn.settimeout(self.frame_timeout_s)
                     conn.sendall(RESP.pack(MAGIC, call, 1, 0) + struct.pack("<I", len(msg)) + msg)
                     continue
                 entries_out, payload, _, _ = _pack(out)
+                conn.settimeout(self.frame_timeout_s)  # the caller takes its response promptly, or is dropped
                 conn.sendall(RESP.pack(MAGIC, call, 0, len(out)) + entries_out)
                 if payload is not None:
                     conn.sendall(payload)
@@ -366,6 +370,7 @@ class ChannelClient:
         call = self.next_call
         self.next_call = (self.next_call + 1) & 0xFFFFFFFF
         try:
+            self.sock.settimeout(self.timeout_s)  # reads leave their deadline's remainder on the socket
             self.sock.sendall(REQ.pack(MAGIC, call, layer, DTYPES.index(dtype), cols, len(batches)) + entries)
             self.sock.sendall(payload)
         except OSError as e:

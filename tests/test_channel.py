@@ -166,8 +166,9 @@ def still_serves(worker, server) -> None:
 
 def test_the_call_timeout_runs_from_the_send(worker):
     """Calls in flight together on two connections to a host that stopped answering time out together
-    (as when a partition cuts off a host holding several replicas), not one timeout after the other;
-    and a response that trickles in keeps no call alive past its deadline."""
+    (as when a partition cuts off a host holding several replicas), not one timeout after the other; a
+    response that arrived in time is read however late the caller comes for it; and a response that
+    trickles in keeps no call alive past its deadline."""
 
     class Stuck:
         cfg, experts = worker.cfg, worker.experts
@@ -177,16 +178,21 @@ def test_the_call_timeout_runs_from_the_send(worker):
             return b
 
     hung = [serve(Stuck()), serve(Stuck())]
+    fast = serve(worker)
     try:
-        clients = [connect(h, timeout_s=0.6) for h in hung]
-        calls = [c.send(0, batches(worker.cfg.hidden_size, {1: 1})) for c in clients]
+        clients = [connect(h, timeout_s=0.6) for h in (*hung, fast)]
+        x = batches(worker.cfg.hidden_size, {1: 2})
+        calls = [c.send(0, x) for c in clients]
         t0 = time.monotonic()
-        for c, call in zip(clients, calls):
+        for c, call in zip(clients[:2], calls):
             with pytest.raises(ChannelError):
                 c.result(call)
         assert time.monotonic() - t0 < 1.0, "the second call's timeout started after the first's ended"
+        # The answer that came in time is read, though its deadline passed while the caller waited above.
+        assert time.monotonic() > t0 + 0.6
+        torch.testing.assert_close(clients[2].result(calls[2])[1], worker.run(0, x)[1])
     finally:
-        for h in hung:
+        for h in (*hung, fast):
             h.close()
 
     # A server that answers one byte at a time, each within the timeout, still misses the deadline.
