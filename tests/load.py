@@ -11,6 +11,17 @@ import openai
 PROMPTS = ["Once upon a time", "The capital of France is", "def f(x): return", "1 2 3 4", "Hello, how are you"]
 
 
+def client(base_url: str, timeout_s: float = 120) -> openai.OpenAI:
+    """The official client, talking to `base_url` directly (no proxy from the environment: the servers
+    under test are on loopback or on a bridge the test made)."""
+    return openai.OpenAI(
+        base_url=base_url,
+        api_key="none",
+        max_retries=0,
+        http_client=openai.DefaultHttpxClient(trust_env=False, timeout=timeout_s),
+    )
+
+
 def expected(model_dir: str, prompts: list[str]) -> list[tuple[str, str]]:
     """The in-process engine's greedy answers (16 tokens, float32), each with a stop string from its
     second half at which the streamed clients stop."""
@@ -31,7 +42,7 @@ class Stream:
     string; each answer is checked against the undisturbed run."""
 
     def __init__(self, base_url: str, model: str, prompts: list[str], want: list[tuple[str, str]], n: int):
-        self.client = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=120)
+        self.client = client(base_url)
         self.model = model
         self.prompts, self.want = prompts, want
         self.sent = self.completed = self.failed = self.identical = 0
