@@ -85,9 +85,9 @@ def _free_subnet() -> ipaddress.IPv4Network:
             dst = item.get("dst")
             if dst and dst != "default":
                 used.append(ipaddress.ip_network(dst if "/" in dst else f"{dst}/32", strict=False))
-    start = secrets.randbelow(2048)
-    for i in range(2048):
-        net = list(ipaddress.ip_network("10.200.0.0/13").subnets(new_prefix=24))[(start + i) % 2048]
+    nets = list(ipaddress.ip_network("10.200.0.0/13").subnets(new_prefix=24))
+    start = secrets.randbelow(len(nets))
+    for net in nets[start:] + nets[:start]:
         if not any(net.overlaps(u) for u in used):
             return net
     raise RuntimeError("no free /24 in 10.200.0.0/13")
