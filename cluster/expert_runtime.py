@@ -17,6 +17,7 @@ accounting; a fleet only answers "which endpoints does group g have" and "send t
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import logging
 import os
@@ -269,6 +270,8 @@ class ExpertClient:
     def __init__(self, fleet: Fleet, expert_map: dict[int, int], cfg: ExpertsConfig, secret: bytes | None):
         self.fleet, self.expert_map, self.cfg, self.secret = fleet, expert_map, cfg, secret
         self.channels: dict[str, ChannelClient] = {}
+        self.probes: dict[str, tuple[tuple, concurrent.futures.Future]] = {}  # replica -> reconnect under way
+        self._probes: concurrent.futures.ThreadPoolExecutor | None = None
         self.outstanding: dict[str, int] = {}  # replica -> rows sent by this client and not yet back
         self.bad: dict[str, tuple[tuple, float, int]] = {}  # replica -> (address, skip until, strikes)
         self._turn = itertools.count()
@@ -307,15 +310,44 @@ class ExpertClient:
             ch = self.channels.get(ep.key)
             if ch is not None and ch.alive and ch.address == tuple(ep.address):
                 return ep, ch
-            try:
-                ch = ChannelClient(ep.address, self.cfg.call_timeout_s, self.secret)
-            except (ChannelError, OSError) as e:
-                log.warning("expert channel unavailable", extra={"replica": ep.key, "error": str(e)})
-                self._mark_bad(ep.key, ep.address)
-                continue
+            if ep.key in self.bad:  # it failed before: reconnect off the engine's thread, use others meanwhile
+                ch = self._probed(ep)
+                if ch is None:
+                    continue
+            else:  # first contact: connect here (a replica that has just registered is listening)
+                try:
+                    ch = ChannelClient(ep.address, self.cfg.call_timeout_s, self.secret)
+                except (ChannelError, OSError) as e:
+                    log.warning("expert channel unavailable", extra={"replica": ep.key, "error": str(e)})
+                    self._mark_bad(ep.key, ep.address)
+                    continue
             self.channels[ep.key] = ch
             return ep, ch
         return None
+
+    def _probed(self, ep: Endpoint) -> ChannelClient | None:
+        """The channel of a reconnect attempt to a replica that failed before, once it has connected; the
+        attempt runs in a thread, so a host cut off from the network (connects time out) never stalls
+        the engine loop. None while it runs; a failed attempt backs off again."""
+        if self._probes is None:
+            self._probes = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="expert-reconnect")
+        pending = self.probes.get(ep.key)
+        if pending is not None and pending[0] != tuple(ep.address):  # the replica moved: drop the old attempt
+            pending[1].add_done_callback(_close_connected)
+            pending = None
+        if pending is None:
+            fut = self._probes.submit(ChannelClient, ep.address, self.cfg.call_timeout_s, self.secret)
+            self.probes[ep.key] = (tuple(ep.address), fut)
+            return None
+        if not pending[1].done():
+            return None
+        del self.probes[ep.key]
+        try:
+            return pending[1].result()
+        except (ChannelError, OSError) as e:
+            log.warning("expert channel still unavailable", extra={"replica": ep.key, "error": str(e)})
+            self._mark_bad(ep.key, ep.address)
+            return None
 
     def _send(self, group: int, layer: int, part: dict[int, torch.Tensor], rows: int, tried: set[str]) -> _Call:
         while (picked := self._channel(group, tried)) is not None:
@@ -402,6 +434,17 @@ class ExpertClient:
         for ch in self.channels.values():
             ch.close()
         self.channels.clear()
+        for _, fut in self.probes.values():
+            fut.add_done_callback(_close_connected)
+        self.probes.clear()
+        if self._probes is not None:
+            self._probes.shutdown(wait=False)
+
+
+def _close_connected(fut: concurrent.futures.Future) -> None:
+    """Done-callback of a reconnect attempt nobody will use: close its channel if it connected."""
+    if not fut.cancelled() and fut.exception() is None:
+        fut.result().close()
 
 
 class Refresher:

@@ -31,6 +31,8 @@ from cluster.channel import (
     _recv_exact,
     new_secret,
 )
+from cluster.expert_runtime import Endpoint, ExpertClient, ExpertsConfig
+from model.moe import ExpertRequest
 from workers.expert import ExpertWorker
 
 SECRET = new_secret()
@@ -222,6 +224,41 @@ def test_the_call_timeout_runs_from_the_send(worker):
         c.result(c.send(0, batches(worker.cfg.hidden_size, {1: 1})))
     assert time.monotonic() - t0 < 1.0
     lsock.close()
+
+
+def test_a_replica_that_failed_is_reconnected_off_the_callers_thread(worker, server):
+    """A replica that failed before (a host cut off from the network) is reconnected in the background
+    once its back-off ends: calls go to the group's other replica meanwhile instead of waiting on the
+    connect, and a reconnect that fails backs off again."""
+    silent = socket.create_server(("127.0.0.1", 0))  # the kernel accepts; no hello ever comes
+
+    class Fleet:
+        def endpoints(self, group):
+            return [Endpoint("silent", silent.getsockname()), Endpoint("live", server.address)]
+
+        def fallback(self, *a):
+            raise AssertionError("the live replica's channel was there")
+
+        def broken(self, key):
+            pass
+
+    client = ExpertClient(Fleet(), {1: 0, 2: 0}, ExpertsConfig(call_timeout_s=1.0), SECRET)
+    client.bad["silent"] = (silent.getsockname(), 0.0, 1)  # it failed once; its back-off is over
+    x = batches(worker.cfg.hidden_size, {1: 3, 2: 2})
+    try:
+        t0 = time.monotonic()
+        for _ in range(4):
+            out = client.submit(ExpertRequest(0, x)).result()
+            assert time.monotonic() - t0 < 0.8, "a call waited on the silent replica's handshake"
+            for e in x:
+                torch.testing.assert_close(out[e], worker.run(0, {e: x[e]})[e])
+        assert "silent" in client.probes and client.channel_calls == 4
+        time.sleep(1.3)  # the reconnect's handshake times out
+        client.submit(ExpertRequest(0, x)).result()
+        assert client.bad["silent"][2] == 2 and "silent" not in client.probes
+    finally:
+        client.close()
+        silent.close()
 
 
 def test_a_peer_without_the_secret_gets_nothing(worker, server):
