@@ -37,7 +37,31 @@ def expected(model_dir: str, prompts: list[str]) -> list[tuple[str, str]]:
     return want
 
 
-class Stream:
+class Clients:
+    """`n` client threads, each running `self.run(i)` until `self.stop` is set; the `with` block
+    starts them, and its end stops them and waits up to JOIN_S for their requests in flight."""
+
+    JOIN_S = 180
+
+    def __init__(self, n: int):
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self.run, args=(i,), daemon=True) for i in range(n)]
+
+    def run(self, i: int) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=self.JOIN_S)
+
+
+class Stream(Clients):
     """`n` OpenAI clients sending greedy completions back to back, every other one streamed with a stop
     string; each answer is checked against the undisturbed run."""
 
@@ -47,8 +71,8 @@ class Stream:
         self.prompts, self.want = prompts, want
         self.sent = self.completed = self.failed = self.identical = 0
         self.errors: list[str] = []
-        self.lock, self.stop = threading.Lock(), threading.Event()
-        self.threads = [threading.Thread(target=self.run, args=(i,), daemon=True) for i in range(n)]
+        self.lock = threading.Lock()
+        super().__init__(n)
 
     def run(self, i: int) -> None:
         k = i
@@ -94,16 +118,6 @@ class Stream:
     def completed_now(self) -> int:
         with self.lock:
             return self.completed
-
-    def __enter__(self):
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=180)
 
 
 def progress(stream: Stream, n: int, timeout: float = 90) -> None:

@@ -17,6 +17,7 @@ from cluster.config import AppConfig
 from model.sampling import SamplingParams
 from model.tiny import preset_config, write_checkpoint
 from router.engine import LLMEngine
+from tests.load import Clients
 
 HOT = 3
 APP = "skewed"
@@ -96,19 +97,20 @@ def deployed(skewed):
         os.environ.pop(k, None)
 
 
-class Load:
+class Load(Clients):
     """`n` client threads sending greedy requests in a loop; checks every answer against `want`."""
+
+    JOIN_S = 120
 
     def __init__(self, handle, prompts, want, n: int, max_tokens: int, pause: float = 0.0):
         self.handle, self.prompts, self.want, self.max_tokens = handle, prompts, want, max_tokens
         self.pause = pause  # think time between a client's requests: a paced, light load
         self.sent = self.completed = self.failed = self.identical = 0
         self.errors: list[str] = []
-        self.stop = threading.Event()
         self.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self.client, args=(i,), daemon=True) for i in range(n)]
+        super().__init__(n)
 
-    def client(self, i: int) -> None:
+    def run(self, i: int) -> None:
         k = i
         while not self.stop.is_set():
             p = k % len(self.prompts)
@@ -129,16 +131,6 @@ class Load:
                     self.failed += 1
                     self.errors.append(f"{type(e).__name__}: {e}"[:300])
             self.stop.wait(self.pause)
-
-    def __enter__(self):
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=120)
 
 
 def wait_for(pred, timeout: float, timeline: list, what: str):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import urllib.error
 import urllib.request
 
@@ -24,6 +23,7 @@ from cluster.proto.mixserve_pb2_grpc import MixServeStub
 from model.sampling import SamplingParams
 from router.engine import LLMEngine
 from tests.conftest import free_port, serve_app
+from tests.load import Clients
 
 pytestmark = pytest.mark.ray
 KEY = "isolation-key"
@@ -56,15 +56,15 @@ def solo(tiny_dir) -> list[str]:
     return [o.text for o in outs]
 
 
-class Streams:
+class Streams(Clients):
     """`n` greedy SSE streams back to back; each finished text is compared with its solo text."""
 
     def __init__(self, base: str, want: list[str], n: int = 4):
         self.client = openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0, timeout=120)
-        self.want, self.stop = want, threading.Event()
+        self.want = want
         self.done = self.identical = 0
         self.errors: list[str] = []
-        self.threads = [threading.Thread(target=self.run, args=(i,), daemon=True) for i in range(n)]
+        super().__init__(n)
 
     def run(self, i: int) -> None:
         k = i
@@ -87,16 +87,6 @@ class Streams:
                 self.identical += text == self.want[p]
             except Exception as e:  # noqa: BLE001 - reported by the test
                 self.errors.append(f"{type(e).__name__}: {e}"[:300])
-
-    def __enter__(self):
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=180)
 
 
 def post_raw(url: str, body: bytes, headers: dict | None = None) -> tuple[int, bytes]:
