@@ -271,7 +271,7 @@ class ExpertClient:
         self.fleet, self.expert_map, self.cfg, self.secret = fleet, expert_map, cfg, secret
         self.channels: dict[str, ChannelClient] = {}
         self.probes: dict[str, tuple[tuple, concurrent.futures.Future]] = {}  # replica -> reconnect under way
-        self._probes: concurrent.futures.ThreadPoolExecutor | None = None
+        self._reconnector: concurrent.futures.ThreadPoolExecutor | None = None
         self.outstanding: dict[str, int] = {}  # replica -> rows sent by this client and not yet back
         self.bad: dict[str, tuple[tuple, float, int]] = {}  # replica -> (address, skip until, strikes)
         self._turn = itertools.count()
@@ -329,14 +329,14 @@ class ExpertClient:
         """The channel of a reconnect attempt to a replica that failed before, once it has connected; the
         attempt runs in a thread, so a host cut off from the network (connects time out) never stalls
         the engine loop. None while it runs; a failed attempt backs off again."""
-        if self._probes is None:
-            self._probes = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="expert-reconnect")
+        if self._reconnector is None:
+            self._reconnector = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="expert-reconnect")
         pending = self.probes.get(ep.key)
         if pending is not None and pending[0] != tuple(ep.address):  # the replica moved: drop the old attempt
             pending[1].add_done_callback(_close_connected)
             pending = None
         if pending is None:
-            fut = self._probes.submit(ChannelClient, ep.address, self.cfg.call_timeout_s, self.secret)
+            fut = self._reconnector.submit(ChannelClient, ep.address, self.cfg.call_timeout_s, self.secret)
             self.probes[ep.key] = (tuple(ep.address), fut)
             return None
         if not pending[1].done():
@@ -437,8 +437,8 @@ class ExpertClient:
         for _, fut in self.probes.values():
             fut.add_done_callback(_close_connected)
         self.probes.clear()
-        if self._probes is not None:
-            self._probes.shutdown(wait=False)
+        if self._reconnector is not None:
+            self._reconnector.shutdown(wait=False)
 
 
 def _close_connected(fut: concurrent.futures.Future) -> None:
