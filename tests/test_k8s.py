@@ -6,6 +6,9 @@
   schemas with `kubernetes-validate`, strictly.
 - serveConfigV2 against Ray's ServeDeploySchema with unknown keys rejected at any depth, agreeing with
   configs/serve.yaml, its args building the application with the resources the manifest provides.
+- Security: non-root pods; every Ray container with the API key and Ray's token auth from Secrets (the
+  token the one KubeRay's authOptions names); NetworkPolicies open only the Serve ports beyond the
+  Ray pods, and admit other namespaces' pods by namespace AND label in one entry.
 - The CPU variant's serveConfigV2 running on a local Ray (`serve run`), answering /v1/completions.
 """
 
@@ -197,7 +200,116 @@ def test_secrets_the_manifests_name_are_required():
                     if ref:
                         found += 1
                         assert not ref.get("optional"), f"{name}: {e['name']} must not be optional (missing = no auth)"
-    assert found >= 1  # the Mixtral manifest requires its API key
+    assert found >= 2 * len(RAYSERVICES)  # each RayService requires its API key and its Ray token
+
+
+RAY_TOKEN_SECRET_KEY = "auth_token"  # the key KubeRay reads in authOptions.secretName (RAY_AUTH_TOKEN_SECRET_KEY)
+
+
+def ray_containers(rs: dict) -> list[tuple[str, dict]]:
+    """(where, container) of every container of a RayService's Ray pods (head and every worker group,
+    init containers too): each runs Ray, and any of them may host the mixserve ingress."""
+    rc = rs["spec"]["rayClusterConfig"]
+    out = []
+    for g in [rc["headGroupSpec"], *rc["workerGroupSpecs"]]:
+        spec = g["template"]["spec"]
+        for c in spec["containers"] + spec.get("initContainers", []):
+            out.append((f"{g.get('groupName', 'head')}/{c['name']}", c))
+    return out
+
+
+def env_problems(where: str, env: list[dict], secret_env: dict[str, tuple[str, str] | None]) -> list[str]:
+    """What is wrong with `env` against RAY_AUTH_MODE=token plus, for each name in `secret_env`, exactly
+    one entry read from a required secretKeyRef (to the (secret, key) given, where one is given)."""
+    bad = []
+    names = [e["name"] for e in env]
+    mode = [e for e in env if e["name"] == "RAY_AUTH_MODE"]
+    if len(mode) != 1 or mode[0].get("value") != "token" or "valueFrom" in mode[0]:
+        bad.append(f"{where}: RAY_AUTH_MODE must be set once, to token: {mode}")
+    for name, want in secret_env.items():
+        if names.count(name) != 1:
+            bad.append(f"{where}: {name} set {names.count(name)} times, want once")
+            continue
+        e = next(e for e in env if e["name"] == name)
+        ref = (e.get("valueFrom") or {}).get("secretKeyRef")
+        if "value" in e or not ref:
+            bad.append(f"{where}: {name} must come from a secretKeyRef, not a literal")
+        elif ref.get("optional"):
+            bad.append(f"{where}: {name} must not be optional (missing = no auth)")
+        elif want is not None and (ref.get("name"), ref.get("key")) != want:
+            bad.append(f"{where}: {name} reads {ref}, want secret {want[0]} key {want[1]}")
+    return bad
+
+
+def auth_problems(rs: dict) -> list[str]:
+    """Every Ray container of a RayService (and the autoscaler sidecar) runs with Ray's token auth,
+    the token from the Secret KubeRay's authOptions names (the operator authenticates its dashboard
+    calls with it), and every Ray container has the mixserve API key from a Secret."""
+    rc = rs["spec"]["rayClusterConfig"]
+    opts = rc.get("authOptions") or {}
+    if opts.get("mode") != "token" or not opts.get("secretName") or opts.get("enableK8sTokenAuth"):
+        return [f"authOptions must be mode token with a secretName: {opts}"]
+    token = (opts["secretName"], RAY_TOKEN_SECRET_KEY)
+    bad = []
+    for where, c in ray_containers(rs):
+        bad += env_problems(where, c.get("env", []), {"RAY_AUTH_TOKEN": token, "MIXSERVE_API_KEY": None})
+    bad += env_problems("autoscaler", rc["autoscalerOptions"].get("env", []), {"RAY_AUTH_TOKEN": token})
+    return bad
+
+
+@pytest.mark.parametrize("path", RAYSERVICES, ids=lambda p: p.name)
+def test_every_ray_container_has_the_api_key_and_ray_token_auth_from_secrets(path):
+    assert auth_problems(rayservice(path)) == []
+
+
+def test_both_rayservices_are_checked_for_auth():
+    assert {p.name for p in RAYSERVICES} >= {"rayservice-mixtral-8x7b.yaml", "rayservice-tiny-cpu.yaml"}
+
+
+def test_the_auth_check_catches_each_way_to_serve_without_a_key_or_token():
+    rs = rayservice(K8S / "rayservice-tiny-cpu.yaml")
+    assert auth_problems(rs) == []
+
+    def env_of(obj, group):  # the first container of worker group `group` (-1 = head)
+        rc = obj["spec"]["rayClusterConfig"]
+        g = rc["headGroupSpec"] if group < 0 else rc["workerGroupSpecs"][group]
+        return g["template"]["spec"]["containers"][0]["env"]
+
+    def mutated(change):
+        obj = copy.deepcopy(rs)
+        change(obj)
+        return auth_problems(obj)
+
+    def entry(o, var, group):
+        return next(e for e in env_of(o, group) if e["name"] == var)
+
+    def drop(var, group):
+        return lambda o: env_of(o, group).remove(entry(o, var, group))
+
+    def replace(var, group, **fields):  # the entry becomes {name: var, **fields}
+        return lambda o: (drop(var, group)(o), env_of(o, group).append({"name": var, **fields}))
+
+    def ref(var, group, **fields):
+        return lambda o: entry(o, var, group)["valueFrom"]["secretKeyRef"].update(fields)
+
+    cases = {
+        "no API key on a worker (the tiny manifest before)": drop("MIXSERVE_API_KEY", 0),
+        "no API key on the head": drop("MIXSERVE_API_KEY", -1),
+        "no Ray token": drop("RAY_AUTH_TOKEN", 0),
+        "no auth mode": drop("RAY_AUTH_MODE", -1),
+        "auth mode disabled": replace("RAY_AUTH_MODE", 0, value="disabled"),
+        "a literal key": replace("MIXSERVE_API_KEY", -1, value="changeme"),
+        "an optional key": ref("MIXSERVE_API_KEY", 0, optional=True),
+        "a token from another secret than authOptions names": ref("RAY_AUTH_TOKEN", -1, name="other"),
+        "the token from another key": ref("RAY_AUTH_TOKEN", 0, key="token"),
+        "the token set twice": lambda o: env_of(o, 0).append({"name": "RAY_AUTH_TOKEN", "value": "x"}),
+        "no authOptions (the operator would not send the token)": lambda o: o["spec"]["rayClusterConfig"].pop(
+            "authOptions"
+        ),
+        "no token for the autoscaler": lambda o: o["spec"]["rayClusterConfig"]["autoscalerOptions"].pop("env"),
+    }
+    for case, change in cases.items():
+        assert mutated(change), case
 
 
 def policy_for(path: Path, labels: dict) -> dict:
@@ -262,6 +374,75 @@ def test_the_port_check_catches_an_open_dashboard_and_an_open_rule():
     )
     with pytest.raises(AssertionError, match="must name its ports"):
         exposure(bad)
+
+
+def network_policies() -> list[tuple[str, dict]]:
+    """Every NetworkPolicy under k8s/ (monitoring/ too)."""
+    out = []
+    for p in sorted(K8S.rglob("*.y*ml")):
+        for d in yaml.safe_load_all(p.read_text()):
+            if isinstance(d, dict) and d.get("kind") == "NetworkPolicy":
+                out.append((f"{p.relative_to(K8S)}:{d['metadata']['name']}", d))
+    return out
+
+
+def peer_problems(pol: dict) -> list[str]:
+    """`from` entries of a NetworkPolicy that admit more than they should. Allowed: the policy's own
+    pods (a bare podSelector equal to the policy's, which means this namespace only), and a peer in
+    another namespace named by ONE entry holding both a namespaceSelector on
+    kubernetes.io/metadata.name and a non-empty podSelector. Not allowed: `namespaceSelector: {}`
+    (every namespace), a namespaceSelector without a podSelector (every pod there), a podSelector
+    alone for anything but the own pods, the two selectors as separate entries (either admits), ipBlock."""
+    sel = pol["spec"]["podSelector"]["matchLabels"]
+    bad = []
+    for rule in pol["spec"].get("ingress", []):
+        for peer in rule.get("from", []):
+            if set(peer) == {"podSelector"} and peer["podSelector"] == {"matchLabels": sel}:
+                continue  # the Ray pods themselves, same namespace
+            ns = peer.get("namespaceSelector")
+            pods = peer.get("podSelector")
+            if (
+                set(peer) != {"namespaceSelector", "podSelector"}
+                or set(ns or {}) != {"matchLabels"}
+                or not ns["matchLabels"].get("kubernetes.io/metadata.name")
+                or set(pods or {}) != {"matchLabels"}
+                or not pods["matchLabels"]
+            ):
+                bad.append(f"ports {[p['port'] for p in rule.get('ports', [])] or 'all'} admit {peer}")
+    return bad
+
+
+def test_every_network_policy_admits_other_namespaces_by_namespace_and_label():
+    pols = network_policies()
+    assert len(pols) >= len(RAYSERVICES)
+    for name, pol in pols:
+        assert peer_problems(pol) == [], name
+    for path in RAYSERVICES:  # the dashboard (code execution) and GCS are among the ports so guarded
+        pol = next(d for d in docs(path) if d["kind"] == "NetworkPolicy")
+        admitted = {p["port"] for r in pol["spec"]["ingress"] if "from" in r for p in r.get("ports", [])}
+        assert 8265 in admitted and 6379 not in admitted, path.name
+
+
+def test_the_peer_check_catches_a_label_from_any_namespace():
+    pol = next(d for d in docs(K8S / "rayservice-tiny-cpu.yaml") if d["kind"] == "NetworkPolicy")
+    assert peer_problems(pol) == []
+    operator = {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}
+    ns = {"matchLabels": {"kubernetes.io/metadata.name": "ray-system"}}
+    dashboard = [{"port": 8265, "protocol": "TCP"}]
+    shapes = {
+        "the label in any namespace (the manifests before)": [{"namespaceSelector": {}, "podSelector": operator}],
+        "namespace OR label, as two entries": [{"namespaceSelector": ns}, {"podSelector": operator}],
+        "the whole namespace": [{"namespaceSelector": ns}],
+        "a bare podSelector of another app": [{"podSelector": operator}],
+        "a namespace by a label other than its name (set by the API server)": [
+            {"namespaceSelector": {"matchLabels": {"team": "ray"}}, "podSelector": operator}
+        ],
+        "an address block": [{"ipBlock": {"cidr": "0.0.0.0/0"}}],
+    }
+    for shape, peers in shapes.items():
+        bad = copy.deepcopy(pol)
+        bad["spec"]["ingress"].append({"from": peers, "ports": dashboard})
+        assert peer_problems(bad), shape
 
 
 # ---------------------------------------------------------------- serveConfigV2
