@@ -96,10 +96,10 @@ class AttentionWorker:
             except queue.Empty:
                 break
             if op == "add":
-                rid, prompt_ids, params, resume, stream = args
+                rid, prompt_ids, params, resume, group, stream = args
                 self.streams[rid] = stream
                 try:
-                    self.engine.add_request(prompt_ids, params, rid, resume)
+                    self.engine.add_request(prompt_ids, params, rid, resume, group)
                 except (EngineError, Overloaded) as e:
                     kind = "overloaded" if isinstance(e, Overloaded) else "invalid"
                     refused.append(RequestOutput(rid, [], "", True, "error", error=str(e), error_kind=kind))
@@ -157,12 +157,14 @@ class AttentionWorker:
         self.inbox.put(op)
         self.wake.set()
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams, resume: Resume | None = None):
+    async def generate(
+        self, prompt_ids: list[int], params: SamplingParams, resume: Resume | None = None, group: str | None = None
+    ):
         """Stream the request's `RequestOutput`s; a refusal or failure is an output with `error` set.
-        A stream closed early (client gone) aborts the sequence."""
+        A stream closed early (client gone) aborts the sequence. `group`: whose fair share it runs in."""
         q: asyncio.Queue = asyncio.Queue()
         rid = f"{os.getpid()}-{next(self._ids)}"
-        self._post("add", rid, list(prompt_ids), params, resume, (asyncio.get_running_loop(), q))
+        self._post("add", rid, list(prompt_ids), params, resume, group, (asyncio.get_running_loop(), q))
         finished = False
         try:
             while not finished:

@@ -175,11 +175,11 @@ class OpenAIIngress:
     async def _body(self, request: Request, schema):
         return validate(schema, await self._json(request))
 
-    async def _outputs(self, prompt_ids: list[int], sp: SamplingParams):
+    async def _outputs(self, prompt_ids: list[int], sp: SamplingParams, group: str | None = None):
         """The request's outputs, with the first one already received: a refusal (overload, bad
         input) becomes an HTTP status before any byte of a stream is sent."""
         t0 = time.perf_counter()
-        outs = self._resilient(prompt_ids, sp)
+        outs = self._resilient(prompt_ids, sp, group)
         first = await outs.__anext__()
         if first.error is not None:
             await outs.aclose()
@@ -213,7 +213,7 @@ class OpenAIIngress:
 
         return rest()
 
-    async def _resilient(self, prompt_ids: list[int], sp: SamplingParams):
+    async def _resilient(self, prompt_ids: list[int], sp: SamplingParams, group: str | None):
         """One request's outputs from an attention replica. If that replica dies mid-request, the
         request is re-submitted to another replica with what it had produced (`Resume`: the tokens,
         re-prefilled, and the characters the client has), which goes on where it was: text that
@@ -225,7 +225,7 @@ class OpenAIIngress:
         resubmits = 0
         while True:
             resume = Resume(done, chars) if done else None
-            resp = self.attention.options(stream=True).generate.remote(prompt_ids, sp, resume)
+            resp = self.attention.options(stream=True).generate.remote(prompt_ids, sp, resume, group)
             try:
                 async for out in resp:
                     done += out.new_token_ids

@@ -118,53 +118,71 @@ class SamplingParams:
         return bool(self.penalised or self.logit_bias or self.min_tokens)
 
 
+class LogitsState:
+    """One sequence's part of logits processing, kept across its steps so that a step costs tensor
+    work only, never Python per token: counts of its output tokens ([V], one add per new token),
+    which tokens its prompt holds ([V] bool, built once), its logit_bias as (ids, values) tensors.
+    Built only for a sequence whose params process logits."""
+
+    def __init__(self, params: SamplingParams, prompt: list[int], vocab_size: int):
+        V = vocab_size
+        self.num_outputs = 0
+        self.counts = torch.zeros(V) if params.penalised else None
+        self.in_prompt = None
+        if params.repetition_penalty != 1.0:
+            self.in_prompt = torch.zeros(V, dtype=torch.bool)
+            self.in_prompt[torch.tensor(prompt, dtype=torch.long)] = True
+        ids = [t for t in params.logit_bias if t < V]
+        self.bias_ids = torch.tensor(ids, dtype=torch.long)
+        self.bias_values = torch.tensor([params.logit_bias[t] for t in ids])
+
+    @classmethod
+    def of(cls, params: SamplingParams, prompt: list[int], outputs: list[int], vocab_size: int) -> LogitsState:
+        s = cls(params, prompt, vocab_size)
+        for t in outputs:
+            s.append(t)
+        return s
+
+    def append(self, t: int) -> None:
+        self.num_outputs += 1
+        if self.counts is not None:
+            self.counts[t] += 1
+
+
 def process_logits(
-    logits: torch.Tensor,
-    params: list[SamplingParams],
-    prompts: list[list[int]],
-    outputs: list[list[int]],
-    stop_ids: list[set[int]],
+    logits: torch.Tensor, params: list[SamplingParams], states: list[LogitsState | None], stop_ids: list[set[int]]
 ) -> torch.Tensor:
     """vLLM's order, on the rows that ask for it, all rows at once: min_tokens bans the row's stop
-    tokens (`stop_ids`: EOS unless ignored, and `stop_token_ids`) while it has fewer outputs; then
-    logit_bias is added; then the penalties: repetition (prompt and output tokens: a positive logit
-    is divided by it, a negative one multiplied), frequency (times the count in the output) and
-    presence (once per token present in the output), as OpenAI and vLLM define them.
+    tokens (`stop_ids`: EOS unless ignored, and `stop_token_ids`, at most a few dozen) while it has
+    fewer outputs; then logit_bias is added; then the penalties: repetition (prompt and output tokens:
+    a positive logit is divided by it, a negative one multiplied), frequency (times the count in the
+    output) and presence (once per token present in the output), as OpenAI and vLLM define them.
+    The cost is O(rows x V) tensor work whatever the lengths of prompts and outputs.
     Returns `logits` itself when no row asks for anything."""
     rows = [i for i, p in enumerate(params) if p.processes_logits]
     if not rows:
         return logits
     logits = logits.clone()
     V = logits.shape[-1]
-
-    def scatter(pairs: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        t = torch.tensor(pairs, dtype=torch.long).reshape(-1, 2)
-        return t[:, 0], t[:, 1]
-
-    ban = [(i, t) for i in rows if len(outputs[i]) < params[i].min_tokens for t in stop_ids[i] if t < V]
-    if ban:
-        logits.index_put_(scatter(ban), torch.tensor(float("-inf")))
-    bias = [(i, t, b) for i in rows for t, b in params[i].logit_bias.items()]
-    if bias:
-        r, c = scatter([(i, t) for i, t, _ in bias])
-        logits.index_put_((r, c), torch.tensor([b for _, _, b in bias], dtype=logits.dtype), accumulate=True)
+    for i in rows:
+        s = states[i]
+        if s.num_outputs < params[i].min_tokens:
+            ban = [t for t in stop_ids[i] if t < V]
+            if ban:
+                logits[i, torch.tensor(ban, dtype=torch.long)] = float("-inf")
+        if len(s.bias_ids):
+            logits[i].index_add_(0, s.bias_ids, s.bias_values.to(logits.dtype))
     pen = [i for i in rows if params[i].penalised]
     if not pen:
         return logits
     idx = torch.tensor(pen)
     x = logits[idx]
-    counts = torch.zeros(len(pen), V, dtype=logits.dtype)
-    out_pairs = [(j, t) for j, i in enumerate(pen) for t in outputs[i]]
-    if out_pairs:
-        r, c = scatter(out_pairs)
-        counts.index_put_((r, c), torch.ones(len(out_pairs), dtype=logits.dtype), accumulate=True)
+    counts = torch.stack([states[i].counts for i in pen]).to(logits.dtype)
     seen = counts > 0
     rep = torch.tensor([params[i].repetition_penalty for i in pen], dtype=logits.dtype)[:, None]
     if bool((rep != 1.0).any()):
-        in_prompt = torch.zeros(len(pen), V, dtype=torch.bool)
-        prompt_pairs = [(j, t) for j, i in enumerate(pen) if params[i].repetition_penalty != 1.0 for t in prompts[i]]
-        if prompt_pairs:
-            in_prompt[scatter(prompt_pairs)] = True
+        blank = torch.zeros(V, dtype=torch.bool)
+        in_prompt = torch.stack([states[i].in_prompt if states[i].in_prompt is not None else blank for i in pen])
         hit = seen | in_prompt
         x = torch.where(hit, torch.where(x > 0, x / rep, x * rep), x)
     freq = torch.tensor([params[i].frequency_penalty for i in pen], dtype=logits.dtype)[:, None]

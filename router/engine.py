@@ -24,7 +24,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from model.attention import KVPool, build_attn_meta
 from model.model import MixtralDense
-from model.sampling import SamplingParams, bad_rows, first_stop, logprobs_of, process_logits, sample
+from model.sampling import (
+    LogitsState,
+    SamplingParams,
+    bad_rows,
+    first_stop,
+    logprobs_of,
+    process_logits,
+    sample,
+)
 from model.tokenizer import IncrementalDetokenizer, Tokenizer
 
 from .experts import ExpertBackend
@@ -162,8 +170,17 @@ class LLMEngine:
     # ------------------------------------------------------------ requests
 
     def add_request(
-        self, prompt_ids: list[int], params: SamplingParams, req_id: str | None = None, resume: Resume | None = None
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        req_id: str | None = None,
+        resume: Resume | None = None,
+        group: str | None = None,
     ) -> str:
+        """Queue a sequence. `group` names whose fair share it runs in (the choices of one request,
+        or one user's requests; the sequence alone when None): see router/scheduler.py. The waiting
+        queue holds `max_waiting` sequences; past that only a group with none waiting is still taken,
+        up to twice the bound, so one request's n choices cannot shut every other request out."""
         if req_id in self.seqs:
             raise EngineError(f"request id {req_id!r} is already in use")
         if not prompt_ids:
@@ -185,15 +202,22 @@ class LLMEngine:
         cap = min(self.max_model_len, self.blocks.num_blocks * self.blocks.block_size)
         if n + 1 > cap:
             raise EngineError(f"the prompt has {n} tokens; the KV cache holds at most {cap - 1} for one request")
-        if len(self.scheduler.waiting) >= self.cfg.max_waiting:
-            raise Overloaded(f"{len(self.scheduler.waiting)} requests are already waiting")
+        waiting = len(self.scheduler.waiting)
+        if waiting >= 2 * self.cfg.max_waiting or (
+            waiting >= self.cfg.max_waiting and (group is None or self.scheduler.has_waiting(group))
+        ):
+            raise Overloaded(f"{waiting} requests are already waiting")
         req_id = req_id if req_id is not None else f"req-{next(self._ids)}"
-        seq = Sequence(req_id, list(prompt_ids), params, self.cfg.block_size)
+        seq = Sequence(req_id, list(prompt_ids), params, self.cfg.block_size, group=group)
         if self.tokenizer is not None:
             seq.detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
+        if params.processes_logits:
+            seq.logits_state = LogitsState.of(params, prompt_ids, done, V)
         if resume:
             seq.output_ids = done
             seq.emitted_tokens = len(done)
+            # logprobs are indexed by output position: the client has the resumed tokens' already
+            seq.logprobs = [None] * len(done)
             if seq.detok is not None:
                 seq.text = "".join(seq.detok.add([t]) for t in done)
             seq.emitted_chars = min(resume.emitted_chars, len(seq.text))
@@ -305,13 +329,7 @@ class LLMEngine:
         params = [q.params for q in seqs]
         raw = lg
         if any(p.processes_logits for p in params):
-            lg = process_logits(
-                lg,
-                params,
-                [q.prompt_ids for q in seqs],
-                [q.output_ids for q in seqs],
-                [self._stop_ids(q.params) for q in seqs],
-            )
+            lg = process_logits(lg, params, [q.logits_state for q in seqs], [self._stop_ids(q.params) for q in seqs])
         try:
             toks = sample(lg, params, [q.generator for q in seqs]).tolist()
         except Exception:  # noqa: BLE001 - cannot happen for validated params; find the row that fails
@@ -354,6 +372,8 @@ class LLMEngine:
             return None
         p = seq.params
         seq.output_ids.append(t)
+        if seq.logits_state is not None:
+            seq.logits_state.append(t)
         if seq.first_token_at is None:
             seq.first_token_at = time.monotonic()
         if lp is not None and p.logprobs is not None:

@@ -1,13 +1,25 @@
 """Continuous batching: which sequences run in the next step, and how many of their tokens.
 
-Every step: first the running sequences, in admission order (a decode token each, or the next chunk
-of a prompt), then waiting sequences are admitted in arrival order while the token budget, the
-sequence limit and the KV cache allow (chunked prefill: a long prompt is split over several steps and
-shares them with decodes). When a running sequence cannot grow its KV blocks, the most recently
-admitted one is preempted: its blocks are freed and it goes back to the head of the waiting queue to
-recompute prompt + tokens so far (vLLM's recompute preemption). A step that preempted admits nothing
-(vLLM's rule: the memory is short, and the sequence just preempted must not be re-admitted and
-preempted again in the same step). Requests join and leave only between steps.
+Every step, within the token budget and the sequence limit:
+
+1. decodes: every running sequence that has all its known tokens computed gets its one new token,
+   in admission order (a long prompt's chunks never take a decode's place);
+2. prefill work is shared between *groups* (the sequences of one request, or of one user where the
+   request names one): round-robin over the groups, the group with the fewest running sequences
+   first, a turn taking at most half the step's budget while other groups have work. A group's work
+   is the next chunk of its running prompts, then its waiting sequences (admission, in arrival order). So a request with
+   n=128 long prompts gets its share of each step, not the whole step, and a new request's first
+   chunk runs in the next step whatever is queued before it.
+3. Admission waits for KV blocks (admission control). When the sequence limit or the KV cache is
+   full, a waiting group that holds at least two sequences fewer than the largest group takes a slot
+   from it: that group's most recently admitted sequence is preempted (fair share).
+
+When a running sequence cannot grow its KV blocks, a sequence is preempted: the most recently
+admitted one of the group holding the most running sequences (with one sequence per group, simply
+the most recently admitted: vLLM's order). Its blocks are freed and it goes back to the waiting queue
+to recompute prompt + tokens so far (vLLM's recompute preemption). A step that preempted for memory
+admits nothing (vLLM's rule: the memory is short, and the sequence just preempted must not be
+re-admitted and preempted again in the same step). Requests join and leave only between steps.
 """
 
 from __future__ import annotations
@@ -19,7 +31,7 @@ from enum import Enum
 
 import torch
 
-from model.sampling import SamplingParams, make_generator
+from model.sampling import LogitsState, SamplingParams, make_generator
 from model.tokenizer import IncrementalDetokenizer
 
 from .kv_cache import BlockManager, BlockTable
@@ -37,6 +49,7 @@ class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
     block_size: int
+    group: str | None = None  # whose share this sequence runs in (its request or user); itself when None
     output_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
     num_computed: int = 0  # positions whose K/V are in the cache
@@ -51,9 +64,11 @@ class Sequence:
     arrival: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     generator: torch.Generator | None = None
+    logits_state: LogitsState | None = None  # penalties, bias, min_tokens: kept across steps
     table: BlockTable = None  # type: ignore[assignment]
 
     def __post_init__(self):
+        self.group = self.group if self.group is not None else self.req_id
         self.table = BlockTable(self.block_size)
         if not self.params.greedy:
             self.generator = make_generator(self.params.seed)
@@ -85,17 +100,31 @@ class Scheduler:
         self.budget = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.waiting_groups: dict[str, int] = {}  # group -> sequences of it waiting
         self.num_preemptions = 0
+        self.num_fair_preemptions = 0  # of those, to give a waiting group its share
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
+        self.waiting_groups[seq.group] = self.waiting_groups.get(seq.group, 0) + 1
+
+    def has_waiting(self, group: str) -> bool:
+        return self.waiting_groups.get(group, 0) > 0
+
+    def _unwait(self, seq: Sequence) -> None:
+        self.waiting.remove(seq)
+        left = self.waiting_groups[seq.group] - 1
+        if left:
+            self.waiting_groups[seq.group] = left
+        else:
+            del self.waiting_groups[seq.group]
 
     def remove(self, seq: Sequence) -> None:
         """Take a finished or aborted sequence out and free its blocks; removing it again is a no-op."""
         if seq.status is Status.RUNNING:
             self.running.remove(seq)
         elif seq.status is Status.WAITING:
-            self.waiting.remove(seq)
+            self._unwait(seq)
         seq.status = Status.FINISHED
         self.blocks.release(seq.table)
 
@@ -105,38 +134,104 @@ class Scheduler:
         seq.num_computed = 0
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
+        self.waiting_groups[seq.group] = self.waiting_groups.get(seq.group, 0) + 1
         self.num_preemptions += 1
+
+    def _group_sizes(self) -> dict[str, int]:
+        sizes: dict[str, int] = {}
+        for s in self.running:
+            sizes[s.group] = sizes.get(s.group, 0) + 1
+        return sizes
+
+    def _victim(self, scheduled: set[int], below: int = 0) -> Sequence | None:
+        """The sequence to preempt: the most recently admitted one of the group with the most running
+        sequences, among those not scheduled in this step; None if that group holds `below` or fewer."""
+        sizes = self._group_sizes()
+        best = None
+        for s in reversed(self.running):  # most recently admitted first: ties go to the newest
+            if id(s) not in scheduled and (best is None or sizes[s.group] > sizes[best.group]):
+                best = s
+        return best if best is not None and sizes[best.group] > below else None
 
     def schedule(self) -> list[Scheduled]:
         out: list[Scheduled] = []
+        scheduled: set[int] = set()
         budget = self.budget
-        preempted_before = self.num_preemptions
-        i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed, budget)
+        self._rebalance(budget)
+        memory = [False]  # a preemption for memory in this step: no admission then
+
+        def run(seq: Sequence, n: int) -> None:
+            self.blocks.grow(seq.table, seq.num_computed + n)
+            scheduled.add(id(seq))
+            out.append(Scheduled(seq, n))
+
+        def fits(seq: Sequence, n: int) -> bool:
+            """Grow for n tokens, preempting others (or seq itself) while the blocks are short."""
             while not self.blocks.can_grow(seq.table, seq.num_computed + n):
-                victim = self.running[-1]
+                victim = self._victim(scheduled) or seq
                 self._preempt(victim)
+                memory[0] = True
                 if victim is seq:
-                    break
-            if seq.status is not Status.RUNNING:
-                break  # seq itself was the last one and got preempted
-            self.blocks.grow(seq.table, seq.num_computed + n)
-            out.append(Scheduled(seq, n))
-            budget -= n
-            i += 1
-        if self.num_preemptions != preempted_before:
-            return out
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            n = min(seq.num_tokens - seq.num_computed, budget)
-            if not self.blocks.can_grow(seq.table, seq.num_computed + n):
-                break  # admission control: wait for blocks to be freed
-            self.waiting.popleft()
-            self.blocks.grow(seq.table, seq.num_computed + n)
-            seq.status = Status.RUNNING
-            self.running.append(seq)
-            out.append(Scheduled(seq, n))
-            budget -= n
+                    return False
+            return True
+
+        for seq in [s for s in self.running if s.num_tokens - s.num_computed == 1]:
+            if budget <= 0:
+                break
+            if seq.status is Status.RUNNING and fits(seq, 1):
+                run(seq, 1)
+                budget -= 1
+
+        # Prefill chunks and admissions, round-robin over groups (see the module's docstring).
+        sizes = self._group_sizes()
+        work: dict[str, deque[Sequence]] = {}
+        for s in self.running:
+            if s.num_tokens - s.num_computed > 1:
+                work.setdefault(s.group, deque()).append(s)
+        for s in self.waiting:
+            work.setdefault(s.group, deque()).append(s)
+        first = {g: i for i, g in enumerate(work)}
+        order = deque(sorted(work, key=lambda g: (sizes.get(g, 0), first[g])))
+        # With other groups' work waiting, one turn takes at most half of what the step has.
+        quantum = budget if len(order) == 1 else max(1, budget // 2)
+        while order and budget > 0:
+            g = order.popleft()
+            seq = work[g][0]
+            n = min(seq.num_tokens - seq.num_computed, budget, quantum)
+            if seq.status is Status.RUNNING:
+                ok = id(seq) not in scheduled and fits(seq, n)
+            else:  # admission control: a free slot and the blocks, without preempting anyone
+                ok = (
+                    not memory[0]
+                    and len(self.running) < self.max_num_seqs
+                    and self.blocks.can_grow(seq.table, seq.num_computed + n)
+                )
+                if not ok:  # in arrival order within a group: its later ones wait too
+                    continue
+                self._unwait(seq)
+                seq.status = Status.RUNNING
+                self.running.append(seq)
+            if ok:
+                run(seq, n)
+                budget -= n
+            work[g].popleft()
+            if work[g]:
+                order.append(g)
         return out
+
+    def _rebalance(self, budget: int) -> None:
+        """Fair share of slots and KV blocks: while the waiting group with the fewest running
+        sequences cannot start (the sequence limit, or blocks for its first chunk), a group running
+        at least two more sequences gives it one (its newest is preempted)."""
+        if not self.waiting:
+            return
+        sizes = self._group_sizes()
+        seq = min(self.waiting, key=lambda s: sizes.get(s.group, 0))  # the first of those: arrival order
+        mine = sizes.get(seq.group, 0)
+        n = min(seq.num_tokens - seq.num_computed, max(1, budget // 2))
+        while len(self.running) >= self.max_num_seqs or not self.blocks.can_grow(seq.table, seq.num_computed + n):
+            victim = self._victim(set(), below=mine + 1)
+            if victim is None:
+                return
+            self._preempt(victim)
+            self.num_fair_preemptions += 1

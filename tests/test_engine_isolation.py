@@ -11,7 +11,7 @@ from model.checkpoint import Checkpoint
 from model.model import MixtralDense
 from model.sampling import GREEDY_EPS, SamplingParams
 from model.tokenizer import Tokenizer
-from router.engine import EngineConfig, EngineError, LLMEngine, Resume
+from router.engine import EngineConfig, EngineError, LLMEngine, Overloaded, Resume
 from router.experts import ExpertUnavailable, InProcessExperts
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
@@ -211,3 +211,36 @@ def test_resume_without_a_stop_string_equals_the_undisturbed_stream(tiny_dir):
 def test_resume_past_max_tokens_is_refused(engine):
     with pytest.raises(EngineError, match="max_tokens"):
         engine.add_request([1, 5], SamplingParams(max_tokens=2), resume=Resume([7, 8], 0))
+
+
+def test_resume_keeps_logprobs_for_the_tokens_that_follow(tiny_dir):
+    """After a failover the resumed request's new tokens still carry their logprobs, the same as
+    the undisturbed run's (the resumed tokens' were sent before the failover)."""
+    a = LLMEngine.local(tiny_dir, "float32", EngineConfig())
+    p = a.tokenizer.encode("Logprobs survive a lost replica")
+    sp = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=2)
+    full = a.generate([p], sp)[0]
+    assert len(full.logprobs) == 8
+    b = LLMEngine(a.dense, a.experts, a.tokenizer, EngineConfig())
+    rid = b.add_request(p, sp, resume=Resume(full.new_token_ids[:3], 0))
+    got = []
+    while b.has_unfinished():
+        for o in b.step():
+            assert o.req_id == rid
+            got += o.logprobs
+    assert [t for t, _, _ in got] == full.new_token_ids[3:]
+    for (t, lp, alts), (t2, lp2, alts2) in zip(got, full.logprobs[3:]):
+        assert t == t2 and abs(lp - lp2) < 1e-4 and [x for x, _ in alts] == [x for x, _ in alts2]
+
+
+def test_a_full_waiting_queue_still_takes_a_request_of_another_group(tiny_dir):
+    """One request's choices fill the waiting queue: a request of another group is still queued
+    (up to twice the bound), a further choice of the same group is refused."""
+    eng = LLMEngine.local(tiny_dir, "float32", EngineConfig(max_num_seqs=1, max_waiting=3))
+    for i in range(3):
+        eng.add_request([1, 5 + i], GREEDY, group="big")
+    with pytest.raises(Overloaded):
+        eng.add_request([1, 9], GREEDY, group="big")
+    eng.add_request([1, 10], GREEDY, group="small")  # another group gets in
+    with pytest.raises(Overloaded):
+        eng.add_request([1, 11], GREEDY, group="small")  # it has one waiting already

@@ -3,7 +3,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.sampling import GREEDY_EPS, SamplingParams, bad_rows, find_stop, make_generator, process_logits, sample
+from model.sampling import GREEDY_EPS, LogitsState, SamplingParams, bad_rows, find_stop, make_generator, sample
+from model.sampling import process_logits as process_with_states
+
+
+def process_logits(logits, params, prompts, outputs, stops):
+    """The engine's call, its per-sequence states built from whole token lists."""
+    V = logits.shape[-1]
+    states = [
+        LogitsState.of(p, pr, out, V) if p.processes_logits else None for p, pr, out in zip(params, prompts, outputs)
+    ]
+    return process_with_states(logits, params, states, stops)
 
 
 def test_filters_reduce_to_greedy():

@@ -137,3 +137,56 @@ def test_preempted_blocks_come_back_once_and_nothing_leaks_under_pressure():
     assert all(s.status is Status.FINISHED for s in seqs)
     assert sched.num_preemptions > 0
     assert sorted(sched.blocks.free) == list(range(6))
+
+
+def make_group(sched: Scheduler, group: str, count: int, prompt_len: int) -> list[Sequence]:
+    """The `count` choices of one request: one group, sharing its share of each step."""
+    seqs = []
+    for i in range(count):
+        seq = Sequence(
+            f"{group}-{i}",
+            list(range(3, 3 + prompt_len)),
+            SamplingParams(max_tokens=64, temperature=0),
+            sched.blocks.block_size,
+            group=group,
+        )
+        sched.add(seq)
+        seqs.append(seq)
+    return seqs
+
+
+def test_a_big_request_does_not_hold_every_slot_against_a_new_one():
+    """n choices fill the sequence limit; a request that arrives later takes a slot from that group
+    in its first step (fair share: the newest of the largest group is preempted and recomputes)."""
+    sched = make_scheduler(max_num_seqs=4, num_blocks=64, budget=64)
+    big = make_group(sched, "big", 8, 2)
+    step(sched)
+    assert len(sched.running) == 4 and all(s.group == "big" for s in sched.running)
+    victim = make_request(sched, "small", 3)
+    got = step(sched)
+    assert got.get("small") == 3  # admitted and prefilled in the step after it arrived
+    assert sched.num_fair_preemptions == 1 and len(sched.running) == 4
+    assert sum(s.status is Status.RUNNING for s in big) == 3
+    assert victim in sched.running
+    # no thrashing: equal shares are left alone
+    step(sched)
+    assert sched.num_fair_preemptions == 1
+
+
+def test_a_long_prefill_leaves_room_for_another_request_in_the_same_step():
+    sched = make_scheduler(num_blocks=256, block_size=4, budget=16)
+    make_group(sched, "long", 2, 200)
+    step(sched)  # the long prompts alone: the whole budget
+    make_request(sched, "short", 5)
+    got = step(sched)
+    assert got["short"] == 5  # the new request first (its group runs nothing yet)
+    assert sum(got.values()) <= 16 and got.get("long-0", 0) > 0  # the rest goes on prefilling
+
+
+def test_prefill_is_shared_round_robin_between_groups():
+    sched = make_scheduler(num_blocks=256, block_size=4, budget=16)
+    make_group(sched, "a", 3, 100)
+    make_group(sched, "b", 1, 100)
+    got = step(sched)
+    by_group = {"a": sum(v for k, v in got.items() if k.startswith("a-")), "b": got.get("b-0", 0)}
+    assert by_group == {"a": 8, "b": 8}  # one request with 3 prompts gets no more than one with 1
