@@ -1,6 +1,11 @@
 """The `mixserve` command line (also `python -m cluster`).
 
 Output contract: `generate` prints only the generated text on stdout; logs and figures go to stderr.
+
+Ray: `serve` and `generate` (without --local) start their own local Ray, unless `--ray-address` or
+the `RAY_ADDRESS` environment variable names a cluster to join (`host:port`, `ray://host:port`, or
+`auto` for the cluster last started on this machine with `ray start`). A `/tmp/ray/ray_current_cluster`
+file left behind by a cluster that is gone is not followed.
 """
 
 from __future__ import annotations
@@ -41,6 +46,23 @@ def cmd_init_tiny(a) -> int:
     return 0
 
 
+def ray_address(a) -> str:
+    """The address for `ray.init`: --ray-address, else RAY_ADDRESS, else "local" (a new local Ray;
+    `ray.init()` without an address would join whatever /tmp/ray/ray_current_cluster names, and fail
+    when that cluster is gone)."""
+    return getattr(a, "ray_address", None) or os.environ.get("RAY_ADDRESS") or "local"
+
+
+def init_ray(a) -> bool:
+    """Start or join Ray as `ray_address` says; True when this call initialised it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    ray.init(address=ray_address(a), log_to_driver=False, logging_level=logging.WARNING)
+    return True
+
+
 def cmd_generate(a) -> int:
     from model.sampling import SamplingParams
     from model.tiny import resolve_model
@@ -53,10 +75,17 @@ def cmd_generate(a) -> int:
     if a.local:
         engine = LLMEngine.local(str(model_dir), a.dtype, EngineConfig())
         runtime = None
+        started = False
     else:
         from cluster.ray_engine import start_disaggregated
 
-        engine, runtime = start_disaggregated(str(model_dir), a.dtype, EngineConfig(num_microbatches=2))
+        started = init_ray(a)
+        try:
+            engine, runtime = start_disaggregated(str(model_dir), a.dtype, EngineConfig(num_microbatches=2))
+        except BaseException:
+            if started:
+                _ray_shutdown()
+            raise
     try:
         prompt = engine.tokenizer.encode(a.prompt)
         t0 = time.perf_counter()
@@ -65,6 +94,8 @@ def cmd_generate(a) -> int:
     finally:
         if runtime is not None:
             runtime.shutdown()
+        if started:
+            _ray_shutdown()
     print(out.text)
     print(
         f"# {out.completion_tokens} tokens in {dt:.3f}s = {out.completion_tokens / dt:.1f} tokens/s "
@@ -113,14 +144,13 @@ def cmd_serve(a) -> int:
     from ray import serve
 
     from cluster.app import build_app
-    from cluster.ray_engine import ensure_ray
 
     cfg = resolve_config(a)
     # Serve's gRPC proxy reads its message limit (default 2 GiB) from its environment when it starts:
     # bound it to the request limit. Effective when this command starts Ray; on a running cluster
     # (RAY_ADDRESS, KubeRay) the variable is set where the cluster starts (k8s/ sets it).
     os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(cfg.server.max_request_bytes))
-    started = ensure_ray()
+    started = init_ray(a)
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -148,6 +178,18 @@ def cmd_serve(a) -> int:
     return 0
 
 
+RAY_ADDRESS_HELP = (
+    "Ray cluster to join (host:port, ray://host:port, or 'auto' for the one `ray start` last started "
+    "here); default: RAY_ADDRESS, else start a local Ray"
+)
+
+
+def _ray_shutdown() -> None:
+    import ray
+
+    ray.shutdown()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mixserve", description="Serve Mixtral-architecture MoE models on Ray.")
     p.add_argument("--log-level", default=os.environ.get("MIXSERVE_LOG_LEVEL", "warning"))
@@ -170,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
     s.add_argument("--local", action="store_true", help="run in one process, without Ray")
+    s.add_argument("--ray-address", help=RAY_ADDRESS_HELP)
     s.set_defaults(fn=cmd_generate, config=None)
     s = sub.add_parser("serve", help="serve the OpenAI-compatible API on Ray Serve")
     s.add_argument("--config", help="YAML config (default: configs/tiny.yaml)")
@@ -180,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--grpc-port", type=int)
     s.add_argument("--served-model-name")
     s.add_argument("--api-key", default=os.environ.get("MIXSERVE_API_KEY"))
+    s.add_argument("--ray-address", help=RAY_ADDRESS_HELP)
     s.set_defaults(fn=cmd_serve)
     s = sub.add_parser("routing", help="the Mixtral paper's routing analysis of text files through a running server")
     s.add_argument("files", nargs="+", help="text files, one per domain")

@@ -14,7 +14,7 @@ import logging
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 import torch
 from safetensors import safe_open
@@ -95,18 +95,28 @@ class Checkpoint:
                 wm = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
-            for fname in sorted(set(wm.values())):
-                if not (self.path / fname).is_file():
+            if not isinstance(wm, dict):
+                raise CheckpointError(f"{index}: weight_map is not an object")
+            by_file: dict[str, str] = {}
+            for name, fname in wm.items():
+                if not isinstance(fname, str):
+                    raise CheckpointError(f"{index}: weight_map[{name!r}] is not a file name: {fname!r}")
+                by_file.setdefault(fname, name)
+            for fname, name in sorted(by_file.items()):
+                what = f"{index}: weight_map[{name!r}] = {fname!r}"
+                if not self._shard_path(fname, what).is_file():
                     raise CheckpointError(f"{index}: shard {fname} is missing")
             return dict(wm)
         single = self.path / SINGLE_FILE
         if single.is_file():
+            self._shard_path(SINGLE_FILE, str(single))
             with safe_open(single, framework="pt") as f:
                 return {k: SINGLE_FILE for k in f.keys()}
         shards = sorted(self.path.glob("*.safetensors"))
         if shards:
             wm = {}
             for s in shards:
+                self._shard_path(s.name, str(s))
                 with safe_open(s, framework="pt") as f:
                     wm.update({k: s.name for k in f.keys()})
             return wm
@@ -117,6 +127,25 @@ class Checkpoint:
                 "run arbitrary code and are refused. Convert them to safetensors first."
             )
         raise CheckpointError(f"{self.path}: no model.safetensors, shards or {INDEX_FILE} found")
+
+    def _shard_path(self, fname: str, what: str) -> Path:
+        """`fname` inside the checkpoint folder, or a CheckpointError naming `what` (the index file and
+        entry): no absolute path, no `..`, and no symlink that resolves outside the folder. The one
+        exception is the Hugging Face hub cache, whose `snapshots/<rev>/` files link to the same
+        repository's `blobs/`."""
+        rel, win = Path(fname), PureWindowsPath(fname)
+        if not fname or rel.is_absolute() or win.drive or win.root:
+            raise CheckpointError(f"{what}: shard paths must be relative to {self.path}, not absolute")
+        if ".." in rel.parts or ".." in win.parts:
+            raise CheckpointError(f"{what}: shard paths must stay inside {self.path}, '..' is refused")
+        path = self.path / rel
+        real, root = path.resolve(), self.path.resolve()
+        allowed = [root]
+        if root.parent.name == "snapshots":  # <cache>/models--org--name/snapshots/<rev>/
+            allowed.append(root.parent.parent / "blobs")
+        if not any(real.is_relative_to(a) for a in allowed):
+            raise CheckpointError(f"{what}: shard resolves to {real}, outside the checkpoint folder {root}")
+        return path
 
     def check_names(self) -> None:
         """Every tensor in the files is one the model uses or one deliberately skipped."""

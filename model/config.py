@@ -18,6 +18,24 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+# The largest value each size field may take. Real configs for scale: Mixtral-8x22B has D=6144,
+# F=16384, L=56, H=48, E=8, 64K context; DeepSeek-V3 has D=7168, L=61, H=128, E=256, top-8,
+# vocab 129280, 160K context.
+MAX: dict[str, int] = {
+    "vocab_size": 1 << 20,
+    "hidden_size": 65536,
+    "intermediate_size": 1 << 18,
+    "num_hidden_layers": 1024,
+    "num_attention_heads": 1024,
+    "num_key_value_heads": 1024,
+    "head_dim": 8192,
+    "num_local_experts": 1024,
+    "num_experts_per_tok": 1024,
+    "max_position_embeddings": 1 << 20,
+    "sliding_window": 1 << 20,
+}
+
+
 class ConfigError(ValueError):
     """A config.json that cannot describe a model we can run; the message names file and field."""
 
@@ -25,20 +43,30 @@ class ConfigError(ValueError):
 class MixtralConfig(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
-    vocab_size: int = Field(32000, gt=0, description="Rows of the embedding and the LM head.")
-    hidden_size: int = Field(4096, gt=0, description="Residual stream width D.")
-    intermediate_size: int = Field(14336, gt=0, description="Expert FFN width F.")
-    num_hidden_layers: int = Field(32, gt=0, description="Decoder layers L.")
-    num_attention_heads: int = Field(32, gt=0, description="Query heads H.")
-    num_key_value_heads: int = Field(8, gt=0, description="KV heads (GQA); must divide H.")
-    head_dim: int | None = Field(None, gt=0, description="Per-head width; hidden_size / H when absent.")
-    num_local_experts: int = Field(8, gt=0, description="Experts per layer E.")
-    num_experts_per_tok: int = Field(2, gt=0, description="Experts per token (top-k).")
+    # Upper bounds (MAX) are far above any real Mixtral, Mixtral-8x22B or DeepSeek-size config; they
+    # refuse a config.json whose sizes would make the loader allocate or loop without end.
+    vocab_size: int = Field(32000, gt=0, le=MAX["vocab_size"], description="Rows of the embedding and the LM head.")
+    hidden_size: int = Field(4096, gt=0, le=MAX["hidden_size"], description="Residual stream width D.")
+    intermediate_size: int = Field(14336, gt=0, le=MAX["intermediate_size"], description="Expert FFN width F.")
+    num_hidden_layers: int = Field(32, gt=0, le=MAX["num_hidden_layers"], description="Decoder layers L.")
+    num_attention_heads: int = Field(32, gt=0, le=MAX["num_attention_heads"], description="Query heads H.")
+    num_key_value_heads: int = Field(
+        8, gt=0, le=MAX["num_key_value_heads"], description="KV heads (GQA); must divide H."
+    )
+    head_dim: int | None = Field(
+        None, gt=0, le=MAX["head_dim"], description="Per-head width; hidden_size / H when absent."
+    )
+    num_local_experts: int = Field(8, gt=0, le=MAX["num_local_experts"], description="Experts per layer E.")
+    num_experts_per_tok: int = Field(
+        2, gt=0, le=MAX["num_experts_per_tok"], description="Experts per token (top-k); at most E."
+    )
     rope_theta: float = Field(1e6, gt=0, description="RoPE base.")
     rms_norm_eps: float = Field(1e-5, gt=0, description="RMSNorm epsilon.")
-    max_position_embeddings: int = Field(32768, gt=0, description="Context length.")
+    max_position_embeddings: int = Field(32768, gt=0, le=MAX["max_position_embeddings"], description="Context length.")
     # Mixtral-8x7B has no sliding window; HF configs carry `null` (or a window >= the context).
-    sliding_window: int | None = Field(None, description="Attention window, None for full attention.")
+    sliding_window: int | None = Field(
+        None, le=MAX["sliding_window"], description="Attention window, None for full attention."
+    )
     tie_word_embeddings: bool = Field(False, description="LM head shares the embedding matrix.")
     torch_dtype: str = Field("bfloat16", description="Dtype the checkpoint is stored in.")
     bos_token_id: int = 1
@@ -76,6 +104,11 @@ class MixtralConfig(BaseModel):
                     f"hidden_size={self.hidden_size} (and no head_dim is given)"
                 )
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+            if self.head_dim > MAX["head_dim"]:
+                raise ValueError(
+                    f"head_dim={self.head_dim} (hidden_size / num_attention_heads) is above the "
+                    f"maximum {MAX['head_dim']}"
+                )
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_key_value_heads={self.num_key_value_heads} does not divide "

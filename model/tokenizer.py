@@ -43,6 +43,20 @@ def tokenizer_path(model_dir: str | Path | None) -> Path:
     return DEFAULT_TOKENIZER
 
 
+class VocabMismatchError(ValueError):
+    """A tokenizer with more tokens than the model's embedding has rows."""
+
+
+def check_vocab(tok: Tokenizer, vocab_size: int, config: str | Path) -> None:
+    """The tokenizer's ids must be < the config's `vocab_size`. A model may pad its vocabulary (more
+    rows than tokens), so a smaller tokenizer is fine; a larger one would index past the embedding."""
+    if tok.vocab_size > vocab_size:
+        raise VocabMismatchError(
+            f"{tok.path}: the tokenizer has {tok.vocab_size} tokens, more than vocab_size={vocab_size} "
+            f"in {config}; the model has no embedding rows for ids {vocab_size}..{tok.vocab_size - 1}"
+        )
+
+
 class Tokenizer:
     def __init__(self, path: str | Path = DEFAULT_TOKENIZER):
         self.path = Path(path)
@@ -54,7 +68,15 @@ class Tokenizer:
 
     @classmethod
     def for_model(cls, model_dir: str | Path | None) -> Tokenizer:
-        return cls(tokenizer_path(model_dir))
+        """The checkpoint's tokenizer (or the default one), checked against its config.json: every
+        token id it can produce must have a row in the embedding (see `check_vocab`)."""
+        tok = cls(tokenizer_path(model_dir))
+        if model_dir is not None and (Path(model_dir) / "config.json").is_file():
+            from .config import MixtralConfig
+
+            config = Path(model_dir) / "config.json"
+            check_vocab(tok, MixtralConfig.from_file(config).vocab_size, config)
+        return tok
 
     def encode(self, text: str, bos: bool = True) -> list[int]:
         check_text(text)

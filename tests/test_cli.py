@@ -57,3 +57,19 @@ def test_missing_model_is_a_clear_error(tmp_path):
         timeout=120,
     )
     assert r.returncode == 2 and "not a directory" in r.stderr and r.stdout == ""
+
+
+def test_ray_address_is_local_unless_told(monkeypatch):
+    """`serve` and `generate` start their own Ray (address "local", which ignores a
+    /tmp/ray/ray_current_cluster file) unless --ray-address or RAY_ADDRESS names a cluster."""
+    from cluster.cli import build_parser, ray_address
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    for cmd in (["serve"], ["generate", "--prompt", "x"]):
+        p = build_parser()
+        assert ray_address(p.parse_args(cmd)) == "local"
+        assert ray_address(p.parse_args([*cmd, "--ray-address", "10.0.0.1:6379"])) == "10.0.0.1:6379"
+        monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+        assert ray_address(p.parse_args(cmd)) == "ray://head:10001"
+        assert ray_address(p.parse_args([*cmd, "--ray-address", "auto"])) == "auto"
+        monkeypatch.delenv("RAY_ADDRESS")

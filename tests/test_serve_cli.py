@@ -40,3 +40,45 @@ def test_serve_run_serves_the_app(tmp_path, tiny_dir):
         {**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert answer["usage"]["completion_tokens"] == 4 and answer["model"] == "via-serve-run"
+
+
+def test_mixserve_serve_ignores_a_stale_ray_cluster_file(tiny_dir):
+    """A ray_current_cluster file naming a cluster that is gone (Ray leaves it behind after a crash)
+    does not stop `mixserve serve`: without RAY_ADDRESS it starts its own local Ray."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    import urllib.request
+
+    tmp = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))  # short: Ray's socket paths live under it
+    (tmp / "ray").mkdir()
+    (tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}\n")  # nothing listens
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_TMPDIR=str(tmp), PYTHONPATH=str(ROOT))
+    port, gport = free_port(), free_port()
+    cmd = [sys.executable, "-m", "cluster", "serve", "--model", tiny_dir, "--port", str(port)]
+    out, err = tmp / "stdout", tmp / "stderr"
+    with out.open("w") as o, err.open("w") as e:
+        p = subprocess.Popen(
+            [*cmd, "--grpc-port", str(gport)], cwd=ROOT, env=env, stdout=o, stderr=e, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and "mixserve: serving" not in out.read_text():
+            if p.poll() is not None:
+                raise AssertionError(f"mixserve serve exited {p.returncode}: {err.read_text()[-3000:]}")
+            time.sleep(1)
+        assert "mixserve: serving" in out.read_text(), f"mixserve serve did not come up: {err.read_text()[-3000:]}"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=30) as r:
+            assert r.status == 200
+    finally:
+        os.killpg(p.pid, signal.SIGINT)
+        try:
+            p.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+        shutil.rmtree(tmp, ignore_errors=True)

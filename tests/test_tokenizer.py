@@ -75,3 +75,31 @@ def test_checkpoint_tokenizer_is_preferred(tmp_path):
     shutil.copyfile(DEFAULT_TOKENIZER, tmp_path / "tokenizer.model")
     assert Tokenizer.for_model(tmp_path).path == tmp_path / "tokenizer.model"
     assert Tokenizer.for_model(tmp_path / "nothing-here").path == DEFAULT_TOKENIZER
+
+
+def test_tokenizer_larger_than_the_config_vocab_is_refused(tmp_path):
+    """A real checkpoint whose config.json has fewer embedding rows than its tokenizer.model has
+    tokens: every loader (LLMEngine.local here; the ingress and the Serve engine go through the same
+    Tokenizer.for_model) refuses it, naming both sizes and both files."""
+    from model.tiny import preset_config, write_checkpoint
+    from model.tokenizer import VocabMismatchError
+    from router.engine import LLMEngine
+
+    d = write_checkpoint(tmp_path / "small-vocab", preset_config("tiny", num_hidden_layers=1, vocab_size=1000))
+    for load in (lambda: Tokenizer.for_model(d), lambda: LLMEngine.local(str(d), "float32")):
+        with pytest.raises(VocabMismatchError) as e:
+            load()
+        msg = str(e.value)
+        assert "32000" in msg and "vocab_size=1000" in msg, msg
+        assert str(d / "config.json") in msg and str(d / "tokenizer.model") in msg, msg
+    # Without tokenizer.model the default (Mixtral v1, 32000 tokens) is checked the same way.
+    (d / "tokenizer.model").unlink()
+    with pytest.raises(VocabMismatchError, match=str(DEFAULT_TOKENIZER)):
+        Tokenizer.for_model(d)
+
+
+def test_padded_config_vocab_is_fine(tmp_path):
+    from model.tiny import preset_config, write_checkpoint
+
+    d = write_checkpoint(tmp_path / "padded", preset_config("tiny", num_hidden_layers=1, vocab_size=32768))
+    assert Tokenizer.for_model(d).vocab_size == 32000
