@@ -19,13 +19,18 @@ Then frames (little-endian), one request and one response per call, matched by c
 
     request   MAGIC u32 | call u32 | layer i32 | dtype u8 | pad 3 | cols u32 | k u32
               | k x (expert i32, rows u32) | rows x cols
-    response  MAGIC u32 | call u32 | status u8 | pad 3 | k u32 | (status 0) k x (expert i32, rows u32) | payload
-                                                        | (status 1) len u32 | utf-8 error message
+    response  MAGIC u32 | call u32 | layer i32 | status u8 | dtype u8 | pad 2 | cols u32 | k u32
+              | (OK) k x (expert i32, rows u32) | payload      | (ERROR, NOT_HERE) len u32 | utf-8 message
 
 The server checks every field of a request against the worker's shape (`FrameLimits`: the layer, the
 hidden width, the experts it holds, a row bound) before it allocates the payload; a frame that fails
-is answered with an error and the connection is closed. Connections are capped, idle ones and slow
-frames time out, and the listener outlives every error.
+is answered with an error and the connection is closed. A frame for experts or a model this worker
+does not hold (another group's replica on a recycled port) is answered NOT_HERE, which the client
+treats as that replica's failure and re-sends elsewhere. The client checks each response against its
+request (layer, experts in order, row counts, dtype, width) before it allocates, and a mismatch is
+that replica's failure too. Connections still in the handshake are capped apart from authenticated
+ones and get `handshake_timeout_s`, so peers without the secret can hold no authenticated slot and
+no pending one for long; idle connections and slow frames time out; the listener outlives every error.
 
 A connection that breaks or times out is closed and never reused: the caller re-sends the call
 (through Ray, to the next replica) exactly as for a dead replica. Calls are idempotent.
@@ -52,11 +57,12 @@ HELLO = 0x4D584831  # "MXH1"
 NONCE = 16
 MAC = 32
 REQ = struct.Struct("<IIiB3xII")
-RESP = struct.Struct("<IIB3xI")
+RESP = struct.Struct("<IIiBB2xII")
+OK, ERROR, NOT_HERE = 0, 1, 2  # response status
 ENTRY = struct.Struct("<iI")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
-HANDSHAKE_TIMEOUT_S = 5.0
+HANDSHAKE_TIMEOUT_S = 2.0  # a peer proves the secret in one round trip; longer only holds a pending slot
 
 
 class ChannelError(ConnectionError):
@@ -65,6 +71,16 @@ class ChannelError(ConnectionError):
 
 class RemoteExpertError(RuntimeError):
     """The expert worker refused or raised on this call (not a transport problem; re-sending will not help)."""
+
+
+class WrongReplica(ChannelError):
+    """The replica holds other experts (or another model) than the call is for, e.g. another group's
+    replica on a recycled port: that replica's failure; re-send elsewhere."""
+
+
+class BadResponse(ChannelError):
+    """A response that does not answer its request (layer, experts, row counts, dtype, width): that
+    replica's failure, never its output; re-send elsewhere."""
 
 
 def new_secret() -> bytes:
@@ -147,25 +163,32 @@ class FrameLimits:
     def for_worker(cls, worker, max_rows: int) -> FrameLimits:
         return cls(worker.cfg.num_hidden_layers, worker.cfg.hidden_size, frozenset(worker.experts), max_rows)
 
-    def check_header(self, layer: int, dt: int, cols: int, k: int) -> str | None:
+    # Each check gives None or (status, why): NOT_HERE where the frame is for a worker of another shape
+    # (another group's, another model's: the caller re-sends elsewhere), ERROR where no worker takes it.
+
+    def check_header(self, layer: int, dt: int, cols: int, k: int) -> tuple[int, str] | None:
         if dt >= len(DTYPES):
-            return f"unknown dtype code {dt}"
+            return ERROR, f"unknown dtype code {dt}"
+        if k < 1:
+            return ERROR, "a call for no experts"
         if not 0 <= layer < self.num_layers:
-            return f"layer {layer} is not in [0, {self.num_layers})"
+            return NOT_HERE, f"layer {layer} is not in [0, {self.num_layers})"
         if cols != self.cols:
-            return f"rows of {cols} values; this model's hidden size is {self.cols}"
-        if not 1 <= k <= len(self.experts):
-            return f"{k} experts in one call; this worker holds {len(self.experts)}"
+            return NOT_HERE, f"rows of {cols} values; this model's hidden size is {self.cols}"
+        if k > len(self.experts):
+            return NOT_HERE, f"{k} experts in one call; this worker holds {len(self.experts)}"
         return None
 
-    def check_rows(self, entries: list[tuple[int, int]]) -> str | None:
+    def check_rows(self, entries: list[tuple[int, int]]) -> tuple[int, str] | None:
         rows = sum(n for _, n in entries)
-        return f"{rows} token rows in one call; the limit is {self.max_rows}" if rows > self.max_rows else None
+        return (ERROR, f"{rows} token rows in one call; the limit is {self.max_rows}") if rows > self.max_rows else None
 
-    def check_experts(self, layer: int, entries: list[tuple[int, int]]) -> str | None:
+    def check_experts(self, layer: int, entries: list[tuple[int, int]]) -> tuple[int, str] | None:
         es = [e for e, _ in entries]
-        if len(set(es)) != len(es) or not set(es) <= self.experts:
-            return f"experts {es} (layer {layer}): this worker holds experts {sorted(self.experts)}"
+        if len(set(es)) != len(es):
+            return ERROR, f"experts {es} (layer {layer}): an expert twice"
+        if not set(es) <= self.experts:
+            return NOT_HERE, f"experts {es} (layer {layer}): this worker holds experts {sorted(self.experts)}"
         return None
 
 
@@ -194,6 +217,8 @@ class ChannelServer:
         idle_timeout_s: float = 600.0,
         frame_timeout_s: float = 30.0,
         ports: tuple[int, int] | None = None,
+        handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
+        max_handshakes: int = 8,
     ):
         if len(secret) < 16:
             raise ValueError("the channel secret must be at least 16 bytes")
@@ -203,19 +228,22 @@ class ChannelServer:
             idle_timeout_s,
             frame_timeout_s,
         )
+        self.handshake_timeout_s, self.max_handshakes = handshake_timeout_s, max_handshakes
         self.sock = _listen(host, ports)
         self.address = (host, self.sock.getsockname()[1])
         self.closed = False
         self.draining = False
-        self._conns: set[socket.socket] = set()
+        self._conns: set[socket.socket] = set()  # authenticated
+        self._pending: set[socket.socket] = set()  # still in the handshake: apart, so they take no real peer's slot
         self._lock = threading.Lock()
-        self.refused = 0  # connections refused (over the cap, or failed the handshake)
+        self.refused = 0  # connections refused (over a cap, or failed the handshake)
         self.bad_frames = 0  # frames refused before any allocation
         threading.Thread(target=self._accept, name="expert-channel-accept", daemon=True).start()
 
     @property
     def num_connections(self) -> int:
-        return len(self._conns)
+        """Connections held, authenticated or still in the handshake."""
+        return len(self._conns) + len(self._pending)
 
     def _accept(self) -> None:
         while not self.closed:
@@ -228,10 +256,10 @@ class ChannelServer:
                 time.sleep(0.05)  # e.g. out of file descriptors: do not spin
                 continue
             with self._lock:
-                full = len(self._conns) >= self.max_connections
+                full = len(self._pending) >= self.max_handshakes
                 if not full:
-                    self._conns.add(conn)
-            if full:
+                    self._pending.add(conn)
+            if full:  # closed at once: a flood of silent peers costs no thread and no wait
                 self.refused += 1
                 conn.close()
                 continue
@@ -243,14 +271,16 @@ class ChannelServer:
     def _drop(self, conn: socket.socket) -> None:
         with self._lock:
             self._conns.discard(conn)
+            self._pending.discard(conn)
         try:
             conn.close()
         except OSError:
             pass
 
     def _handshake(self, conn: socket.socket) -> bool:
-        deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S
+        deadline = time.monotonic() + self.handshake_timeout_s
         nonce_s = os.urandom(NONCE)
+        conn.settimeout(self.handshake_timeout_s)
         conn.sendall(struct.pack("<I", HELLO) + nonce_s)
         try:
             msg = bytes(_recv_exact(conn, NONCE + MAC, deadline))
@@ -261,14 +291,25 @@ class ChannelServer:
         if not hmac.compare_digest(mac, _mac(self.secret, b"mxch-client", nonce_s, nonce_c)):
             self.refused += 1
             return False
+        with self._lock:  # proved the secret: it takes an authenticated slot, if one is free
+            self._pending.discard(conn)
+            room = len(self._conns) < self.max_connections
+            if room:
+                self._conns.add(conn)
+        if not room:
+            self.refused += 1  # closed before the server's proof: the client sees a failed handshake
+            return False
         conn.sendall(_mac(self.secret, b"mxch-server", nonce_c, nonce_s))
         return True
 
-    def _refuse(self, conn: socket.socket, call: int, why: str) -> None:
-        self.bad_frames += 1
+    def _answer_error(self, conn: socket.socket, call: int, layer: int, status: int, why: str) -> None:
         msg = why.encode()[:4096]
         conn.settimeout(self.frame_timeout_s)
-        conn.sendall(RESP.pack(MAGIC, call, 1, 0) + struct.pack("<I", len(msg)) + msg)
+        conn.sendall(RESP.pack(MAGIC, call, layer, status, 0, 0, 0) + struct.pack("<I", len(msg)) + msg)
+
+    def _refuse(self, conn: socket.socket, call: int, layer: int, status: int, why: str) -> None:
+        self.bad_frames += 1
+        self._answer_error(conn, call, layer, status, why)
 
     def _serve(self, conn: socket.socket) -> None:
         try:
@@ -285,30 +326,29 @@ class ChannelServer:
                     return
                 why = lim.check_header(layer, dt, cols, k)
                 if why is not None:
-                    return self._refuse(conn, call, why)
+                    return self._refuse(conn, call, layer, *why)
                 entries = _entries(_recv_exact(conn, ENTRY.size * k, deadline), k)
                 why = lim.check_rows(entries)
                 if why is not None:
-                    return self._refuse(conn, call, why)
+                    return self._refuse(conn, call, layer, *why)
                 nbytes = sum(n for _, n in entries) * cols * DTYPES[dt].itemsize
                 why = lim.check_experts(layer, entries)
                 if why is not None:  # a well-formed frame for experts held elsewhere: refuse it, keep the connection
                     _discard(conn, nbytes, deadline)
-                    self._refuse(conn, call, why)
+                    self._refuse(conn, call, layer, *why)
                     continue
                 flat = _recv_tensor(conn, sum(n for _, n in entries), cols, DTYPES[dt], deadline)
                 if self.draining:  # being removed: the caller re-sends elsewhere
-                    return self._refuse(conn, call, "draining")
+                    return self._refuse(conn, call, layer, ERROR, "draining")
                 try:
                     out = self.worker.run(layer, _split(flat, entries))
                 except Exception as e:  # noqa: BLE001 - sent back to the caller, who raises it
-                    msg = f"{type(e).__name__}: {e}".encode()[:4096]
-                    conn.settimeout(self.frame_timeout_s)
-                    conn.sendall(RESP.pack(MAGIC, call, 1, 0) + struct.pack("<I", len(msg)) + msg)
+                    self._answer_error(conn, call, layer, ERROR, f"{type(e).__name__}: {e}")
                     continue
-                entries_out, payload, _, _ = _pack(out)
+                entries_out, payload, cols_out, dtype_out = _pack(out)
                 conn.settimeout(self.frame_timeout_s)  # the caller takes its response promptly, or is dropped
-                conn.sendall(RESP.pack(MAGIC, call, 0, len(out)) + entries_out)
+                dt_out = DTYPES.index(dtype_out) if dtype_out is not None else 0
+                conn.sendall(RESP.pack(MAGIC, call, layer, OK, dt_out, cols_out, len(out)) + entries_out)
                 if payload is not None:
                     conn.sendall(payload)
         except (ChannelError, OSError, struct.error):
@@ -325,7 +365,7 @@ class ChannelServer:
         except OSError:
             pass
         with self._lock:
-            conns = list(self._conns)
+            conns = [*self._conns, *self._pending]
         for c in conns:
             self._drop(c)
 
@@ -345,7 +385,7 @@ class ChannelClient:
             raise ChannelError(f"connect to {self.address} failed: {e}") from None
         self.timeout_s = timeout_s
         self.next_call = 0
-        self.sent: list[tuple[int, int, torch.dtype, float]] = []  # (call, cols, dtype, deadline) awaiting a response
+        self.sent: list[tuple] = []  # (call, layer, entries, cols, dtype, deadline) awaiting a response
         self.done: dict[int, dict | Exception] = {}
         self.alive = True
         try:
@@ -376,7 +416,8 @@ class ChannelClient:
         except OSError as e:
             self.close()
             raise ChannelError(f"send to {self.address} failed: {e}") from None
-        self.sent.append((call, cols, dtype, time.monotonic() + self.timeout_s))
+        expect = [(e, int(x.shape[0])) for e, x in batches.items()]  # what its response must carry
+        self.sent.append((call, layer, expect, cols, dtype, time.monotonic() + self.timeout_s))
         return call
 
     def result(self, call: int) -> dict[int, torch.Tensor]:
@@ -385,27 +426,42 @@ class ChannelClient:
                 raise ChannelError(f"no response for call {call} from {self.address}")
             # The timeout runs from the send: calls in flight together on several connections (one
             # host cut off) all time out together instead of one after the other.
-            want, cols, dtype, deadline = self.sent[0]
+            want, layer, expect, cols, dtype, deadline = self.sent[0]
             try:
-                magic, got, status, k = RESP.unpack(_recv_exact(self.sock, RESP.size, deadline))
+                magic, got, g_layer, status, dt, g_cols, k = RESP.unpack(_recv_exact(self.sock, RESP.size, deadline))
                 if magic != MAGIC or got != want:
-                    raise ChannelError(f"out-of-order or corrupt response from {self.address}")
-                if status:
+                    raise ChannelError("out-of-order or corrupt response")
+                if g_layer != layer or status not in (OK, ERROR, NOT_HERE):
+                    raise BadResponse(f"answered layer {g_layer} status {status} for layer {layer}")
+                if status != OK:
                     (n,) = struct.unpack("<I", _recv_exact(self.sock, 4, deadline))
-                    msg = bytes(_recv_exact(self.sock, min(n, 4096), deadline)).decode(errors="replace")
+                    if n > 4096:
+                        raise BadResponse(f"an error message of {n} bytes")
+                    msg = bytes(_recv_exact(self.sock, n, deadline)).decode(errors="replace")
                     if msg == "draining":  # the replica is being removed: like a dead one, re-send elsewhere
-                        raise ChannelError(f"{self.address} is draining")
-                    self.done[got] = RemoteExpertError(msg)
+                        raise ChannelError("draining")
+                    self.done[got] = (
+                        WrongReplica(f"{self.address}: {msg}") if status == NOT_HERE else RemoteExpertError(msg)
+                    )
                 else:
-                    entries = _entries(_recv_exact(self.sock, ENTRY.size * k, deadline), k) if k else []
+                    # Checked before reading on, so a replica that is not the one asked (or lies) can neither
+                    # pass off other rows as the answer nor make the client allocate what it names.
+                    if (DTYPES[dt] if dt < len(DTYPES) else None, g_cols, k) != (dtype, cols, len(expect)):
+                        raise BadResponse(
+                            f"answered {k} experts of width {g_cols}, dtype code {dt}, for "
+                            f"{len(expect)} of width {cols}, {dtype}"
+                        )
+                    entries = _entries(_recv_exact(self.sock, ENTRY.size * k, deadline), k)
+                    if entries != expect:
+                        raise BadResponse(f"answered (expert, rows) {entries} for {expect}")
                     rows = sum(n for _, n in entries)
                     self.done[got] = _split(_recv_tensor(self.sock, rows, cols, dtype, deadline), entries)
+            except ChannelError as e:  # first: it is an OSError too; it keeps its kind (BadResponse)
+                self.close()
+                raise type(e)(f"expert channel {self.address}: {e}") from None
             except (OSError, struct.error) as e:  # timeout, reset, closed
                 self.close()
                 raise ChannelError(f"expert channel {self.address}: {type(e).__name__}: {e}") from None
-            except ChannelError:
-                self.close()
-                raise
             self.sent.pop(0)
         out = self.done.pop(call)
         if isinstance(out, Exception):

@@ -41,7 +41,9 @@ from .channel import ChannelClient, ChannelError, ChannelServer, FrameLimits
 log = logging.getLogger(__name__)
 
 # Failures after which a call is re-sent elsewhere (calls are idempotent): the replica died, hung,
-# is being removed, or the connection broke. A worker's own error (RemoteExpertError) is not one.
+# is being removed, the connection broke, or the replica is not the one asked (holds other experts,
+# or its response does not answer the request: ChannelErrors too). A worker's own error
+# (RemoteExpertError) is not one.
 RETRYABLE = (
     RayActorError,
     ActorDiedError,
@@ -96,6 +98,17 @@ class ExpertsConfig(BaseModel):
     )
     channel_max_connections: int = Field(64, ge=1, description="Data-plane connections one expert replica accepts.")
     channel_idle_timeout_s: float = Field(600.0, gt=0, description="A data-plane connection idle this long is closed.")
+    channel_handshake_timeout_s: float = Field(
+        2.0,
+        gt=0,
+        description="A data-plane connection that has not proved the secret within this long is closed.",
+    )
+    channel_max_handshakes: int = Field(
+        8,
+        ge=1,
+        description="Data-plane connections one expert replica holds in the handshake at once, apart from "
+        "`channel_max_connections`; more are closed at once.",
+    )
     channel_ports: tuple[int, int] | None = Field(
         None,
         description="[first, last]: the data-plane listener takes the first free port of this range (name it "
@@ -156,6 +169,8 @@ class ExpertHost:
                 cfg.channel_idle_timeout_s,
                 cfg.call_timeout_s,
                 ports=cfg.channel_ports,
+                handshake_timeout_s=cfg.channel_handshake_timeout_s,
+                max_handshakes=cfg.channel_max_handshakes,
             )
         self._last = (time.monotonic(), 0)
 

@@ -1,6 +1,7 @@
 """The direct TCP data plane to expert workers (cluster/channel.py), against a real ExpertWorker:
 results, errors, dead and hung peers, and peers that try to break it (no secret, lying headers,
-slow, idle and too many connections, no file descriptors left)."""
+slow, idle and too many connections, floods of unauthenticated ones, no file descriptors left,
+replicas of another group, responses that do not answer their request)."""
 
 from __future__ import annotations
 
@@ -17,17 +18,23 @@ import pytest
 import torch
 
 from cluster.channel import (
+    DTYPES,
     ENTRY,
+    ERROR,
     HANDSHAKE_TIMEOUT_S,
     HELLO,
     MAGIC,
+    NOT_HERE,
+    OK,
     REQ,
     RESP,
+    BadResponse,
     ChannelClient,
     ChannelError,
     ChannelServer,
     FrameLimits,
     RemoteExpertError,
+    WrongReplica,
     _recv_exact,
     new_secret,
 )
@@ -92,9 +99,11 @@ def test_unknown_experts_are_refused_without_counting_and_the_channel_stays_usab
     D = worker.cfg.hidden_size
     c = connect(server)
     calls = worker.stats.calls
-    with pytest.raises(RemoteExpertError, match="holds experts"):
-        c.result(c.send(0, batches(D, {5: 2})))  # expert 5 is not on this worker: not a transport failure
-    with pytest.raises(RemoteExpertError, match="holds experts"):
+    # Expert 5 is not on this worker: it is another group's replica, a failure of this replica (re-sent
+    # elsewhere), not of the call.
+    with pytest.raises(WrongReplica, match="holds experts"):
+        c.result(c.send(0, batches(D, {5: 2})))
+    with pytest.raises(WrongReplica, match="holds experts"):
         c.result(c.send(0, batches(D, {1: 1, 7: 3})))
     assert worker.stats.calls == calls and 5 not in worker.stats.tokens_per_expert  # nothing counted
     with pytest.raises(KeyError):  # the worker itself refuses before counting, too
@@ -102,6 +111,23 @@ def test_unknown_experts_are_refused_without_counting_and_the_channel_stays_usab
     assert worker.stats.calls == calls and 99 not in worker.stats.tokens_per_layer
     assert c.alive
     assert c.result(c.send(0, batches(D, {1: 2})))[1].shape == (2, D)
+
+
+def test_a_workers_own_error_is_the_calls_not_the_replicas(worker):
+    class Raising:
+        cfg, experts = worker.cfg, worker.experts
+
+        def run(self, layer, b):
+            raise ValueError("boom")
+
+    s = serve(Raising())
+    try:
+        c = connect(s)
+        with pytest.raises(RemoteExpertError, match="ValueError: boom") as e:
+            c.result(c.send(0, batches(worker.cfg.hidden_size, {1: 1})))
+        assert not isinstance(e.value, ChannelError) and c.alive  # not retried elsewhere: it would fail there too
+    finally:
+        s.close()
 
 
 def test_garbage_drops_only_that_connection(worker, server):
@@ -166,6 +192,14 @@ def still_serves(worker, server) -> None:
     c.close()
 
 
+def accept_handshake(conn: socket.socket) -> None:
+    """The server's half of the handshake, for hand-written servers that hold the secret."""
+    nonce_s = os.urandom(16)
+    conn.sendall(struct.pack("<I", HELLO) + nonce_s)
+    nonce_c = bytes(_recv_exact(conn, 16 + 32)[:16])
+    conn.sendall(hmac.new(SECRET, b"mxch-server" + nonce_c + nonce_s, hashlib.sha256).digest())
+
+
 def test_the_call_timeout_runs_from_the_send(worker):
     """Calls in flight together on two connections to a host that stopped answering time out together
     (as when a partition cuts off a host holding several replicas), not one timeout after the other; a
@@ -202,13 +236,9 @@ def test_the_call_timeout_runs_from_the_send(worker):
 
     def trickle():
         conn, _ = lsock.accept()
-        nonce_s = os.urandom(16)
-        conn.sendall(struct.pack("<I", HELLO) + nonce_s)
-        got = _recv_exact(conn, 16 + 32)
-        nonce_c = bytes(got[:16])
-        conn.sendall(hmac.new(SECRET, b"mxch-server" + nonce_c + nonce_s, hashlib.sha256).digest())
+        accept_handshake(conn)
         _recv_exact(conn, REQ.size)
-        for b in RESP.pack(MAGIC, 0, 0, 0) * 4:
+        for b in RESP.pack(MAGIC, 0, 0, OK, 0, worker.cfg.hidden_size, 1) * 4:
             time.sleep(0.2)
             try:
                 conn.sendall(bytes([b]))
@@ -308,8 +338,8 @@ def test_lying_headers_are_refused_before_allocating(worker, server, lie):
     c = connect(server)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     c.sock.sendall(frame(worker=worker, **lie))
-    magic, call, status, _ = RESP.unpack(_recv_exact(c.sock, RESP.size))
-    assert (magic, call, status) == (MAGIC, 7, 1)  # an error answer, not an allocation
+    magic, call, _, status, *_ = RESP.unpack(_recv_exact(c.sock, RESP.size))
+    assert (magic, call) == (MAGIC, 7) and status in (ERROR, NOT_HERE)  # an error answer, not an allocation
     (n,) = struct.unpack("<I", _recv_exact(c.sock, 4))
     assert bytes(_recv_exact(c.sock, n))  # it says why
     assert closed_by_peer(c.sock)
@@ -376,3 +406,152 @@ def test_the_listener_outlives_running_out_of_file_descriptors(worker):
         still_serves(worker, s)
     finally:
         s.close()
+
+
+def test_unauthenticated_connections_take_no_authenticated_slot_and_leave_soon(worker):
+    """Peers that never prove the secret (64 of them: once enough to fill `max_connections`) take none
+    of the authenticated slots, hold at most `max_handshakes` pending ones (the rest are closed at
+    once, before the server's hello), each for the handshake deadline only."""
+    s = serve(worker, max_connections=2, max_handshakes=4, handshake_timeout_s=1.0)
+    idle, flood = [], []
+    try:
+        t0 = time.monotonic()
+        idle = [raw(s) for _ in range(3)]  # each got its hello and says nothing more
+        a, b = connect(s), connect(s)  # meanwhile: the authenticated slots are free
+        flood = [socket.create_connection(s.address, timeout=5) for _ in range(64)]  # the one pending slot left
+        hellos = 0
+        for f in flood:
+            got = b""
+            try:
+                while chunk := f.recv(64):
+                    got += chunk
+            except ConnectionResetError:
+                pass
+            hellos += len(got) == 4 + 16
+        assert hellos <= 1  # only one more got as far as the hello
+        assert all(closed_by_peer(i) for i in idle)
+        assert time.monotonic() - t0 < 1.0 + 2.0, "unauthenticated connections outstayed the handshake deadline"
+        assert s.refused >= 64
+        for c in (a, b):  # the real peers were served all along
+            x = batches(worker.cfg.hidden_size, {1: 2})
+            torch.testing.assert_close(c.result(c.send(0, x))[1], worker.run(0, x)[1])
+        with pytest.raises(ChannelError):
+            connect(s)  # the authenticated cap still holds
+    finally:
+        for f in idle + flood:
+            f.close()
+        s.close()
+
+
+def impostor(reply) -> socket.socket:
+    """A listener that holds the secret and answers each request frame with
+    `reply(call, layer, dt, cols, entries, payload) -> bytes`: a replica that lies, byte by byte."""
+    lsock = socket.create_server(("127.0.0.1", 0))
+
+    def run():
+        conn, _ = lsock.accept()
+        with conn:
+            accept_handshake(conn)
+            while True:
+                try:
+                    _, call, layer, dt, cols, k = REQ.unpack(_recv_exact(conn, REQ.size))
+                    raw_entries = bytes(_recv_exact(conn, ENTRY.size * k))
+                    entries = [ENTRY.unpack_from(raw_entries, i * ENTRY.size) for i in range(k)]
+                    payload = bytes(_recv_exact(conn, sum(n for _, n in entries) * cols * DTYPES[dt].itemsize))
+                    conn.sendall(reply(call, layer, dt, cols, entries, payload))
+                except (ChannelError, OSError):
+                    return
+
+    threading.Thread(target=run, daemon=True).start()
+    return lsock
+
+
+def answer(call, layer, dt, cols, entries, payload, status=OK) -> bytes:
+    return (
+        RESP.pack(MAGIC, call, layer, status, dt, cols, len(entries))
+        + b"".join(ENTRY.pack(*e) for e in entries)
+        + payload
+    )
+
+
+LIES = {
+    "another layer": lambda c, l, d, w, es, p: answer(c, l + 1, d, w, es, p),
+    "another dtype": lambda c, l, d, w, es, p: answer(c, l, 1, w, es, p[: len(p) // 2]),
+    "half the width": lambda c, l, d, w, es, p: answer(c, l, d, w // 2, es, p[: len(p) // 2]),
+    "an expert more": lambda c, l, d, w, es, p: answer(c, l, d, w, es + [(3, 1)], p + p[: w * 4]),
+    "an expert fewer": lambda c, l, d, w, es, p: answer(c, l, d, w, es[1:], p[es[0][1] * w * 4 :]),
+    "other experts": lambda c, l, d, w, es, p: answer(c, l, d, w, [(e + 2, n) for e, n in es], p),
+    "experts reordered": lambda c, l, d, w, es, p: answer(c, l, d, w, es[::-1], p),
+    "a row short": lambda c, l, d, w, es, p: answer(c, l, d, w, [es[0], (es[1][0], es[1][1] - 1)], p[: -w * 4]),
+    "rows moved between experts": lambda c, l, d, w, es, p: answer(
+        c, l, d, w, [(es[0][0], es[0][1] + 1), (es[1][0], es[1][1] - 1)], p
+    ),
+    "2^32 rows": lambda c, l, d, w, es, p: answer(c, l, d, w, [es[0], (es[1][0], 2**32 - 1)], p),
+    "an unknown status": lambda c, l, d, w, es, p: answer(c, l, d, w, es, p, status=9),
+}
+
+
+@pytest.mark.parametrize("lie", list(LIES))
+def test_a_response_that_does_not_answer_its_request_is_refused_before_allocating(worker, lie):
+    """An authenticated peer that answers with another layer, dtype, width, other or reordered experts
+    or other row counts: the client raises BadResponse (a ChannelError: that replica's failure) and
+    closes the connection before it reads, or allocates, what the response names."""
+    honest = impostor(answer)
+    liar = impostor(LIES[lie])
+    try:
+        x = batches(worker.cfg.hidden_size, {1: 3, 2: 2})
+        c = ChannelClient(honest.getsockname(), 5, SECRET)
+        got = c.result(c.send(1, x))  # the control: a faithful echo is accepted as it came
+        assert list(got) == [1, 2] and all(torch.equal(got[e], x[e]) for e in x)
+        c = ChannelClient(liar.getsockname(), 5, SECRET)
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        with pytest.raises(BadResponse):
+            c.result(c.send(1, x))
+        assert not c.alive
+        assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 50_000  # KiB
+    finally:
+        honest.close()
+        liar.close()
+
+
+class Liar:
+    """A worker whose answers look right but carry a row too few: served by a real ChannelServer."""
+
+    def __init__(self, worker):
+        self.cfg, self.experts, self.worker = worker.cfg, worker.experts, worker
+
+    def run(self, layer, b):
+        return {e: y[:-1] for e, y in self.worker.run(layer, b).items()}
+
+
+@pytest.mark.parametrize("first", ["a liar", "another group's replica"])
+def test_a_replica_that_is_not_the_one_asked_is_a_replica_failure_and_the_call_goes_elsewhere(
+    worker, server, tiny_dir, first
+):
+    """The group's first replica answers rows that do not match the request, or holds other experts
+    (another group's replica on a recycled port): the call is counted as a retry, re-sent to the
+    group's other replica, and the first one is backed off from like any failed replica."""
+    bad = serve(Liar(worker) if first == "a liar" else ExpertWorker(tiny_dir, [3, 4], "float32"))
+
+    class Fleet:
+        def endpoints(self, group):
+            return [Endpoint("bad", bad.address), Endpoint("live", server.address)]
+
+        def fallback(self, *a):
+            raise AssertionError("the live replica's channel was there")
+
+        def broken(self, key):
+            pass
+
+    client = ExpertClient(Fleet(), {1: 0, 2: 0}, ExpertsConfig(call_timeout_s=5.0), SECRET)
+    x = batches(worker.cfg.hidden_size, {1: 3, 2: 2})
+    try:
+        for _ in range(3):
+            out = client.submit(ExpertRequest(0, x)).result()
+            for e in x:
+                torch.testing.assert_close(out[e], worker.run(0, {e: x[e]})[e])
+        assert client.retries == 1 and client.bad["bad"][2] == 1  # tried once, then skipped while backed off
+        assert "bad" not in client.channels
+    finally:
+        client.close()
+        bad.close()

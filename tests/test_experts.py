@@ -44,3 +44,45 @@ def test_groups_of_two_equal_groups_of_one(tiny_dir):
     assert a.keys() == b.keys() == {0, 3, 7}
     assert all(torch.equal(a[e], b[e]) for e in a)
     assert one.weight_bytes() == two.weight_bytes()
+
+
+def test_the_directory_takes_only_records_signed_with_the_data_planes_secret(monkeypatch):
+    """Any Ray caller can reach the expert directory: a registration or deregistration counts only with
+    an HMAC of its record under the cluster's data-plane secret, fresh, and newer than the replica's
+    last (a recorded one replays nothing). In a cluster the secret comes from Ray's GCS; here, no Ray."""
+    import time
+
+    from cluster import deployments
+    from cluster.channel import new_secret
+    from cluster.deployments import ExpertDirectory, signed
+
+    secret = new_secret()
+    monkeypatch.setattr(deployments, "app_secret", lambda: secret)
+    d = ExpertDirectory.func_or_class()
+    first = signed(secret, "register", "r1", 0, "10.0.0.5", 20001, seq=0)
+    assert d.register(*first)
+    assert d.view() == {0: [("r1", "10.0.0.5", 20001)]}
+
+    r, g, host, port, seq, ts, mac = nxt = signed(secret, "register", "r1", 0, "10.0.0.5", 20001, seq=1)
+    forged = [
+        ("r2", g, host, port, seq, ts, mac),  # another replica's record
+        (r, g, "10.6.6.6", port, seq, ts, mac),  # the address changed after signing
+        (r, 1, host, port, seq, ts, mac),  # the group changed
+        (r, [g], host, port, seq, ts, mac),  # the same values in other types
+        (r, g, host, port, seq, ts, b"\0" * 32),  # a guess
+        (r, g, host, port, seq, ts, "not bytes"),
+        signed(new_secret(), "register", "r2", 0, "10.6.6.6", 20001, seq=0),  # another key
+        signed(secret, "register", "r2", 0, "10.0.0.6", 20002, seq=0, ts=time.time() - 3600),  # an hour old
+        first,  # a replay
+    ]
+    for args in forged:
+        assert not d.register(*args), args
+    assert not d.deregister(r, seq, ts, mac)  # a registration's MAC is no deregistration's
+    assert not d.deregister(*signed(new_secret(), "deregister", "r1", seq=5))
+    assert d.refused == len(forged) + 2
+    assert d.view() == {0: [("r1", "10.0.0.5", 20001)]}  # none of that reached the view
+
+    assert d.register(*nxt)  # the genuine next heartbeat
+    assert not d.register(*nxt)  # once
+    assert d.deregister(*signed(secret, "deregister", "r1", seq=2))
+    assert d.view() == {}
