@@ -133,7 +133,8 @@ GRPC_SERVICER = "cluster.proto.mixserve_pb2_grpc.add_MixServeServicer_to_server"
 
 def grpc_options(cfg) -> dict:
     """Serve's gRPC proxy on server.grpc_port with the mixserve.v1 service."""
-    return {"port": cfg.server.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]}
+    # no reflection: it would list the services to callers without the API key
+    return {"port": cfg.server.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER], "enable_reflection": False}
 
 
 def cmd_serve(a) -> int:

@@ -78,6 +78,33 @@ class ServerConfig(BaseModel):
     api_key: str | None = Field(None, description="Bearer key required on /v1 routes (or env MIXSERVE_API_KEY).")
     max_request_bytes: int = Field(1 << 20, ge=1024, description="Largest request body accepted.")
     max_tokens_default: int = Field(256, ge=1, description="max_tokens when a request gives none.")
+    max_request_output_tokens: int = Field(
+        1 << 17,
+        ge=1,
+        description="What one request may ask to generate: choices x max_tokens (prompts x n x max_tokens); "
+        "over it the request gets a 400 naming this limit.",
+    )
+    max_request_prompt_tokens: int = Field(
+        1 << 18,
+        ge=1,
+        description="Prompt tokens one request may have computed: choices x prompt length, summed; over it, a 400.",
+    )
+    max_routed_experts: int = Field(
+        1 << 22,
+        ge=1,
+        description="Expert ids one request may ask back (return_routed_experts / return_prompt_routed_experts): "
+        "tokens x layers x top-k, the prompt's counted once per prompt; over it, a 400.",
+    )
+    metrics_refresh_s: float = Field(
+        1.0,
+        ge=0,
+        le=300,
+        description="The oldest engine snapshot /metrics serves before asking the attention replicas again "
+        "(0: every scrape asks; the controller's replica counts are asked at most every 5 s either way).",
+    )
+    enable_docs: bool = Field(
+        False, description="Serve FastAPI's /docs, /redoc and /openapi.json (off: they would answer without the key)."
+    )
     replicas: int = Field(1, ge=1, description="Ingress replicas (OpenAI/gRPC front: tokenise, detokenise, admission).")
     max_ongoing_requests: int = Field(
         1024,

@@ -10,6 +10,7 @@ is answered here and never reaches a worker. gRPC calls go through the same chec
 matching status codes.
 """
 
+import asyncio
 import ipaddress
 import logging
 import os
@@ -40,6 +41,7 @@ from .protocol import (
     CompletionRequest,
     Detokenize,
     ModelLimits,
+    RequestBudget,
     TokenizeChat,
     TokenizeCompletion,
     key_matches,
@@ -63,7 +65,34 @@ GRPC_CODES = {
     503: grpc.StatusCode.UNAVAILABLE,
 }
 
-api = FastAPI(title="mixserve", description="OpenAI-compatible API of mixserve")
+# FastAPI's own /docs, /redoc and /openapi.json are off: they would answer without the API key. The
+# ingress serves /docs and /openapi.json itself when `server.enable_docs` is set, behind the key.
+STATS_TTL_S = 60.0  # an attention replica not heard from for this long is left out of /metrics
+COUNTS_EVERY_S = 5.0  # /metrics asks the Serve controller for replica counts at most this often
+
+# Summed over attention replicas; every other stat is a per-replica figure that is not aggregated.
+SUMMED = ("running", "waiting", "preemptions", "expert_calls", "expert_call_seconds", "expert_retries")
+
+
+def sum_stats(reports: list[dict]) -> dict:
+    """Several attention replicas' stats as one: counts summed, KV-cache use averaged."""
+    out = {k: sum(r[k] for r in reports) for k in SUMMED}
+    out["kv_usage"] = sum(r["kv_usage"] for r in reports) / len(reports)
+    routed: dict[tuple[int, int], int] = {}
+    in_flight: dict = {}
+    for r in reports:
+        for l, e, n in r["routed_tokens"]:
+            routed[(l, e)] = routed.get((l, e), 0) + n
+        for e, n in r.get("expert_in_flight_tokens", {}).items():
+            in_flight[e] = in_flight.get(e, 0) + n
+    out["routed_tokens"] = [[l, e, n] for (l, e), n in sorted(routed.items())]
+    out["expert_in_flight_tokens"] = in_flight
+    return out
+
+
+api = FastAPI(
+    title="mixserve", description="OpenAI-compatible API of mixserve", docs_url=None, redoc_url=None, openapi_url=None
+)
 
 
 def error_response(e: APIError) -> JSONResponse:
@@ -147,6 +176,13 @@ class OpenAIIngress:
             mc.vocab_size,
             min(self.cfg.engine.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings),
             s.max_tokens_default,
+            RequestBudget(
+                s.max_request_output_tokens,
+                s.max_request_prompt_tokens,
+                s.max_routed_experts,
+                mc.num_hidden_layers,
+                mc.num_experts_per_tok,
+            ),
         )
         self.serving = OpenAIServing(self.tokenizer, self.limits, self._outputs)
         self.api_key = s.api_key or os.environ.get("MIXSERVE_API_KEY")
@@ -160,6 +196,11 @@ class OpenAIIngress:
         bounds = [x.autoscaling.bounds(g) if x.autoscaling else (x.replicas, x.replicas) for g in range(len(groups))]
         self.metrics.set_bounds(groups, bounds)
         self.app_name = serve.get_replica_context().app_name
+        self._metrics_lock = asyncio.Lock()
+        self._metrics_at = float("-inf")
+        self._counts: dict[str, int] = {}
+        self._counts_at = float("-inf")
+        self._reports: dict[tuple, tuple[float, dict]] = {}  # (node, pid) -> (when, an attention replica's stats)
 
     # ------------------------------------------------------------ shared checks
 
@@ -261,20 +302,55 @@ class OpenAIIngress:
 
     @api.get("/metrics")
     async def metrics_text(self):
-        stats = await self.attention.stats.remote()
-        replicas = {}
-        try:  # replica counts as Serve sees them; absent where the controller cannot be asked
-            from .app import replica_counts
-
-            replicas = {
-                name.removeprefix("expert-group-"): n
-                for name, n in replica_counts(self.app_name).items()
-                if name.startswith("expert-group-")
-            }
-        except Exception:  # noqa: BLE001
-            pass
-        self.metrics.update_from(stats, replicas)
+        """A snapshot at most `server.metrics_refresh_s` old. Concurrent scrapes share one refresh,
+        nothing blocks the event loop, and the controller is asked at most every `COUNTS_EVERY_S`."""
+        async with self._metrics_lock:
+            if time.monotonic() - self._metrics_at >= self.cfg.server.metrics_refresh_s:
+                await self._refresh_metrics()
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    async def _refresh_metrics(self) -> None:
+        """Each attention replica's stats (asked as many times at once as there are replicas, so that
+        the handle's routing reaches each; a replica's last report counts for `STATS_TTL_S`), summed,
+        and the replica counts from the controller (in a thread: `serve.status()` blocks)."""
+        from .app import replica_counts
+
+        now = time.monotonic()
+        try:
+            if now - self._counts_at >= COUNTS_EVERY_S:
+                self._counts = await asyncio.to_thread(replica_counts, self.app_name)
+                self._counts_at = now
+        except Exception as e:  # noqa: BLE001 - the replica counts stay as they were; a scrape never fails for it
+            log.debug("replica counts unavailable", extra={"error": f"{type(e).__name__}: {e}"[:300]})
+        n = max(1, sum(c for d, c in self._counts.items() if d.startswith("AttentionWorker")))
+        got = await asyncio.gather(*(self.attention.stats.remote() for _ in range(n)), return_exceptions=True)
+        now = time.monotonic()
+        for st in got:
+            if isinstance(st, dict):
+                self._reports[(st["node_id"], st["pid"])] = (now, st)
+        for key in [k for k, (t, _) in self._reports.items() if now - t > STATS_TTL_S]:
+            del self._reports[key]
+        experts = {d.removeprefix("expert-group-"): c for d, c in self._counts.items() if d.startswith("expert-group-")}
+        if self._reports:
+            self.metrics.update_from(sum_stats([st for _, st in self._reports.values()]), experts)
+        self._metrics_at = now
+
+    @api.get("/openapi.json")
+    async def openapi(self, request: Request):
+        self._docs_allowed(request)
+        return api.openapi()
+
+    @api.get("/docs")
+    async def docs(self, request: Request):
+        from fastapi.openapi.docs import get_swagger_ui_html
+
+        self._docs_allowed(request)
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="mixserve")
+
+    def _docs_allowed(self, request: Request) -> None:
+        if not self.cfg.server.enable_docs:
+            raise StarletteHTTPException(404, "Not Found")
+        self._authorize(request)
 
     @api.get("/v1/models")
     async def models(self, request: Request):
@@ -318,14 +394,16 @@ class OpenAIIngress:
     async def tokenize(self, request: Request):
         async def run(request):
             data = await self._json(request)  # a prompt or chat messages
-            return self.serving.tokenize(validate(TokenizeChat if "messages" in data else TokenizeCompletion, data))
+            return await self.serving.tokenize(
+                validate(TokenizeChat if "messages" in data else TokenizeCompletion, data)
+            )
 
         return await self._counted("/tokenize", run, request)
 
     @api.post("/detokenize")
     async def detokenize(self, request: Request):
         async def run(request):
-            return self.serving.detokenize(await self._body(request, Detokenize))
+            return await self.serving.detokenize(await self._body(request, Detokenize))
 
         return await self._counted("/detokenize", run, request)
 
@@ -340,7 +418,7 @@ class OpenAIIngress:
 
     # ------------------------------------------------------------ gRPC (mixserve.v1.MixServe)
 
-    def _grpc_request(self, request, grpc_context: RayServegRPCContext):
+    async def _grpc_request(self, request, grpc_context: RayServegRPCContext):
         """proto GenerateRequest -> (prompt ids, SamplingParams) through the same checks as HTTP:
         the peer and API key first, then size, then the completion schema."""
         if self.loopback_only and not is_loopback(_peer_host(grpc_context.peer())):
@@ -377,13 +455,15 @@ class OpenAIIngress:
             if request.HasField(name):
                 body[name] = getattr(request, name)
         req = validate(CompletionRequest, body)
-        prompt = self.serving.completion_prompts(req)[0]
-        return prompt.ids, self.limits.sampling_params(req, len(prompt.ids), req.max_tokens, None, "prompt")
+        prompt = (await self.serving.prompts_of(req))[0]
+        sp = self.limits.sampling_params(req, len(prompt.ids), req.max_tokens, None, "prompt")
+        self.limits.budget.check(req, [len(prompt.ids)], [sp])
+        return prompt.ids, sp
 
     async def _grpc_outputs(self, request, grpc_context):
         """The request's outputs, or None after setting the gRPC status of its refusal."""
         try:
-            return await self._outputs(*self._grpc_request(request, grpc_context))
+            return await self._outputs(*(await self._grpc_request(request, grpc_context)))
         except APIError as e:
             grpc_context.set_code(GRPC_CODES.get(e.status, grpc.StatusCode.INTERNAL))
             grpc_context.set_details(e.message)

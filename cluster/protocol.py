@@ -12,6 +12,7 @@ import hmac
 import json
 import math
 import re
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -30,6 +31,7 @@ MAX_JSON_DEPTH = 32  # the deepest real request (chat content parts) nests 4 lev
 MAX_NUMBER_CHARS = 40  # a JSON number literal longer than this is refused before it is converted
 INT32_MAX = 2**31 - 1
 MAX_CHOICES = 128  # sequences one request may ask for: prompts x n
+MAX_STOP_CHARS = 1024  # one stop string's length: each is searched for in every step's new text
 
 
 class APIError(Exception):
@@ -200,7 +202,11 @@ class _Common(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="Below 1e-5 is greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
-    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    stop: (
+        Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+        | Annotated[list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]], Field(max_length=MAX_STOP_STRINGS)]
+        | None
+    ) = None
     n: int = Field(1, ge=1, le=MAX_CHOICES)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -310,17 +316,66 @@ def _param_of(message: str) -> str | None:
     return m.group() if m else None
 
 
-class ModelLimits:
-    """What a request is checked against once it parses: the vocabulary and the context. One place
-    for HTTP and gRPC alike."""
+@dataclass(frozen=True)
+class RequestBudget:
+    """What one request may cost (server.max_request_* in the config): tokens to generate over all
+    its choices, prompt tokens to compute over all its choices, expert ids to send back. `layers` x
+    `top_k` is one token's routed experts."""
 
-    def __init__(self, name: str, vocab: int, max_model_len: int, max_tokens_default: int):
+    output_tokens: int = 1 << 17
+    prompt_tokens: int = 1 << 18
+    routed_experts: int = 1 << 22
+    layers: int = 1
+    top_k: int = 1
+
+    def check(self, req, prompt_lens: list[int], params: list[SamplingParams]) -> None:
+        """A 400 naming the limit when the request's choices together cost more than it allows."""
+        out = sum(sp.max_tokens for sp in params)
+        if out > self.output_tokens:
+            raise APIError(
+                400,
+                f"{len(params)} choices x max_tokens ask for {out} tokens; one request may ask for at most "
+                f"{self.output_tokens} (server.max_request_output_tokens)",
+                param="max_tokens",
+                code="request_too_costly",
+            )
+        n = len(params) // max(1, len(prompt_lens))
+        prompt = n * sum(prompt_lens)
+        if prompt > self.prompt_tokens:
+            raise APIError(
+                400,
+                f"{len(params)} choices x their prompts are {prompt} tokens to compute; one request may have at "
+                f"most {self.prompt_tokens} (server.max_request_prompt_tokens)",
+                param="n",
+                code="request_too_costly",
+            )
+        routes = (out if req.return_routed_experts else 0) + (
+            sum(prompt_lens) if req.return_prompt_routed_experts else 0  # once per prompt
+        )
+        if routes * self.layers * self.top_k > self.routed_experts:
+            raise APIError(
+                400,
+                f"the routed experts asked for are {routes * self.layers * self.top_k} expert ids; one request may "
+                f"ask for at most {self.routed_experts} (server.max_routed_experts)",
+                param="return_routed_experts" if req.return_routed_experts else "return_prompt_routed_experts",
+                code="request_too_costly",
+            )
+
+
+class ModelLimits:
+    """What a request is checked against once it parses: the vocabulary, the context and what one
+    request may cost. One place for HTTP and gRPC alike."""
+
+    def __init__(
+        self, name: str, vocab: int, max_model_len: int, max_tokens_default: int, budget: RequestBudget | None = None
+    ):
         self.name, self.vocab, self.max_model_len, self.max_tokens_default = (
             name,
             vocab,
             max_model_len,
             max_tokens_default,
         )
+        self.budget = budget or RequestBudget()
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.name:

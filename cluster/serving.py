@@ -37,9 +37,13 @@ from .protocol import (
 
 log = logging.getLogger(__name__)
 
-# (prompt ids, sampling params) -> that sequence's outputs, the first already received (a refusal is
-# an APIError before anything is sent).
-Outputs = Callable[[list[int], SamplingParams], Awaitable[AsyncIterator[RequestOutput]]]
+# (prompt ids, sampling params, group) -> that sequence's outputs, the first already received (a
+# refusal is an APIError before anything is sent). `group` names whose fair share the sequence runs
+# in: the request's (its choices together), or its user's when the request names one.
+Outputs = Callable[[list[int], SamplingParams, str], Awaitable[AsyncIterator[RequestOutput]]]
+# Prompts longer than this (characters) are tokenised in a worker thread, off the event loop
+# (SentencePiece releases the GIL): other streams keep flowing while a 1 MiB prompt is encoded.
+OFF_LOOP_CHARS = 16384
 
 
 @dataclass
@@ -87,6 +91,14 @@ def with_routes(choice: dict, req, out: RequestOutput) -> dict:
     return choice
 
 
+def _prompt_chars(p) -> int:
+    return len(p) if isinstance(p, str) else sum(len(x) for x in p if isinstance(x, str)) + len(p)
+
+
+def _chat_chars(messages) -> int:
+    return sum(len(m.content) if isinstance(m.content, str) else 64 * len(m.content) for m in messages)
+
+
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {
         "prompt_tokens": prompt_tokens,
@@ -105,11 +117,19 @@ class OpenAIServing:
 
     # ------------------------------------------------------------ requests -> sequences
 
+    @staticmethod
+    async def _off_loop(fn, req, chars: int):
+        return fn(req) if chars < OFF_LOOP_CHARS else await asyncio.to_thread(fn, req)
+
     def _encode(self, text: str, param: str, bos: bool = True) -> list[int]:
         try:
             return self.tokenizer.encode(text, bos=bos)
         except TokenizeError as e:
             raise APIError(400, f"{param}: {e}", param=param) from None
+
+    async def prompts_of(self, req: CompletionRequest) -> list[Prompt]:
+        """`completion_prompts`, a long one tokenised off the event loop."""
+        return await self._off_loop(self.completion_prompts, req, _prompt_chars(req.prompt))
 
     def completion_prompts(self, req: CompletionRequest) -> list[Prompt]:
         p = req.prompt
@@ -152,17 +172,23 @@ class OpenAIServing:
             )
         if req.user:
             log.debug("request", extra={"user": req.user, "choices": len(prompts) * req.n})
-        return [
+        params = [
             self.limits.sampling_params(req, len(p.ids), max_tokens, logprobs, param, seed_offset=j)
             for p in prompts
             for j in range(req.n)
         ]
+        self.limits.budget.check(req, [len(p.ids) for p in prompts], params)
+        for k, sp in enumerate(params):  # a prompt's routes are the same for each of its choices: sent once
+            if k % req.n:
+                sp.return_prompt_routed_experts = False
+        return params
 
-    async def _start(self, prompts: list[Prompt], params: list[SamplingParams], n: int) -> list[AsyncIterator]:
+    async def _start(self, req, prompts: list[Prompt], params: list[SamplingParams], n: int) -> list[AsyncIterator]:
         """Every choice's sequence, admitted together: if one is refused, the others are closed and
         the request gets that refusal."""
+        group = f"user:{req.user}" if req.user else f"req:{uuid.uuid4().hex}"
         got = await asyncio.gather(
-            *(self.outputs(prompts[k // n].ids, sp) for k, sp in enumerate(params)), return_exceptions=True
+            *(self.outputs(prompts[k // n].ids, sp, group) for k, sp in enumerate(params)), return_exceptions=True
         )
         failed = next((g for g in got if isinstance(g, BaseException)), None)
         if failed is not None:
@@ -185,9 +211,9 @@ class OpenAIServing:
             )
         if req.echo and req.logprobs is not None:
             raise APIError(400, "echo with logprobs (the prompt's logprobs) is not supported", param="echo")
-        prompts = self.completion_prompts(req)
+        prompts = await self.prompts_of(req)
         params = self._choices(req, prompts, req.max_tokens, req.logprobs, "prompt")
-        streams = await self._start(prompts, params, req.n)
+        streams = await self._start(req, prompts, params, req.n)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "text_completion", "created": created, "model": self.limits.name}
         prompt_tokens = sum(len(p.ids) for p in prompts)
@@ -243,10 +269,10 @@ class OpenAIServing:
                 "decoding); only {'type': 'text'}",
                 param="response_format",
             )
-        prompt = self.chat_prompt(req)
+        prompt = await self._off_loop(self.chat_prompt, req, _chat_chars(req.messages))
         top = (req.top_logprobs or 0) if req.logprobs else None
         params = self._choices(req, [prompt], req.max_completion_tokens or req.max_tokens, top, "messages")
-        streams = await self._start([prompt], params, req.n)
+        streams = await self._start(req, [prompt], params, req.n)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "chat.completion", "created": created, "model": self.limits.name}
         if req.stream:
@@ -361,12 +387,13 @@ class OpenAIServing:
 
     # ------------------------------------------------------------ tokenize / detokenize (vLLM's)
 
-    def tokenize(self, req: TokenizeCompletion | TokenizeChat) -> dict:
+    async def tokenize(self, req: TokenizeCompletion | TokenizeChat) -> dict:
         self.limits.check_model(req.model)
-        if isinstance(req, TokenizeChat):
-            ids = self.chat_prompt(req).ids  # the Mixtral-Instruct format starts with BOS itself
+        if isinstance(req, TokenizeChat):  # the Mixtral-Instruct format starts with BOS itself
+            ids = (await self._off_loop(self.chat_prompt, req, _chat_chars(req.messages))).ids
         else:
-            ids = self._encode(req.prompt, "prompt", bos=req.add_special_tokens)
+            encode = lambda r: self._encode(r.prompt, "prompt", bos=r.add_special_tokens)
+            ids = await self._off_loop(encode, req, len(req.prompt))
         return {
             "count": len(ids),
             "max_model_len": self.limits.max_model_len,
@@ -374,10 +401,15 @@ class OpenAIServing:
             "token_strs": [self.tokenizer.sp.id_to_piece(t) for t in ids] if req.return_token_strs else None,
         }
 
-    def detokenize(self, req: Detokenize) -> dict:
+    async def detokenize(self, req: Detokenize) -> dict:
         self.limits.check_model(req.model)
         ids = self.limits.check_token_ids(req.tokens, "tokens", allow_empty=True)
-        return {"prompt": self.tokenizer.decode(ids)}
+        known = self.tokenizer.vocab_size  # a model may pad its vocabulary past the tokenizer's
+        if ids and max(ids) >= known:
+            raise APIError(
+                400, f"tokens: {max(ids)} is not a token of the tokenizer (its ids are [0, {known}))", param="tokens"
+            )
+        return {"prompt": await self._off_loop(self.tokenizer.decode, ids, len(ids) * 4)}
 
     # ------------------------------------------------------------ logprobs
 

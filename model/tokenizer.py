@@ -122,12 +122,22 @@ class Tokenizer:
             raise ChatFormatError(f"messages: {e}") from None
 
 
+# A UTF-8 character is at most 4 bytes, so a text that ends in an incomplete character began it in
+# its last 3 byte tokens; more held-back tokens than this can only be bytes that never form one.
+MAX_HELD_TOKENS = 6
+UNFINISHED_TOKENS = 3
+
+
 class IncrementalDetokenizer:
     """Text deltas for a growing token list, safe for multi-byte characters and SentencePiece spaces.
 
     SentencePiece drops a leading space when a piece is decoded alone and a byte-fallback character
     spans several tokens, so each delta is the difference of two decodes over a short window
-    (vLLM's prefix/read offsets), held back while it ends in an incomplete character.
+    (vLLM's prefix/read offsets), held back while it ends in an incomplete character. The window is
+    bounded: once more than `MAX_HELD_TOKENS` are held back (bytes that never become a character,
+    e.g. a forced run of lead bytes), everything but the last `UNFINISHED_TOKENS` is emitted with its
+    replacement characters, as vLLM's detokeniser emits them, so each step decodes a few tokens
+    instead of the whole held-back tail.
     """
 
     def __init__(self, tok: Tokenizer, prompt_tail: list[int] | None = None, skip_special_tokens: bool = True):
@@ -138,6 +148,15 @@ class IncrementalDetokenizer:
         self.read = len(self.ids)
         self.text = ""
 
+    def _advance(self, upto: int) -> str:
+        """The text of ids[read:upto] (in the context of the previous window), committed."""
+        prefix_text = self.tok.decode(self.ids[self.prefix : self.read], self.skip)
+        full = self.tok.decode(self.ids[self.prefix : upto], self.skip)
+        delta = full[len(prefix_text) :] if len(full) > len(prefix_text) else ""
+        self.prefix, self.read = self.read, upto
+        self.text += delta
+        return delta
+
     def add(self, new_ids: list[int]) -> str:
         self.ids.extend(new_ids)
         prefix_text = self.tok.decode(self.ids[self.prefix : self.read], self.skip)
@@ -147,13 +166,12 @@ class IncrementalDetokenizer:
             self.prefix, self.read = self.read, len(self.ids)
             self.text += delta
             return delta
+        if len(self.ids) - self.read > MAX_HELD_TOKENS:
+            return self._advance(len(self.ids) - UNFINISHED_TOKENS)
         return ""
 
     def flush(self) -> str:
         """At the end of a sequence: whatever is held back, replacement characters included."""
-        full = self.tok.decode(self.ids[self.prefix :], self.skip)
-        prefix_text = self.tok.decode(self.ids[self.prefix : self.read], self.skip)
-        delta = full[len(prefix_text) :] if len(full) > len(prefix_text) else ""
-        self.prefix = self.read = len(self.ids)
-        self.text += delta
+        delta = self._advance(len(self.ids))
+        self.prefix = self.read
         return delta

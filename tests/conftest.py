@@ -98,7 +98,7 @@ def serve_app(cfg, name: str, grpc_port: int):
     try:
         serve.start(
             http_options={"host": "127.0.0.1", "port": port},
-            grpc_options={"port": grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]},
+            grpc_options={"port": grpc_port, "grpc_servicer_functions": [GRPC_SERVICER], "enable_reflection": False},
         )
         serve.run(build_app(cfg), name=name, route_prefix="/")
         yield f"http://127.0.0.1:{port}"

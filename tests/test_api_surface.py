@@ -30,7 +30,14 @@ REPEATS = "Un deux trois " * 12  # the tiny model repeats itself after this prom
 @pytest.fixture(scope="module")
 def server(tiny_dir):
     cfg = load_config(
-        CONFIG, {"model": tiny_dir, "dtype": "float32", "server.served_model_name": M, "engine.max_model_len": 256}
+        CONFIG,
+        {
+            "model": tiny_dir,
+            "dtype": "float32",
+            "server.served_model_name": M,
+            "engine.max_model_len": 256,
+            "server.metrics_refresh_s": 0,
+        },
     )
     with serve_app(cfg, "mixserve", GRPC_PORT) as base:
         yield base

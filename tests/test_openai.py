@@ -30,7 +30,13 @@ GRPC_PORT = free_port()
 def server(tiny_dir):
     cfg = load_config(
         CONFIG,
-        {"model": tiny_dir, "dtype": "float32", "server.served_model_name": "tiny-test", "engine.max_model_len": 256},
+        {
+            "model": tiny_dir,
+            "dtype": "float32",
+            "server.served_model_name": "tiny-test",
+            "engine.max_model_len": 256,
+            "server.metrics_refresh_s": 0,
+        },
     )
     with serve_app(cfg, "mixserve", GRPC_PORT) as base:
         yield base
