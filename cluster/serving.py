@@ -82,6 +82,27 @@ async def merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tu
             await s.aclose()
 
 
+def merge_all(outs: list[RequestOutput]) -> RequestOutput:
+    """One request's outputs, in order, as one (`RequestOutput.merge` over all of them, in linear time)."""
+    last = outs[-1]
+    routed = [r for o in outs if o.routed_experts is not None for r in o.routed_experts]
+    return RequestOutput(
+        last.req_id,
+        [t for o in outs for t in o.new_token_ids],
+        "".join(o.text for o in outs),
+        last.finished,
+        last.finish_reason,
+        next((o.prompt_tokens for o in reversed(outs) if o.prompt_tokens), 0),
+        last.completion_tokens,
+        [lp for o in outs for lp in o.logprobs],
+        last.error,
+        last.error_kind,
+        last.stop_reason,
+        routed if any(o.routed_experts is not None for o in outs) else None,
+        next((o.prompt_routed_experts for o in outs if o.prompt_routed_experts is not None), None),
+    )
+
+
 def with_routes(choice: dict, req, out: RequestOutput) -> dict:
     """vLLM's routed-expert fields on a choice, when the request asked for them."""
     if req.return_routed_experts:
@@ -331,11 +352,12 @@ class OpenAIServing:
     @staticmethod
     async def _collect(streams) -> list[RequestOutput]:
         """Whole answers: each choice's outputs merged into one (text, logprobs, routes, the final
-        reasons and usage)."""
-        whole: list = [None] * len(streams)
+        reasons and usage), in one pass at the end (merging as they came copied every list once per
+        output: quadratic in a long answer's length)."""
+        parts: list[list[RequestOutput]] = [[] for _ in streams]
         async for k, out in merge(streams):
-            whole[k] = out if whole[k] is None else whole[k].merge(out)
-        return whole
+            parts[k].append(out)
+        return [merge_all(p) for p in parts]
 
     async def _stream(
         self,

@@ -150,3 +150,20 @@ def test_stats_of_several_attention_replicas_are_summed():
     s = sum_stats([a, b])
     assert s["running"] == 7 and s["preemptions"] == 6 and abs(s["kv_usage"] - 0.3) < 1e-9
     assert s["routed_tokens"] == [[0, 1, 12], [1, 0, 2]] and s["expert_in_flight_tokens"] == {1: 4, 2: 2}
+
+
+def test_merging_every_output_at_once_equals_merging_one_by_one():
+    from cluster.serving import merge_all
+    from router.engine import RequestOutput
+
+    outs = [
+        RequestOutput("r", [i], f"t{i}", i == 4, "length" if i == 4 else None, 3, i + 1, [(i, -0.5, [(i, -0.5)])])
+        for i in range(5)
+    ]
+    outs[0].prompt_routed_experts = [[[0, 1]]]
+    outs[2].routed_experts = [[[1, 0]]]
+    step = outs[0]
+    for o in outs[1:]:
+        step = step.merge(o)
+    assert merge_all(outs) == step
+    assert merge_all(outs[:1]) == outs[0]
