@@ -95,17 +95,25 @@ class AttentionWorker:
                 op, *args = self.inbox.get_nowait()
             except queue.Empty:
                 break
-            if op == "add":
-                rid, prompt_ids, params, resume, group, stream = args
-                self.streams[rid] = stream
+            if op == "add":  # a request's choices, all admitted or none
+                rids, prompts, params, resumes, group, stream = args
                 try:
-                    self.engine.add_request(prompt_ids, params, rid, resume, group)
+                    for k, rid in enumerate(rids):
+                        self.streams[rid] = (stream[0], stream[1], k)
+                        first = prompts.index(prompts[k])  # the first choice of this prompt
+                        fork = rids[first] if first < k else None
+                        self.engine.add_request(prompts[k], params[k], rid, resumes[k], group, fork)
                 except (EngineError, Overloaded) as e:
+                    for rid in rids:
+                        self.engine.abort(rid)
+                        self.streams.pop(rid, None)
+                    self.streams[rids[0]] = (stream[0], stream[1], 0)
                     kind = "overloaded" if isinstance(e, Overloaded) else "invalid"
-                    refused.append(RequestOutput(rid, [], "", True, "error", error=str(e), error_kind=kind))
+                    refused.append(RequestOutput(rids[0], [], "", True, "error", error=str(e), error_kind=kind))
             elif op == "abort":
-                self.engine.abort(args[0])
-                self.streams.pop(args[0], None)
+                for rid in args[0]:
+                    self.engine.abort(rid)
+                    self.streams.pop(rid, None)
             elif op == "stats":
                 fut = args[0]
                 try:
@@ -120,7 +128,7 @@ class AttentionWorker:
         for o in outs:
             s = self.streams.pop(o.req_id, None) if o.finished else self.streams.get(o.req_id)
             if s is not None:
-                batches.setdefault(s[0], []).append((s[1], o))
+                batches.setdefault(s[0], []).append((s[1], s[2], o))
         for loop, batch in batches.items():
             loop.call_soon_threadsafe(_fan_out, batch)
 
@@ -160,22 +168,47 @@ class AttentionWorker:
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams, resume: Resume | None = None, group: str | None = None
     ):
-        """Stream the request's `RequestOutput`s; a refusal or failure is an output with `error` set.
-        A stream closed early (client gone) aborts the sequence. `group`: whose fair share it runs in."""
-        q: asyncio.Queue = asyncio.Queue()
-        rid = f"{os.getpid()}-{next(self._ids)}"
-        self._post("add", rid, list(prompt_ids), params, resume, group, (asyncio.get_running_loop(), q))
-        finished = False
-        try:
-            while not finished:
-                out = await q.get()
-                while not out.finished and not q.empty():  # behind by more than a step: one message
-                    out = out.merge(q.get_nowait())
-                finished = out.finished
+        """Stream one sequence's `RequestOutput`s (`generate_choices` with one choice)."""
+        async for batch in self.generate_choices([prompt_ids], [params], [resume], group):
+            for _, out in batch:
                 yield out
+
+    async def generate_choices(
+        self,
+        prompts: list[list[int]],
+        params: list[SamplingParams],
+        resumes: list[Resume | None] | None = None,
+        group: str | None = None,
+    ):
+        """Stream the outputs of a request's choices, one message per step for all of them: a list of
+        (choice index, RequestOutput), a choice's outputs merged when the stream is behind. The
+        choices are admitted together (a refusal is one output with `error` set, for choice 0); a
+        later choice of the same prompt shares the first one's prefill (`LLMEngine.add_request`'s
+        fork). `group`: whose fair share they run in. A stream closed early (client gone) aborts
+        every unfinished choice."""
+        q: asyncio.Queue = asyncio.Queue()
+        base = f"{os.getpid()}-{next(self._ids)}"
+        rids = [f"{base}.{k}" for k in range(len(prompts))]
+        resumes = resumes or [None] * len(prompts)
+        self._post("add", rids, [list(p) for p in prompts], params, resumes, group, (asyncio.get_running_loop(), q))
+        left = set(range(len(prompts)))
+        try:
+            while left:
+                got = {}
+                k, out = await q.get()
+                while True:  # everything that is here: one message
+                    got[k] = out if k not in got else got[k].merge(out)
+                    if out.finished:
+                        left.discard(k)
+                    if out.error is not None and out.error_kind != "failed":  # refused: the whole request
+                        left.clear()
+                    if q.empty():
+                        break
+                    k, out = q.get_nowait()
+                yield sorted(got.items())
         finally:
-            if not finished:
-                self._post("abort", rid)
+            if left:
+                self._post("abort", [rids[k] for k in left])
 
     async def stats(self) -> dict:
         fut: concurrent.futures.Future = concurrent.futures.Future()
@@ -189,8 +222,8 @@ class AttentionWorker:
 
 
 def _fan_out(batch: list) -> None:
-    for q, out in batch:
-        q.put_nowait(out)
+    for q, k, out in batch:
+        q.put_nowait((k, out))
 
 
 def build_app(cfg: AppConfig | dict) -> Application:

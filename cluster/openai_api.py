@@ -216,63 +216,76 @@ class OpenAIIngress:
     async def _body(self, request: Request, schema):
         return validate(schema, await self._json(request))
 
-    async def _outputs(self, prompt_ids: list[int], sp: SamplingParams, group: str | None = None):
-        """The request's outputs, with the first one already received: a refusal (overload, bad
-        input) becomes an HTTP status before any byte of a stream is sent."""
+    async def _outputs(self, prompts: list[list[int]], params: list[SamplingParams], group: str | None = None):
+        """The outputs of a request's choices (one per prompt in `prompts`), as batches of (choice,
+        RequestOutput) with the first batch already received: a refusal (overload, bad input) becomes
+        an HTTP status before any byte of a stream is sent."""
         t0 = time.perf_counter()
-        outs = self._resilient(prompt_ids, sp, group)
+        outs = self._resilient(prompts, params, group)
         first = await outs.__anext__()
-        if first.error is not None:
+        refused = next((o for _, o in first if o.error is not None), None)
+        if refused is not None:
             await outs.aclose()
-            raise output_error(first)
+            raise output_error(refused)
         m = self.metrics
-        m.prompt_tokens.inc(len(prompt_ids))
-        if first.new_token_ids:
+        m.prompt_tokens.inc(sum(len(p) for p in prompts))
+        if any(o.new_token_ids for _, o in first):
             m.ttft.observe(time.perf_counter() - t0)
 
         async def rest():
-            finished, last = False, time.perf_counter()
+            left, last = set(range(len(prompts))), time.perf_counter()
             try:
-                out = first
+                batch = first
                 while True:
-                    finished = out.finished
-                    n = len(out.new_token_ids)
-                    m.generated_tokens.inc(n)
-                    if out is not first and n:
-                        now = time.perf_counter()
-                        m.itl.observe((now - last) / n)
-                        last = now
-                    if out.error is not None:
-                        raise output_error(out)
-                    yield out
-                    if finished:
+                    now = time.perf_counter()
+                    for k, out in batch:
+                        n = len(out.new_token_ids)
+                        m.generated_tokens.inc(n)
+                        if batch is not first and n:
+                            m.itl.observe((now - last) / n)
+                        if out.finished:
+                            left.discard(k)
+                        if out.error is not None:
+                            raise output_error(out)
+                    last = now
+                    yield batch
+                    if not left:
                         return
-                    out = await outs.__anext__()
+                    batch = await outs.__anext__()
             finally:
-                if not finished:  # the client went away: free the sequence
+                if left:  # the client went away: free the sequences
                     await outs.aclose()
 
         return rest()
 
-    async def _resilient(self, prompt_ids: list[int], sp: SamplingParams, group: str | None):
-        """One request's outputs from an attention replica. If that replica dies mid-request, the
-        request is re-submitted to another replica with what it had produced (`Resume`: the tokens,
-        re-prefilled, and the characters the client has), which goes on where it was: text that
-        was held back is delivered and a stop string across the failover point is found. Greedy
-        decoding gives exactly the stream of an undisturbed run. When the re-submit budget is spent
-        the stream fails (an error event, then [DONE])."""
-        done: list[int] = []
-        chars = 0
+    async def _resilient(self, prompts: list[list[int]], params: list[SamplingParams], group: str | None):
+        """A request's outputs from an attention replica, all its choices in one call. If that replica
+        dies mid-request, the unfinished choices are re-submitted to another replica with what they
+        had produced (`Resume`: the tokens, re-prefilled, and the characters the client has), which
+        goes on where they were: text that was held back is delivered and a stop string across the
+        failover point is found. Greedy decoding gives exactly the stream of an undisturbed run. When
+        the re-submit budget is spent the stream fails (an error event, then [DONE])."""
+        done: list[list[int]] = [[] for _ in prompts]
+        chars = [0] * len(prompts)
+        finished = [False] * len(prompts)
         resubmits = 0
         while True:
-            resume = Resume(done, chars) if done else None
-            resp = self.attention.options(stream=True).generate.remote(prompt_ids, sp, resume, group)
+            todo = [k for k in range(len(prompts)) if not finished[k]]
+            resumes = [Resume(done[k], chars[k]) if done[k] else None for k in todo]
+            resp = self.attention.options(stream=True).generate_choices.remote(
+                [prompts[k] for k in todo], [params[k] for k in todo], resumes, group
+            )
             try:
-                async for out in resp:
-                    done += out.new_token_ids
-                    chars += len(out.text)
-                    yield out
-                    if out.finished:
+                async for batch in resp:
+                    mapped = []
+                    for j, out in batch:
+                        k = todo[j]
+                        done[k] += out.new_token_ids
+                        chars[k] += len(out.text)
+                        finished[k] = finished[k] or out.finished
+                        mapped.append((k, out))
+                    yield mapped
+                    if all(finished):
                         return
                 raise APIError(500, "the attention replica ended the stream early", "server_error")
             except ATTENTION_LOST as e:
@@ -288,9 +301,9 @@ class OpenAIIngress:
                 self.metrics.resubmits.inc()
                 log.warning(
                     "attention replica lost; re-submitting",
-                    extra={"tokens_so_far": len(done), "attempt": resubmits, "error": type(e).__name__},
+                    extra={"tokens_so_far": sum(map(len, done)), "attempt": resubmits, "error": type(e).__name__},
                 )
-            except BaseException:  # the client went away (generator closed) or a real error: free the sequence
+            except BaseException:  # the client went away (generator closed) or a real error: free the sequences
                 resp.cancel()
                 raise
 
@@ -458,7 +471,7 @@ class OpenAIIngress:
         prompt = (await self.serving.prompts_of(req))[0]
         sp = self.limits.sampling_params(req, len(prompt.ids), req.max_tokens, None, "prompt")
         self.limits.budget.check(req, [len(prompt.ids)], [sp])
-        return prompt.ids, sp
+        return [prompt.ids], [sp]
 
     async def _grpc_outputs(self, request, grpc_context):
         """The request's outputs, or None after setting the gRPC status of its refusal."""
@@ -475,10 +488,11 @@ class OpenAIIngress:
             return pb.GenerateResponse()
         try:
             text, toks, last = "", [], None
-            async for out in outs:
-                text += out.text
-                toks += out.new_token_ids
-                last = out
+            async for batch in outs:
+                for _, out in batch:
+                    text += out.text
+                    toks += out.new_token_ids
+                    last = out
         except APIError as e:
             grpc_context.set_code(GRPC_CODES.get(e.status, grpc.StatusCode.INTERNAL))
             grpc_context.set_details(e.message)
@@ -498,16 +512,17 @@ class OpenAIIngress:
         if outs is None:
             return
         try:
-            async for out in outs:
-                yield pb.GenerateResponse(
-                    text=out.text,
-                    token_ids=out.new_token_ids,
-                    finished=out.finished,
-                    finish_reason=out.finish_reason or "",
-                    prompt_tokens=out.prompt_tokens,
-                    completion_tokens=out.completion_tokens,
-                    **_stop_reason(out),
-                )
+            async for batch in outs:
+                for _, out in batch:
+                    yield pb.GenerateResponse(
+                        text=out.text,
+                        token_ids=out.new_token_ids,
+                        finished=out.finished,
+                        finish_reason=out.finish_reason or "",
+                        prompt_tokens=out.prompt_tokens,
+                        completion_tokens=out.completion_tokens,
+                        **_stop_reason(out),
+                    )
         except APIError as e:
             grpc_context.set_code(GRPC_CODES.get(e.status, grpc.StatusCode.INTERNAL))
             grpc_context.set_details(e.message)

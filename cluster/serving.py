@@ -37,10 +37,12 @@ from .protocol import (
 
 log = logging.getLogger(__name__)
 
-# (prompt ids, sampling params, group) -> that sequence's outputs, the first already received (a
-# refusal is an APIError before anything is sent). `group` names whose fair share the sequence runs
-# in: the request's (its choices together), or its user's when the request names one.
-Outputs = Callable[[list[int], SamplingParams, str], Awaitable[AsyncIterator[RequestOutput]]]
+# (each choice's prompt ids, each choice's sampling params, group) -> the choices' outputs as batches
+# of (choice index, output), the first batch already received (a refusal is an APIError before
+# anything is sent). `group` names whose fair share the choices run in: the request's, or its
+# user's when the request names one.
+Batches = AsyncIterator[list[tuple[int, RequestOutput]]]
+Outputs = Callable[[list[list[int]], list[SamplingParams], str], Awaitable[Batches]]
 # Prompts longer than this (characters) are tokenised in a worker thread, off the event loop
 # (SentencePiece releases the GIL): other streams keep flowing while a 1 MiB prompt is encoded.
 OFF_LOOP_CHARS = 16384
@@ -50,36 +52,6 @@ OFF_LOOP_CHARS = 16384
 class Prompt:
     ids: list[int]
     text: str | None  # for echo; decoded from the ids when the prompt was given as ids
-
-
-async def merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """(stream index, output) from several streams as they arrive. Closing this (the client went
-    away) or an error in one stream closes every stream, so no sequence is left running."""
-    if len(streams) == 1:  # the common case costs no task per output
-        try:
-            async for out in streams[0]:
-                yield 0, out
-        finally:
-            await streams[0].aclose()
-        return
-    pending = {asyncio.ensure_future(anext(s)): i for i, s in enumerate(streams)}
-    try:
-        while pending:
-            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for task in sorted(done, key=pending.get):
-                i = pending.pop(task)
-                try:
-                    out = task.result()
-                except StopAsyncIteration:
-                    continue
-                yield i, out
-                pending[asyncio.ensure_future(anext(streams[i]))] = i
-    finally:
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        for s in streams:
-            await s.aclose()
 
 
 def merge_all(outs: list[RequestOutput]) -> RequestOutput:
@@ -204,20 +176,11 @@ class OpenAIServing:
                 sp.return_prompt_routed_experts = False
         return params
 
-    async def _start(self, req, prompts: list[Prompt], params: list[SamplingParams], n: int) -> list[AsyncIterator]:
-        """Every choice's sequence, admitted together: if one is refused, the others are closed and
-        the request gets that refusal."""
+    async def _start(self, req, prompts: list[Prompt], params: list[SamplingParams], n: int) -> Batches:
+        """Every choice's sequence, in one call to one attention replica (so that the choices of a
+        prompt share its prefill), admitted together: a refusal of one is the request's."""
         group = f"user:{req.user}" if req.user else f"req:{uuid.uuid4().hex}"
-        got = await asyncio.gather(
-            *(self.outputs(prompts[k // n].ids, sp, group) for k, sp in enumerate(params)), return_exceptions=True
-        )
-        failed = next((g for g in got if isinstance(g, BaseException)), None)
-        if failed is not None:
-            for g in got:
-                if not isinstance(g, BaseException):
-                    await g.aclose()
-            raise failed
-        return got
+        return await self.outputs([prompts[k // n].ids for k in range(len(params))], params, group)
 
     # ------------------------------------------------------------ completions
 
@@ -240,8 +203,8 @@ class OpenAIServing:
         prompt_tokens = sum(len(p.ids) for p in prompts)
         echo = [prompts[k // req.n].text if req.echo else "" for k in range(len(params))]
         if req.stream:
-            return self._stream(req, head, streams, prompt_tokens, self._completion_chunk(req), echo)
-        outs = await self._collect(streams)
+            return self._stream(req, head, streams, len(params), prompt_tokens, self._completion_chunk(req), echo)
+        outs = await self._collect(streams, len(params))
         choices = [
             with_routes(
                 {
@@ -302,8 +265,8 @@ class OpenAIServing:
                 {"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
                 for k in range(len(params))
             ]
-            return self._stream(req, head, streams, len(prompt.ids), self._chat_chunk(req), first=first)
-        outs = await self._collect(streams)
+            return self._stream(req, head, streams, len(params), len(prompt.ids), self._chat_chunk(req), first=first)
+        outs = await self._collect(streams, len(params))
         choices = [
             with_routes(
                 {
@@ -350,20 +313,25 @@ class OpenAIServing:
     # ------------------------------------------------------------ collecting and streaming
 
     @staticmethod
-    async def _collect(streams) -> list[RequestOutput]:
+    async def _collect(batches: Batches, count: int) -> list[RequestOutput]:
         """Whole answers: each choice's outputs merged into one (text, logprobs, routes, the final
         reasons and usage), in one pass at the end (merging as they came copied every list once per
         output: quadratic in a long answer's length)."""
-        parts: list[list[RequestOutput]] = [[] for _ in streams]
-        async for k, out in merge(streams):
-            parts[k].append(out)
+        parts: list[list[RequestOutput]] = [[] for _ in range(count)]
+        try:
+            async for batch in batches:
+                for k, out in batch:
+                    parts[k].append(out)
+        finally:
+            await batches.aclose()
         return [merge_all(p) for p in parts]
 
     async def _stream(
         self,
         req,
         head: dict,
-        streams,
+        batches: Batches,
+        count: int,
         prompt_tokens: int,
         choice_of,
         echo: list[str] | None = None,
@@ -377,7 +345,7 @@ class OpenAIServing:
         opts = req.stream_options
         include_usage = bool(opts and opts.include_usage)
         continuous = bool(opts and opts.continuous_usage_stats)
-        done_tokens = [0] * len(streams)
+        done_tokens = [0] * count
 
         def chunk(choices: list[dict]) -> str:
             c = head | {"choices": choices}
@@ -393,11 +361,15 @@ class OpenAIServing:
                     yield chunk(
                         [{"index": k, "text": text, "logprobs": None, "finish_reason": None, "stop_reason": None}]
                     )
-            async for k, out in merge(streams):
-                done_tokens[k] = out.completion_tokens
-                choice = choice_of(k, out)
-                if choice is not None:
-                    yield chunk([choice])
+            async for batch in batches:  # a step's chunks of every choice: one write, one hop to the proxy
+                events = []
+                for k, out in batch:
+                    done_tokens[k] = out.completion_tokens
+                    choice = choice_of(k, out)
+                    if choice is not None:
+                        events.append(chunk([choice]))
+                if events:
+                    yield "".join(events)
             if include_usage:
                 yield sse(head | {"choices": [], "usage": usage(prompt_tokens, sum(done_tokens))})
         except APIError as e:  # after the first byte a status can no longer change: an error event
@@ -405,6 +377,8 @@ class OpenAIServing:
         except Exception as e:  # noqa: BLE001 - whatever ended the stream, the client gets an error and [DONE]
             log.exception("stream failed")
             yield sse(APIError(500, f"the stream failed: {type(e).__name__}", "server_error").body())
+        finally:
+            await batches.aclose()  # the client went away, or the stream ended: nothing left running
         yield "data: [DONE]\n\n"
 
     # ------------------------------------------------------------ tokenize / detokenize (vLLM's)

@@ -100,6 +100,12 @@ class KVPool:
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
 
+    def copy_slots(self, src: list[int], dst: list[int]) -> None:
+        """Every layer's K/V at slots `src` written to slots `dst` (a forked sequence's prompt)."""
+        s, d = torch.tensor(src, dtype=torch.long), torch.tensor(dst, dtype=torch.long)
+        self.k[:, d] = self.k[:, s]
+        self.v[:, d] = self.v[:, s]
+
 
 def paged_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, meta: AttnMeta

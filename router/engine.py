@@ -176,11 +176,14 @@ class LLMEngine:
         req_id: str | None = None,
         resume: Resume | None = None,
         group: str | None = None,
+        fork_of: str | None = None,
     ) -> str:
         """Queue a sequence. `group` names whose fair share it runs in (the choices of one request,
         or one user's requests; the sequence alone when None): see router/scheduler.py. The waiting
         queue holds `max_waiting` sequences; past that only a group with none waiting is still taken,
-        up to twice the bound, so one request's n choices cannot shut every other request out."""
+        up to twice the bound, so one request's n choices cannot shut every other request out.
+        `fork_of`: another request with the same prompt (a choice of the same request) whose prefill
+        this one copies instead of computing: it waits for that prefill, then copies its K/V."""
         if req_id in self.seqs:
             raise EngineError(f"request id {req_id!r} is already in use")
         if not prompt_ids:
@@ -209,6 +212,9 @@ class LLMEngine:
             raise Overloaded(f"{waiting} requests are already waiting")
         req_id = req_id if req_id is not None else f"req-{next(self._ids)}"
         seq = Sequence(req_id, list(prompt_ids), params, self.cfg.block_size, group=group)
+        parent = self.seqs.get(fork_of) if fork_of is not None and not resume else None
+        if parent is not None and parent.prompt_ids == seq.prompt_ids:
+            seq.fork_of = parent
         if self.tokenizer is not None:
             seq.detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
         if params.processes_logits:
@@ -301,6 +307,9 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if not sched:
             return []
+        for s in sched:
+            if s.copy is not None:
+                self.kv.copy_slots(*s.copy)
         mbs = self._microbatches(sched)
         try:
             fwd = [self._forward(mb) for mb in mbs]

@@ -36,6 +36,8 @@ from model.tokenizer import IncrementalDetokenizer
 
 from .kv_cache import BlockManager, BlockTable
 
+_WAIT = object()  # a forked choice whose prompt is still being prefilled
+
 
 class Status(Enum):
     WAITING = 0
@@ -65,6 +67,7 @@ class Sequence:
     first_token_at: float | None = None
     generator: torch.Generator | None = None
     logits_state: LogitsState | None = None  # penalties, bias, min_tokens: kept across steps
+    fork_of: Sequence | None = None  # another choice of the same prompt whose prefill this one copies
     table: BlockTable = None  # type: ignore[assignment]
 
     def __post_init__(self):
@@ -86,6 +89,7 @@ class Sequence:
 class Scheduled:
     seq: Sequence
     num_new: int  # tokens computed this step, positions num_computed .. num_computed + num_new - 1
+    copy: tuple[list[int], list[int]] | None = None  # KV slots to copy (src, dst) before the step: a fork
 
     @property
     def samples(self) -> bool:
@@ -103,6 +107,7 @@ class Scheduler:
         self.waiting_groups: dict[str, int] = {}  # group -> sequences of it waiting
         self.num_preemptions = 0
         self.num_fair_preemptions = 0  # of those, to give a waiting group its share
+        self.num_forked_tokens = 0  # prompt positions copied from another choice instead of computed
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -160,10 +165,12 @@ class Scheduler:
         self._rebalance(budget)
         memory = [False]  # a preemption for memory in this step: no admission then
 
+        pending_copy: dict[int, tuple[list[int], list[int]]] = {}
+
         def run(seq: Sequence, n: int) -> None:
             self.blocks.grow(seq.table, seq.num_computed + n)
             scheduled.add(id(seq))
-            out.append(Scheduled(seq, n))
+            out.append(Scheduled(seq, n, pending_copy.pop(id(seq), None)))
 
         def fits(seq: Sequence, n: int) -> bool:
             """Grow for n tokens, preempting others (or seq itself) while the blocks are short."""
@@ -201,16 +208,33 @@ class Scheduler:
             if seq.status is Status.RUNNING:
                 ok = id(seq) not in scheduled and fits(seq, n)
             else:  # admission control: a free slot and the blocks, without preempting anyone
+                copy = self._fork_point(seq)
+                if copy is _WAIT:  # its prompt is being prefilled by another choice: it copies that
+                    work[g].popleft()
+                    if work[g]:
+                        order.append(g)
+                    continue
+                if copy is not None:
+                    n = min(seq.num_tokens - copy, budget)
                 ok = (
                     not memory[0]
                     and len(self.running) < self.max_num_seqs
-                    and self.blocks.can_grow(seq.table, seq.num_computed + n)
+                    and self.blocks.can_grow(seq.table, (copy or seq.num_computed) + n)
                 )
                 if not ok:  # in arrival order within a group: its later ones wait too
                     continue
                 self._unwait(seq)
                 seq.status = Status.RUNNING
                 self.running.append(seq)
+                if copy is not None:
+                    self.blocks.grow(seq.table, copy)
+                    parent = seq.fork_of
+                    seq.num_computed = copy
+                    pending_copy[id(seq)] = (parent.table.slots[:copy], seq.table.slots[:copy])
+                    if seq.params.wants_routes:  # the prompt's routes are the other choice's
+                        seq.routes = list(parent.routes[:copy]) + [None] * (copy - len(parent.routes[:copy]))
+                    self.num_forked_tokens += copy
+                seq.fork_of = None
             if ok:
                 run(seq, n)
                 budget -= n
@@ -218,6 +242,22 @@ class Scheduler:
             if work[g]:
                 order.append(g)
         return out
+
+    @staticmethod
+    def _fork_point(seq: Sequence):
+        """For a choice forked from another of the same prompt: how many positions it copies (all but
+        the prompt's last, whose logits it computes itself), `_WAIT` while the other is still
+        prefilling them, None when there is nothing to copy (the other was preempted or is gone)."""
+        parent = seq.fork_of
+        if parent is None or seq.num_computed or seq.output_ids:
+            return None
+        P = len(seq.prompt_ids)
+        if P < 2 or parent.status is not Status.RUNNING or parent.prompt_ids != seq.prompt_ids:
+            seq.fork_of = None
+            return None
+        if parent.num_computed < P - 1:
+            return _WAIT
+        return P - 1
 
     def _rebalance(self, budget: int) -> None:
         """Fair share of slots and KV blocks: while the waiting group with the fewest running

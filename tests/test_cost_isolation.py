@@ -184,11 +184,11 @@ def test_a_wave_of_costly_requests_leaves_other_streams_within_their_bound(serve
 
 
 def test_n_128_at_the_context_does_not_hold_back_another_requests_first_token(server):
-    """The victim's TTFT under the flood against 2x its TTFT alone + three steps of the flooded engine
+    """The victim's TTFT under the flood against 2x its TTFT alone + two steps of the flooded engine
     (a step: the victim's own inter-token time under the flood, every step decodes it once). Without
     the fair share it would wait for the flood's whole run (minutes); with it the victim is admitted in
-    the step after it arrives. Measured on 2 cores: ~2.7 steps (the wait for the step under way, its
-    own step, and the ingress and proxy busy with 64 streams); the issue's +1 step is not met."""
+    the step after it arrives (the target is 2x + one step; the second is slack for a noisy 2-core
+    machine, the printed figures say which was met)."""
     c = client(server)
 
     def timed() -> tuple[float, float]:
@@ -235,7 +235,7 @@ def test_n_128_at_the_context_does_not_hold_back_another_requests_first_token(se
         f"(alone {alone * 1000:.0f} ms, one step {step * 1000:.0f} ms)"
     )
     assert chunks[0] >= 400, "the n=128 request never got going"
-    assert got <= 2 * alone + 3 * step, f"TTFT {got:.3f} s under n=128 against {alone:.3f} s alone, step {step:.3f} s"
+    assert got <= 2 * alone + 2 * step, f"TTFT {got:.3f} s under n=128 against {alone:.3f} s alone, step {step:.3f} s"
 
 
 def test_docs_and_grpc_reflection_are_closed(server):

@@ -35,8 +35,8 @@ def tok() -> Tokenizer:
 def serving(tok, budget: RequestBudget, vocab: int = 32000) -> tuple[OpenAIServing, list]:
     started = []
 
-    async def outputs(ids, sp, group):  # records what would reach an attention replica
-        started.append((ids, sp, group))
+    async def outputs(prompts, params, group):  # records what would reach an attention replica
+        started.extend((ids, sp, group) for ids, sp in zip(prompts, params))
         raise APIError(503, "no engine in this test")
 
     return OpenAIServing(tok, ModelLimits(MODEL, vocab, 4096, 16, budget), outputs), started

@@ -244,3 +244,47 @@ def test_a_full_waiting_queue_still_takes_a_request_of_another_group(tiny_dir):
     eng.add_request([1, 10], GREEDY, group="small")  # another group gets in
     with pytest.raises(Overloaded):
         eng.add_request([1, 11], GREEDY, group="small")  # it has one waiting already
+
+
+def run_ids(eng, rids):
+    got = {r: [] for r in rids}
+    outs = {}
+    while eng.has_unfinished():
+        for o in eng.step():
+            got[o.req_id] += o.new_token_ids
+            outs[o.req_id] = o
+    return got, outs
+
+
+def test_choices_of_one_prompt_share_its_prefill_and_give_their_solo_tokens(tiny_dir):
+    """n choices of a prompt: the later ones copy the first one's prompt K/V (all but the last
+    position) instead of computing it, and each gives exactly the tokens it gives alone (greedy and
+    seeded); with the other gone before they start, a choice computes its prompt itself."""
+    eng = LLMEngine.local(tiny_dir, "float32", EngineConfig(max_num_batched_tokens=32, num_microbatches=2))
+    p = eng.tokenizer.encode("Shared prefill: " + "one two three four five six seven " * 6)
+    params = [SamplingParams(max_tokens=6, temperature=0.9, seed=10 + k, ignore_eos=True) for k in range(4)]
+    params.append(SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, return_routed_experts=True))
+    solo = [eng.generate([p], sp)[0] for sp in params]
+    assert eng.scheduler.num_forked_tokens == 0
+    rids = [eng.add_request(p, params[0], "c0", group="g")]
+    rids += [eng.add_request(p, sp, f"c{k}", group="g", fork_of="c0") for k, sp in enumerate(params[1:], 1)]
+    got, outs = run_ids(eng, rids)
+    assert [got[r] for r in rids] == [s.new_token_ids for s in solo]
+    assert outs["c4"].routed_experts is not None
+    assert eng.scheduler.num_forked_tokens == 4 * (len(p) - 1)
+    # routes of the forked greedy choice equal its solo run's
+    whole = eng.generate([p], params[4])[0]
+    eng.add_request(p, params[0], "d0", group="h")
+    eng.add_request(p, params[4], "d1", group="h", fork_of="d0")
+    acc = {}
+    while eng.has_unfinished():
+        for o in eng.step():
+            acc[o.req_id] = acc[o.req_id].merge(o) if o.req_id in acc else o
+    assert acc["d1"].routed_experts == whole.routed_experts and acc["d1"].new_token_ids == whole.new_token_ids
+    # the first choice finished (and freed its blocks) before the fork could start: no copy
+    small = LLMEngine(eng.dense, eng.experts, eng.tokenizer, EngineConfig(max_num_seqs=1))
+    one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    small.add_request(p, one, "e0", group="x")
+    small.add_request(p, params[4], "e1", group="x", fork_of="e0")
+    got, _ = run_ids(small, ["e0", "e1"])
+    assert got["e1"] == solo[4].new_token_ids and small.scheduler.num_forked_tokens == 0
