@@ -183,6 +183,30 @@ def test_a_wave_of_costly_requests_leaves_other_streams_within_their_bound(serve
     assert len(scrapes) == 40
 
 
+def test_parsing_and_tokenising_the_largest_bodies_stall_no_stream(server, solo, tiny_dir):
+    """Only the bodies at the size limit (pathological JSON, a 1 MiB prompt to tokenise): each is
+    answered within a second and no stream's chunks stop for more than a second meanwhile."""
+    wave = {n: v for n, v in costly(server, Tokenizer.for_model(tiny_dir)).items() if "MiB" in n}
+    answers: dict[str, tuple[int, float]] = {}
+
+    def send(name, body, route):
+        for _ in range(2):
+            status, _, took = post(server + route, body)
+            answers[name] = (status, max(took, answers.get(name, (0, 0.0))[1]))
+
+    threads = [threading.Thread(target=send, args=(n, b, r)) for n, (b, r, _) in wave.items()]
+    for t in threads:
+        t.start()
+    took, wrong, gap = victims(server, solo, rounds=2)
+    for t in threads:
+        t.join(timeout=300)
+    print(f"\nlargest bodies: longest chunk gap {gap:.2f} s; {answers}")
+    assert wrong == 0 and len(answers) == len(wave)
+    assert all(s == 200 or 400 <= s < 500 for s, _ in answers.values()), answers
+    assert all(t < 1.5 for _, t in answers.values()), answers  # wall time, the cores shared with the streams
+    assert gap < 1.0, f"a stream stalled {gap:.2f} s while the bodies were parsed"
+
+
 def test_n_128_at_the_context_does_not_hold_back_another_requests_first_token(server):
     """The victim's TTFT under the flood against 2x its TTFT alone + two steps of the flooded engine
     (a step: the victim's own inter-token time under the flood, every step decodes it once). Without
