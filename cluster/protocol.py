@@ -226,6 +226,26 @@ class _Common(BaseModel):
     # vLLM's routed experts, opt-in per request: top-k expert ids per layer for every token
     return_routed_experts: bool = False
     return_prompt_routed_experts: bool = False
+    # OpenAI fields that change nothing here, accepted as vLLM accepts them; a value that would ask
+    # for something this server cannot do is refused by `unsupported` (a 400 that says so)
+    store: bool | None = Field(None, description="Only false or null: this server stores nothing.")
+    metadata: Annotated[dict[str, Annotated[str, Field(max_length=512)]], Field(max_length=16)] | None = None
+    service_tier: Literal["auto", "default"] | None = None
+
+
+def unsupported(req) -> None:
+    """A 400 for an OpenAI field whose value asks for what this server cannot do (vLLM's answer too
+    where it has one); the field's other values change nothing and are accepted."""
+    if req.store:
+        raise APIError(400, "store=true is not supported: this server stores no completions", param="store")
+    tools = getattr(req, "tools", None)
+    if tools:
+        raise APIError(400, "tools are not supported: this server has no tool calling", param="tools")
+    choice = getattr(req, "tool_choice", None)
+    if choice not in (None, "none", "auto"):
+        raise APIError(400, f"tool_choice={choice!r} is not supported: there are no tools", param="tool_choice")
+    if getattr(req, "modalities", None) not in (None, ["text"]):
+        raise APIError(400, "modalities: only ['text'] is supported", param="modalities")
 
 
 class CompletionRequest(_Common):
@@ -256,6 +276,10 @@ class ChatRequest(_Common):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
+    tools: Annotated[list[dict], Field(max_length=128)] | None = Field(None, description="Only empty or null.")
+    tool_choice: str | dict | None = Field(None, description="Only 'none', 'auto' or null (there are no tools).")
+    parallel_tool_calls: bool | None = None
+    modalities: Annotated[list[str], Field(max_length=4)] | None = Field(None, description="Only ['text'].")
 
 
 class TokenizeCompletion(BaseModel):

@@ -33,6 +33,7 @@ from .protocol import (
     ModelLimits,
     TokenizeChat,
     TokenizeCompletion,
+    unsupported,
 )
 
 log = logging.getLogger(__name__)
@@ -187,6 +188,7 @@ class OpenAIServing:
     async def completions(self, req: CompletionRequest):
         """A response body (dict) or, for stream=true, an async iterator of SSE lines."""
         self.limits.check_model(req.model)
+        unsupported(req)
         if req.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
         if req.best_of is not None and req.best_of != req.n:
@@ -246,6 +248,7 @@ class OpenAIServing:
 
     async def chat(self, req: ChatRequest):
         self.limits.check_model(req.model)
+        unsupported(req)
         if req.response_format is not None and req.response_format.type != "text":
             raise APIError(
                 400,
