@@ -234,29 +234,49 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--chunk-chars", type=int, default=1500, help="characters of text per request")
     s.add_argument("--out", default="routing-report", help="folder for report.json, report.md and the PNGs")
     s.set_defaults(fn=cmd_routing)
-    from benchmarks.bench import add_arguments
-
-    s = sub.add_parser("bench", help="benchmark HF transformers, in-process, disaggregated and HTTP side by side")
-    add_arguments(s)
+    # The harness's own parser reads bench's arguments (`mixserve bench --help`), so that building
+    # this parser imports neither torch nor Ray: `mixserve --help` answers at once.
+    s = sub.add_parser(
+        "bench",
+        help="benchmark HF transformers, in-process, disaggregated and HTTP side by side (bench --help)",
+        add_help=False,
+    )
     s.set_defaults(fn=cmd_bench)
     return p
 
 
 def cmd_routing(a) -> int:
+    import urllib.error
+
     from .routing import run
 
-    run(a.url, a.model, a.files, a.out, a.api_key, a.chunk_chars)
+    try:
+        run(a.url, a.model, a.files, a.out, a.api_key, a.chunk_chars)
+    except urllib.error.HTTPError as e:
+        print(f"mixserve: error: {a.url} answered {e.code}: {e.read()[:300].decode(errors='replace')}", file=sys.stderr)
+        return 2
+    except urllib.error.URLError as e:  # nothing listens there
+        print(f"mixserve: error: no server at {a.url} ({e.reason}); start one with `mixserve serve`", file=sys.stderr)
+        return 2
     return 0
 
 
 def cmd_bench(a) -> int:
+    from benchmarks.bench import add_arguments
     from benchmarks.bench import main as bench_main
 
-    return bench_main(a)
+    p = argparse.ArgumentParser(prog="mixserve bench", description="the benchmark harness (docs/benchmarks.md)")
+    add_arguments(p)
+    return bench_main(p.parse_args(a.rest))
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
+    parser = build_parser()
+    a, rest = parser.parse_known_args(argv)
+    if getattr(a, "fn", None) is cmd_bench:
+        a.rest = rest  # bench's own parser reads them
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     setup_logging(a.log_level)
     try:
         return a.fn(a)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 
 def test_generate_local_prints_only_text(tiny_dir):
@@ -73,3 +74,38 @@ def test_ray_address_is_local_unless_told(monkeypatch):
         assert ray_address(p.parse_args(cmd)) == "ray://head:10001"
         assert ray_address(p.parse_args([*cmd, "--ray-address", "auto"])) == "auto"
         monkeypatch.delenv("RAY_ADDRESS")
+
+
+def test_help_imports_neither_torch_nor_ray():
+    """`mixserve --help` answers at once: building the parser (bench's included) loads no torch or Ray."""
+    code = (
+        "import sys; from cluster.cli import build_parser; build_parser().format_help(); "
+        "print(sorted(m for m in ('torch', 'ray') if m in sys.modules))"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stdout.strip() == "[]", p.stdout + p.stderr
+    bench = subprocess.run(
+        [str(Path(sys.executable).with_name("mixserve")), "bench", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bench.returncode == 0 and "--preset" in bench.stdout  # bench's own flags, from its parser
+
+
+def test_routing_without_a_server_is_one_line_with_the_fix(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    text = tmp_path / "a.txt"
+    text.write_text("some text")
+    p = subprocess.run(
+        [str(Path(sys.executable).with_name("mixserve")), "routing", str(text), "--url", f"http://127.0.0.1:{port}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "no server at" in p.stderr and "mixserve serve" in p.stderr
