@@ -141,12 +141,15 @@ def cmd_serve(a) -> int:
     import signal
     import threading
 
+    if a.model and not Path(a.model).expanduser().is_dir():  # before anything heavy is imported
+        raise ValueError(f"--model {a.model}: no such folder (write a checkpoint with `mixserve init-tiny DIR`)")
+    cfg = resolve_config(a)
+    preflight(cfg, starts_ray=ray_address(a) == "local")
+
     import ray
     from ray import serve
 
     from cluster.app import build_app
-
-    cfg = resolve_config(a)
     # Serve's gRPC proxy reads its message limit (default 2 GiB) from its environment when it starts:
     # bound it to the request limit. Effective when this command starts Ray; on a running cluster
     # (RAY_ADDRESS, KubeRay) the variable is set where the cluster starts (k8s/ sets it).
@@ -177,6 +180,29 @@ def cmd_serve(a) -> int:
         if started:
             ray.shutdown()
     return 0
+
+
+def preflight(cfg, starts_ray: bool) -> None:
+    """What would otherwise fail only after Ray and Serve started (tens of seconds, the cause buried in
+    Ray's logs), checked first: the checkpoint folder, its config and weights (pickle refused, every
+    tensor name there), and, when this command starts Ray, that the HTTP and gRPC ports are free.
+    A mistake is a ValueError of one line that names the fix (`main` prints it, exit code 2)."""
+    import socket
+
+    from model.checkpoint import Checkpoint
+
+    if not Path(cfg.model).is_dir():
+        raise ValueError(f"--model {cfg.model}: no such folder (write a checkpoint with `mixserve init-tiny DIR`)")
+    Checkpoint(cfg.model).check_names()
+    if not starts_ray:  # a running cluster's Serve proxies hold the ports already
+        return
+    s = cfg.server
+    for port, flag in ((s.port, "--port"), (s.grpc_port, "--grpc-port")):
+        with socket.socket(socket.AF_INET6 if ":" in s.host else socket.AF_INET) as sock:
+            try:
+                sock.bind((s.host if flag == "--port" else "0.0.0.0", port))
+            except OSError as e:
+                raise ValueError(f"port {port} is in use ({e.strerror}); choose another with {flag}") from None
 
 
 RAY_ADDRESS_HELP = (

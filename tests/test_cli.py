@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 def test_generate_local_prints_only_text(tiny_dir):
     from model.sampling import SamplingParams
@@ -109,3 +111,38 @@ def test_routing_without_a_server_is_one_line_with_the_fix(tmp_path):
     )
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert "no server at" in p.stderr and "mixserve serve" in p.stderr
+
+
+@pytest.mark.parametrize("mistake", ["missing folder", "pickle weights", "port in use"])
+def test_start_up_mistakes_are_one_line_before_ray_starts(tmp_path, mistake):
+    """Each is answered before Ray starts (seconds, not the tens a Ray start costs), exit code 2, one
+    line that names the cause and the fix."""
+    import socket
+    import time
+
+    args, held = ["serve"], None
+    if mistake == "missing folder":
+        args += ["--model", str(tmp_path / "nope")]
+        want = "no such folder"
+    elif mistake == "pickle weights":
+        (tmp_path / "config.json").write_text("{}")
+        (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04")
+        args += ["--model", str(tmp_path)]
+        want = "safetensors"
+    else:
+        held = socket.socket()
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        args += ["--port", str(held.getsockname()[1])]
+        want = "--port"
+    t0 = time.monotonic()
+    p = subprocess.run(
+        [str(Path(sys.executable).with_name("mixserve")), *args], capture_output=True, text=True, timeout=120
+    )
+    took = time.monotonic() - t0
+    if held:
+        held.close()
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert p.returncode == 2 and want in p.stderr, p.stderr[-500:]
+    assert len(lines) == 1 and lines[0].startswith("mixserve: error:"), p.stderr[-500:]
+    assert took < 10, f"{mistake}: answered after {took:.1f} s"  # Ray and Serve alone take longer here
