@@ -239,6 +239,9 @@ def build_app(cfg: AppConfig | dict) -> Application:
     ).bind(cfg.model_dump(), build_attention(cfg))
 
 
+# The directory's heartbeats (register / view, every second per replica) and the expert calls of the
+# Ray fallback path are internal: no access-log line each on the console (errors are still logged).
+QUIET = {"enable_access_log": False}
 ADMISSION_HEADROOM = 64  # requests beyond the engine's admission that still reach it, to be refused
 
 
@@ -256,7 +259,9 @@ def build_attention(cfg: AppConfig | dict) -> Application:
     # It sits with the ingress (the head node where `server.resources` says so): soft state, one replica.
     directory = (
         ExpertDirectory.options(
-            name="expert-directory", ray_actor_options={"num_cpus": 0, "resources": dict(cfg.server.resources)}
+            name="expert-directory",
+            ray_actor_options={"num_cpus": 0, "resources": dict(cfg.server.resources)},
+            logging_config=QUIET,
         ).bind()
         if x.transport == "channel"
         else None
@@ -277,6 +282,7 @@ def build_attention(cfg: AppConfig | dict) -> Application:
                 max_ongoing_requests=x.max_ongoing_requests,
                 graceful_shutdown_timeout_s=x.graceful_shutdown_timeout_s,
                 graceful_shutdown_wait_loop_s=0.5,
+                logging_config=QUIET,
                 # Replicas of one expert on different nodes, where there are several.
                 max_replicas_per_node=1 if (x.replicas > 1 or x.autoscaling) and x.resources else None,
             ).bind(cfg.model, group, cfg.dtype, x.num_threads, host_cfg, g, directory)

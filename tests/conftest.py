@@ -118,9 +118,10 @@ def running_sequences(base: str) -> float:
     raise AssertionError("no running-sequences gauge")
 
 
-def serve_run_answer(config_path, port: int, body: dict, cwd, env: dict, timeout_s: float = 180) -> dict:
+def serve_run_answer(config_path, port: int, body: dict, cwd, env: dict, timeout_s: float = 180, console=None) -> dict:
     """Start Ray's own `serve run CONFIG` as a subprocess, POST `body` to /v1/completions until it
-    answers (or `timeout_s` passes), stop it with SIGINT, and return the answer."""
+    answers (or `timeout_s` passes), stop it with SIGINT, and return the answer. `console`: a path
+    that gets what the command printed (stdout and stderr)."""
     import json
     import os
     import signal
@@ -133,12 +134,13 @@ def serve_run_answer(config_path, port: int, body: dict, cwd, env: dict, timeout
 
     env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
     serve_bin = Path(sys.executable).with_name("serve")
+    out = open(console, "wb") if console else subprocess.DEVNULL  # noqa: SIM115 - closed below
     p = subprocess.Popen(
         [str(serve_bin), "run", str(config_path)],
         cwd=cwd,
         env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=out,
+        stderr=subprocess.STDOUT if console else subprocess.DEVNULL,
         start_new_session=True,
     )
     try:
@@ -161,3 +163,5 @@ def serve_run_answer(config_path, port: int, body: dict, cwd, env: dict, timeout
             p.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(p.pid, signal.SIGKILL)
+        if console:
+            out.close()

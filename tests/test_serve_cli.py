@@ -32,14 +32,20 @@ def test_serve_run_serves_the_app(tmp_path, tiny_dir):
     }
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(cfg))
+    console = tmp_path / "console.txt"
     answer = serve_run_answer(
         path,
         port,
         {"model": "via-serve-run", "prompt": "Hello", "max_tokens": 4},
         ROOT,
         {**os.environ, "PYTHONPATH": str(ROOT)},
+        console=console,
     )
     assert answer["usage"]["completion_tokens"] == 4 and answer["model"] == "via-serve-run"
+    # quiet: the directory's heartbeats (every second per expert replica) print no access-log lines
+    printed = console.read_text(errors="replace")
+    chatter = [line for line in printed.splitlines() if "CALL register" in line or "CALL view" in line]
+    assert not chatter, f"{len(chatter)} directory call lines on the console, e.g. {chatter[:2]}"
 
 
 def test_mixserve_serve_ignores_a_stale_ray_cluster_file(tiny_dir):
