@@ -59,7 +59,12 @@ def init_ray(a) -> bool:
 
     if ray.is_initialized():
         return False
+    # A new local cluster has token auth on by default and Ray says so in a warning on every start:
+    # that is the intended setting, not a warning (docs/security.md).
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     ray.init(address=ray_address(a), log_to_driver=False, logging_level=logging.WARNING)
+    if a.log_level.lower() not in ("debug", "info"):  # Serve's start-up chatter off the console
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
     return True
 
 
@@ -141,34 +146,37 @@ def cmd_serve(a) -> int:
     import signal
     import threading
 
-    if a.model and not Path(a.model).expanduser().is_dir():  # before anything heavy is imported
+    if a.model and not Path(a.model).expanduser().is_dir() and not is_preset_dir(a.model):  # before heavy imports
         raise ValueError(f"--model {a.model}: no such folder (write a checkpoint with `mixserve init-tiny DIR`)")
     cfg = resolve_config(a)
     preflight(cfg, starts_ray=ray_address(a) == "local")
 
-    import ray
     from ray import serve
 
     from cluster.app import build_app
+
     # Serve's gRPC proxy reads its message limit (default 2 GiB) from its environment when it starts:
     # bound it to the request limit. Effective when this command starts Ray; on a running cluster
     # (RAY_ADDRESS, KubeRay) the variable is set where the cluster starts (k8s/ sets it).
     os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(cfg.server.max_request_bytes))
     started = init_ray(a)
     stop = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": cfg.server.host, "port": cfg.server.port}, grpc_options=grpc_options(cfg))
         serve.run(build_app(cfg), name="mixserve", route_prefix="/")
+        # Ctrl-C during start-up is a KeyboardInterrupt (main prints one line); from here it stops cleanly.
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
         name = cfg.server.served_model_name or os.path.basename(os.path.normpath(cfg.model))
         url = f"http://{cfg.server.host}:{cfg.server.port}"
         print(
             f"mixserve: serving {name} at {url}/v1 (gRPC mixserve.v1.MixServe on port {cfg.server.grpc_port})",
             flush=True,
         )
+        key = "$MIXSERVE_API_KEY" if os.environ.get("MIXSERVE_API_KEY") == cfg.server.api_key else "<your --api-key>"
+        auth = f' -H "Authorization: Bearer {key}"' if cfg.server.api_key else ""  # never the key itself
         print(
-            f"  curl {url}/v1/completions -H 'Content-Type: application/json' "
+            f"  curl {url}/v1/completions -H 'Content-Type: application/json'{auth} "
             f'-d \'{{"model": "{name}", "prompt": "Hello", "max_tokens": 16}}\'',
             flush=True,
         )
@@ -176,10 +184,30 @@ def cmd_serve(a) -> int:
             pass
         print("mixserve: shutting down", file=sys.stderr, flush=True)
     finally:
-        serve.shutdown()
-        if started:
-            ray.shutdown()
+        stop_serving(started)
     return 0
+
+
+def stop_serving(started_ray: bool) -> None:
+    """The application deleted (its replicas drain); Ray shut down when this command started it.
+    On a cluster it joined, Serve and the other applications stay. (serve.shutdown() would kill the
+    controller while its own graceful shutdown runs, which Ray reports as a failed task.)"""
+    import ray
+    from ray import serve
+
+    try:
+        serve.delete("mixserve")
+    except Exception:  # noqa: BLE001 - never deployed (start-up failed or was interrupted)
+        pass
+    if started_ray:
+        ray.shutdown()
+
+
+def is_preset_dir(model: str) -> bool:
+    """~/.cache/mixserve/<preset>: written on first use (model.tiny.preset_of, without importing torch)."""
+    p = Path(model).expanduser()
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mixserve"
+    return p.parent == root and p.name in ("tiny", "mini")
 
 
 def preflight(cfg, starts_ray: bool) -> None:
@@ -217,46 +245,90 @@ def _ray_shutdown() -> None:
     ray.shutdown()
 
 
+ENVIRONMENT = """environment:
+  MIXSERVE_API_KEY    the API key (as --api-key) for serve and routing
+  RAY_ADDRESS         a Ray cluster to join instead of starting a local one (as --ray-address)
+  MIXSERVE_LOG_LEVEL  as --log-level
+  XDG_CACHE_HOME      where the presets' checkpoints are written on first use (~/.cache/mixserve/<preset>)
+"""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown, except where the help text states its own (and never a key's value)."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if "default" in h or action.default is None or action.default is False or action.default == argparse.SUPPRESS:
+            return h
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mixserve", description="Serve Mixtral-architecture MoE models on Ray.")
-    p.add_argument("--log-level", default=os.environ.get("MIXSERVE_LOG_LEVEL", "warning"))
+    fmt = HelpFormatter
+    p = argparse.ArgumentParser(
+        prog="mixserve",
+        description="Serve Mixtral-architecture MoE models on Ray.",
+        epilog=ENVIRONMENT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--log-level",
+        default=os.environ.get("MIXSERVE_LOG_LEVEL", "warning"),
+        help="debug, info, warning or error (structured JSON lines on stderr)",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="as --log-level info, Serve's own lines included")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    s = sub.add_parser("init-tiny", help="write the built-in tiny checkpoint (HF layout + tokenizer.model)")
-    s.add_argument("dir")
-    s.add_argument("--preset", default="tiny", choices=["tiny", "mini"])
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--shards", type=int, default=1)
+    s = sub.add_parser(
+        "init-tiny", help="write the built-in tiny checkpoint (HF layout + tokenizer.model)", formatter_class=fmt
+    )
+    s.add_argument("dir", help="the folder to write")
+    s.add_argument("--preset", default="tiny", choices=["tiny", "mini"], help="model shape")
+    s.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    s.add_argument("--shards", type=int, default=1, help="safetensors files (with an index when more than 1)")
     s.set_defaults(fn=cmd_init_tiny)
 
-    s = sub.add_parser("generate", help="generate a continuation of a prompt")
+    s = sub.add_parser("generate", help="generate a continuation of a prompt", formatter_class=fmt)
     s.add_argument("--model", help="checkpoint folder (default: the embedded tiny model)")
-    s.add_argument("--prompt", required=True)
-    s.add_argument("--max-tokens", type=int, default=32)
-    s.add_argument("--temperature", type=float, default=0.0)
-    s.add_argument("--top-p", type=float, default=1.0)
-    s.add_argument("--top-k", type=int, default=0)
-    s.add_argument("--seed", type=int, default=None)
-    s.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
+    s.add_argument("--prompt", required=True, help="the text to continue")
+    s.add_argument("--max-tokens", type=int, default=32, help="tokens to generate at most")
+    s.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    s.add_argument("--top-k", type=int, default=0, help="0 is off")
+    s.add_argument("--seed", type=int, default=None, help="sampling seed")
+    s.add_argument(
+        "--dtype", default="auto", choices=DTYPE_CHOICES, help="weights and compute (auto: the checkpoint's)"
+    )
     s.add_argument("--local", action="store_true", help="run in one process, without Ray")
     s.add_argument("--ray-address", help=RAY_ADDRESS_HELP)
     s.set_defaults(fn=cmd_generate, config=None)
-    s = sub.add_parser("serve", help="serve the OpenAI-compatible API on Ray Serve")
+    s = sub.add_parser("serve", help="serve the OpenAI-compatible API on Ray Serve", formatter_class=fmt)
     s.add_argument("--config", help="YAML config (default: configs/tiny.yaml)")
     s.add_argument("--model", help="checkpoint folder (default: the config's, else the embedded tiny model)")
-    s.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
-    s.add_argument("--host")
-    s.add_argument("--port", type=int)
-    s.add_argument("--grpc-port", type=int)
-    s.add_argument("--served-model-name")
-    s.add_argument("--api-key", default=os.environ.get("MIXSERVE_API_KEY"))
+    s.add_argument(
+        "--dtype",
+        default="auto",
+        choices=DTYPE_CHOICES,
+        help="weights and compute (auto: the config's, else the checkpoint's)",
+    )
+    s.add_argument("--host", help="HTTP bind address (default: the config's, 127.0.0.1)")
+    s.add_argument("--port", type=int, help="HTTP port (default: the config's, 8000)")
+    s.add_argument("--grpc-port", type=int, help="gRPC port (default: the config's, 9000)")
+    s.add_argument("--served-model-name", help="the model id in the API (default: the checkpoint folder's name)")
+    s.add_argument(
+        "--api-key",
+        default=os.environ.get("MIXSERVE_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on HTTP and gRPC (default: $MIXSERVE_API_KEY, else none)",
+    )
     s.add_argument("--ray-address", help=RAY_ADDRESS_HELP)
     s.set_defaults(fn=cmd_serve)
     s = sub.add_parser("routing", help="the Mixtral paper's routing analysis of text files through a running server")
     s.add_argument("files", nargs="+", help="text files, one per domain")
     s.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default: mixserve serve's)")
     s.add_argument("--model", help="the served model name (default: the one the server lists)")
-    s.add_argument("--api-key", default=os.environ.get("MIXSERVE_API_KEY"))
+    s.add_argument(
+        "--api-key", default=os.environ.get("MIXSERVE_API_KEY"), help="the server's key (default: $MIXSERVE_API_KEY)"
+    )
     s.add_argument("--chunk-chars", type=int, default=1500, help="characters of text per request")
     s.add_argument("--out", default="routing-report", help="folder for report.json, report.md and the PNGs")
     s.set_defaults(fn=cmd_routing)
@@ -299,6 +371,8 @@ def cmd_bench(a) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     a, rest = parser.parse_known_args(argv)
+    if getattr(a, "verbose", False):
+        a.log_level = "info"
     if getattr(a, "fn", None) is cmd_bench:
         a.rest = rest  # bench's own parser reads them
     elif rest:
@@ -309,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"mixserve: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("mixserve: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -150,6 +151,8 @@ def init_preset(path: str | Path, preset: str = "tiny") -> Path:
         except ValueError:
             pass
     path.parent.mkdir(parents=True, exist_ok=True)
+    size = cfg.total_params() * (4 if cfg.torch_dtype == "float32" else 2) / 2**20
+    print(f"mixserve: writing the {preset} checkpoint ({size:.0f} MiB) to {path}, once", file=sys.stderr, flush=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         write_checkpoint(tmp, cfg)
@@ -165,15 +168,30 @@ def init_preset(path: str | Path, preset: str = "tiny") -> Path:
     return path
 
 
+def cache_root() -> Path:
+    """Where the presets' checkpoints are written on first use (per machine): ~/.cache/mixserve/<preset>."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mixserve"
+
+
 def default_model_dir() -> Path:
     """Where the embedded tiny checkpoint is written on first use (per machine)."""
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return base / "mixserve" / "tiny"
+    return cache_root() / "tiny"
+
+
+def preset_of(model: str | Path) -> str | None:
+    """The preset whose first-use folder `model` is (~/.cache/mixserve/tiny, .../mini), else None."""
+    p = Path(os.path.expanduser(str(model)))
+    return p.name if p.parent == cache_root() and p.name in PRESETS else None
 
 
 def resolve_model(model: str | Path | None) -> str:
-    """A config's `model`: a checkpoint folder, or None for the embedded tiny model, which every
-    process that needs it (CLI, ingress, attention and expert replicas on any node) writes locally."""
-    if model:
-        return os.path.expanduser(str(model))
-    return str(init_preset(default_model_dir(), "tiny"))
+    """A config's `model`: a checkpoint folder, or None for the embedded tiny model. A preset's
+    first-use folder (configs/mini.yaml's ~/.cache/mixserve/mini) that does not exist yet is written,
+    by every process that needs it (CLI, ingress, attention and expert replicas on any node)."""
+    if not model:
+        return str(init_preset(default_model_dir(), "tiny"))
+    path = os.path.expanduser(str(model))
+    preset = preset_of(path)
+    if preset is not None and not (Path(path) / "config.json").is_file():
+        init_preset(path, preset)
+    return path

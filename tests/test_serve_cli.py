@@ -88,3 +88,49 @@ def test_mixserve_serve_ignores_a_stale_ray_cluster_file(tiny_dir):
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_mixserve_serve_console_is_the_banner_and_ctrl_c_is_one_line(tmp_path, tiny_dir):
+    """What a user sees: the two banner lines (the curl hint carrying the key header when a key is
+    set, never the key), one line on Ctrl-C; no Ray or Serve chatter, no traceback. Ctrl-C during
+    start-up is one line too, exit code 130."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    exe = str(Path(sys.executable).with_name("mixserve"))
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MIXSERVE_API_KEY")}
+    port, gport = free_port(), free_port()
+    args = [exe, "serve", "--model", tiny_dir, "--port", str(port), "--grpc-port", str(gport), "--api-key", "s3cret"]
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
+    lines = []
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        line = p.stdout.readline()
+        if not line:
+            break
+        lines.append(line.rstrip("\n"))
+        if "curl " in line:
+            break
+    p.send_signal(signal.SIGINT)
+    rest, _ = p.communicate(timeout=120)
+    lines += [x for x in rest.splitlines() if x.strip()]
+    assert p.returncode == 0, lines
+    assert lines[0].startswith(f"mixserve: serving {Path(tiny_dir).name} at http://127.0.0.1:{port}/v1"), lines
+    assert "Authorization: Bearer <your --api-key>" in lines[1] and "s3cret" not in "\n".join(lines)
+    assert lines[2:] == ["mixserve: shutting down"], lines
+
+    p = subprocess.Popen(
+        [exe, "serve", "--model", tiny_dir, "--port", str(free_port()), "--grpc-port", str(free_port())],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    time.sleep(6)  # Ray is starting
+    p.send_signal(signal.SIGINT)
+    out, _ = p.communicate(timeout=120)
+    got = [x for x in out.splitlines() if x.strip()]
+    assert p.returncode == 130 and got == ["mixserve: interrupted"], out[-1000:]
