@@ -146,3 +146,30 @@ def test_start_up_mistakes_are_one_line_before_ray_starts(tmp_path, mistake):
     assert p.returncode == 2 and want in p.stderr, p.stderr[-500:]
     assert len(lines) == 1 and lines[0].startswith("mixserve: error:"), p.stderr[-500:]
     assert took < 10, f"{mistake}: answered after {took:.1f} s"  # Ray and Serve alone take longer here
+
+
+def test_a_presets_first_use_folder_is_written_with_a_progress_line(tmp_path):
+    """configs/mini.yaml names ~/.cache/mixserve/mini: a preset's folder under the cache is written
+    on first use (here the tiny preset under a fresh XDG_CACHE_HOME), saying so on stderr."""
+    import os
+
+    folder = tmp_path / "mixserve" / "tiny"
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    exe = str(Path(sys.executable).with_name("mixserve"))
+    p = subprocess.run(
+        [exe, "generate", "--model", str(folder), "--prompt", "Hi", "--max-tokens", "3", "--local"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert p.returncode == 0 and p.stdout.strip(), p.stderr[-1000:]
+    assert (folder / "config.json").is_file() and "writing the tiny checkpoint" in p.stderr
+    again = subprocess.run(
+        [exe, "generate", "--model", str(folder), "--prompt", "Hi", "--max-tokens", "3", "--local"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert again.stdout == p.stdout and "writing" not in again.stderr  # written once
