@@ -163,7 +163,10 @@ def cmd_serve(a) -> int:
     stop = threading.Event()
     try:
         serve.start(http_options={"host": cfg.server.host, "port": cfg.server.port}, grpc_options=grpc_options(cfg))
-        serve.run(build_app(cfg), name="mixserve", route_prefix="/")
+        try:
+            serve.run(build_app(cfg), name="mixserve", route_prefix="/")
+        except RuntimeError as e:  # a deployment failed: its replicas' own error, not Serve's summary
+            raise ValueError(f"deploying failed: {root_cause() or e}") from None
         # Ctrl-C during start-up is a KeyboardInterrupt (main prints one line); from here it stops cleanly.
         signal.signal(signal.SIGINT, lambda *_: stop.set())
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -186,6 +189,21 @@ def cmd_serve(a) -> int:
     finally:
         stop_serving(started)
     return 0
+
+
+def root_cause() -> str | None:
+    """The last line of the first failed deployment's message (a replica constructor's exception)."""
+    from ray import serve
+
+    try:
+        app = serve.status().applications.get("mixserve")
+        for name, d in (app.deployments if app else {}).items():
+            if str(d.status).endswith("UNHEALTHY") or "rror" in (d.message or ""):
+                lines = [x.strip() for x in (d.message or "").splitlines() if x.strip()]
+                return f"{name}: {lines[-1]}" if lines else None
+    except Exception:  # noqa: BLE001 - the summary then
+        return None
+    return None
 
 
 def stop_serving(started_ray: bool) -> None:
@@ -218,10 +236,12 @@ def preflight(cfg, starts_ray: bool) -> None:
     import socket
 
     from model.checkpoint import Checkpoint
+    from model.tokenizer import Tokenizer
 
     if not Path(cfg.model).is_dir():
         raise ValueError(f"--model {cfg.model}: no such folder (write a checkpoint with `mixserve init-tiny DIR`)")
     Checkpoint(cfg.model).check_names()
+    Tokenizer.for_model(cfg.model)  # its vocabulary against the config's
     if not starts_ray:  # a running cluster's Serve proxies hold the ports already
         return
     s = cfg.server

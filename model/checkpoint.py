@@ -31,6 +31,15 @@ SKIPPED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 EXPERT_RE = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight")
 
 
+def open_safetensors(path: Path):
+    """`safe_open` of one file; a file it cannot read (truncated, not safetensors) is a
+    CheckpointError naming it, not the library's bare error."""
+    try:
+        return safe_open(path, framework="pt")
+    except Exception as e:  # noqa: BLE001 - SafetensorError has no public import path
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file and the tensor."""
 
@@ -110,14 +119,14 @@ class Checkpoint:
         single = self.path / SINGLE_FILE
         if single.is_file():
             self._shard_path(SINGLE_FILE, str(single))
-            with safe_open(single, framework="pt") as f:
+            with open_safetensors(single) as f:
                 return {k: SINGLE_FILE for k in f.keys()}
         shards = sorted(self.path.glob("*.safetensors"))
         if shards:
             wm = {}
             for s in shards:
                 self._shard_path(s.name, str(s))
-                with safe_open(s, framework="pt") as f:
+                with open_safetensors(s) as f:
                     wm.update({k: s.name for k in f.keys()})
             return wm
         pickles = [p.name for p in self.path.iterdir() if p.suffix in PICKLE_SUFFIXES]
@@ -171,7 +180,7 @@ class Checkpoint:
         for fname, keys in sorted(by_file.items()):
             fpath = self.path / fname
             out.files_opened.append(fname)
-            with safe_open(fpath, framework="pt") as f:
+            with open_safetensors(fpath) as f:
                 present = set(f.keys())
                 for n in keys:
                     if n not in present:

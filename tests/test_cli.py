@@ -113,7 +113,7 @@ def test_routing_without_a_server_is_one_line_with_the_fix(tmp_path):
     assert "no server at" in p.stderr and "mixserve serve" in p.stderr
 
 
-@pytest.mark.parametrize("mistake", ["missing folder", "pickle weights", "port in use"])
+@pytest.mark.parametrize("mistake", ["missing folder", "pickle weights", "truncated weights", "port in use"])
 def test_start_up_mistakes_are_one_line_before_ray_starts(tmp_path, mistake):
     """Each is answered before Ray starts (seconds, not the tens a Ray start costs), exit code 2, one
     line that names the cause and the fix."""
@@ -124,6 +124,14 @@ def test_start_up_mistakes_are_one_line_before_ray_starts(tmp_path, mistake):
     if mistake == "missing folder":
         args += ["--model", str(tmp_path / "nope")]
         want = "no such folder"
+    elif mistake == "truncated weights":
+        exe = str(Path(sys.executable).with_name("mixserve"))
+        subprocess.run([exe, "init-tiny", str(tmp_path)], check=True, capture_output=True, timeout=120)
+        weights = tmp_path / "model.safetensors"
+        with open(weights, "r+b") as f:
+            f.truncate(weights.stat().st_size - 4096)
+        args += ["--model", str(tmp_path)]
+        want = "not a readable safetensors file"
     elif mistake == "pickle weights":
         (tmp_path / "config.json").write_text("{}")
         (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04")
