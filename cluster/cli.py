@@ -149,7 +149,7 @@ def cmd_serve(a) -> int:
     if a.model and not Path(a.model).expanduser().is_dir() and not is_preset_dir(a.model):  # before heavy imports
         raise ValueError(f"--model {a.model}: no such folder (write a checkpoint with `mixserve init-tiny DIR`)")
     cfg = resolve_config(a)
-    preflight(cfg, starts_ray=ray_address(a) == "local")
+    preflight(cfg, ray_address(a))
 
     from ray import serve
 
@@ -228,10 +228,27 @@ def is_preset_dir(model: str) -> bool:
     return p.parent == root and p.name in ("tiny", "mini")
 
 
-def preflight(cfg, starts_ray: bool) -> None:
+def check_ray_address(address: str) -> None:
+    """A `host:port` to join must answer (Ray would retry it for a minute and end in a traceback)."""
+    import socket
+
+    if address in ("auto", "local") or "://" in address or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=2).close()
+    except (OSError, ValueError) as e:
+        raise ValueError(
+            f"no Ray cluster answers at {address} ({getattr(e, 'strerror', None) or e}); fix --ray-address / "
+            "RAY_ADDRESS, or leave both unset to start a local Ray"
+        ) from None
+
+
+def preflight(cfg, address: str) -> None:
     """What would otherwise fail only after Ray and Serve started (tens of seconds, the cause buried in
     Ray's logs), checked first: the checkpoint folder, its config and weights (pickle refused, every
-    tensor name there), and, when this command starts Ray, that the HTTP and gRPC ports are free.
+    tensor name there), the tokenizer against the config; when this command starts Ray, that the HTTP
+    and gRPC ports are free, and when it joins one, that the cluster answers.
     A mistake is a ValueError of one line that names the fix (`main` prints it, exit code 2)."""
     import socket
 
@@ -242,7 +259,8 @@ def preflight(cfg, starts_ray: bool) -> None:
         raise ValueError(f"--model {cfg.model}: no such folder (write a checkpoint with `mixserve init-tiny DIR`)")
     Checkpoint(cfg.model).check_names()
     Tokenizer.for_model(cfg.model)  # its vocabulary against the config's
-    if not starts_ray:  # a running cluster's Serve proxies hold the ports already
+    if address != "local":  # joining: the cluster must answer; its Serve proxies hold the ports already
+        check_ray_address(address)
         return
     s = cfg.server
     for port, flag in ((s.port, "--port"), (s.grpc_port, "--grpc-port")):

@@ -452,7 +452,6 @@ class OpenAIIngress:
             raise APIError(413, f"request is {size} bytes; the limit is {self.cfg.server.max_request_bytes}")
         body = {
             "model": self.limits.name,
-            "temperature": request.temperature,
             "top_p": request.top_p or 1.0,
             "top_k": request.top_k,
             "stop": list(request.stop),
@@ -468,7 +467,7 @@ class OpenAIIngress:
         }
         if request.max_tokens:  # 0 = the server default
             body["max_tokens"] = request.max_tokens
-        for name in ("seed", "repetition_penalty", "skip_special_tokens"):
+        for name in ("temperature", "seed", "repetition_penalty", "skip_special_tokens"):  # unset: HTTP's default
             if request.HasField(name):
                 body[name] = getattr(request, name)
         req = validate(CompletionRequest, body)

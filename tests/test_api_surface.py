@@ -411,15 +411,24 @@ def test_grpc_takes_the_same_sampling_fields(server, local):
         stub = MixServeStub(ch)
         r = stub.Generate(
             pb.GenerateRequest(
-                prompt=REPEATS, max_tokens=10, ignore_eos=True, repetition_penalty=1.8, logit_bias={toks[0]: -100.0}
+                prompt=REPEATS,
+                max_tokens=10,
+                temperature=0,
+                ignore_eos=True,
+                repetition_penalty=1.8,
+                logit_bias={toks[0]: -100.0},
             ),
             timeout=60,
         )
         assert (r.text, list(r.token_ids)) == want[:2]
-        r = stub.Generate(pb.GenerateRequest(prompt=REPEATS, max_tokens=10, stop_token_ids=[toks[1]]), timeout=60)
+        r = stub.Generate(
+            pb.GenerateRequest(prompt=REPEATS, max_tokens=10, temperature=0, stop_token_ids=[toks[1]]), timeout=60
+        )
         assert list(r.token_ids) == toks[:2] and r.stop_token_id == toks[1]
         r = stub.Generate(
-            pb.GenerateRequest(prompt=REPEATS, max_tokens=10, stop_token_ids=[toks[1]], min_tokens=4, ignore_eos=True),
+            pb.GenerateRequest(
+                prompt=REPEATS, max_tokens=10, temperature=0, stop_token_ids=[toks[1]], min_tokens=4, ignore_eos=True
+            ),
             timeout=60,
         )
         assert len(r.token_ids) >= 4

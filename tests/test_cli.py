@@ -113,7 +113,9 @@ def test_routing_without_a_server_is_one_line_with_the_fix(tmp_path):
     assert "no server at" in p.stderr and "mixserve serve" in p.stderr
 
 
-@pytest.mark.parametrize("mistake", ["missing folder", "pickle weights", "truncated weights", "port in use"])
+@pytest.mark.parametrize(
+    "mistake", ["missing folder", "pickle weights", "truncated weights", "port in use", "no cluster at the address"]
+)
 def test_start_up_mistakes_are_one_line_before_ray_starts(tmp_path, mistake):
     """Each is answered before Ray starts (seconds, not the tens a Ray start costs), exit code 2, one
     line that names the cause and the fix."""
@@ -137,12 +139,17 @@ def test_start_up_mistakes_are_one_line_before_ray_starts(tmp_path, mistake):
         (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04")
         args += ["--model", str(tmp_path)]
         want = "safetensors"
-    else:
+    elif mistake == "port in use":
         held = socket.socket()
         held.bind(("127.0.0.1", 0))
         held.listen()
         args += ["--port", str(held.getsockname()[1])]
         want = "--port"
+    else:
+        with socket.socket() as s:  # a port nothing listens on
+            s.bind(("127.0.0.1", 0))
+            args += ["--ray-address", f"127.0.0.1:{s.getsockname()[1]}"]
+        want = "no Ray cluster answers"
     t0 = time.monotonic()
     p = subprocess.run(
         [str(Path(sys.executable).with_name("mixserve")), *args], capture_output=True, text=True, timeout=120

@@ -347,6 +347,19 @@ def test_grpc_unary_and_streaming(server, local):
         parts = list(stub.GenerateStream(pb.GenerateRequest(prompt=prompt, max_tokens=9, temperature=0), timeout=60))
         assert "".join(p.text for p in parts) == want.text and parts[-1].finished
         assert [t for p in parts for t in p.token_ids] == want.new_token_ids
+        # an unset temperature is HTTP's default (1.0): the same seeded sample over both
+        seeded = stub.Generate(pb.GenerateRequest(prompt=prompt, max_tokens=9, seed=5, ignore_eos=True), timeout=60)
+        http = urllib.request.urlopen(
+            urllib.request.Request(
+                server + "/v1/completions",
+                data=json.dumps(
+                    {"model": "tiny-test", "prompt": prompt, "max_tokens": 9, "seed": 5, "ignore_eos": True}
+                ).encode(),
+                headers={"Content-Type": "application/json"},
+            ),
+            timeout=60,
+        )
+        assert seeded.text == json.loads(http.read())["choices"][0]["text"] and seeded.text != want.text
         with pytest.raises(grpc.RpcError) as e:
             stub.Generate(pb.GenerateRequest(prompt=prompt, temperature=7), timeout=60)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "temperature" in e.value.details()
