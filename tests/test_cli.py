@@ -160,7 +160,7 @@ def test_start_up_mistakes_are_one_line_before_ray_starts(tmp_path, mistake):
     lines = [line for line in p.stderr.splitlines() if line.strip()]
     assert p.returncode == 2 and want in p.stderr, p.stderr[-500:]
     assert len(lines) == 1 and lines[0].startswith("mixserve: error:"), p.stderr[-500:]
-    assert took < 10, f"{mistake}: answered after {took:.1f} s"  # Ray and Serve alone take longer here
+    assert took < 20, f"{mistake}: answered after {took:.1f} s"  # Ray + Serve + the failing deploy: longer
 
 
 def test_a_presets_first_use_folder_is_written_with_a_progress_line(tmp_path):
