@@ -1,7 +1,7 @@
 """The one config: YAML -> pydantic (unknown keys are errors) -> each component takes its part.
 
 model / dtype        which checkpoint, in which dtype
-engine               router.engine.EngineConfig (scheduler, KV cache, micro-batches)
+engine               router.config.EngineConfig (scheduler, KV cache, micro-batches)
 attention / experts  replicas and placement of the two kinds of worker
 server               host, ports, served model name, API key, request limits
 """
@@ -9,13 +9,89 @@ server               host, ports, served model name, API key, request limits
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from router.engine import EngineConfig
+from router.config import EngineConfig
 
-from .expert_runtime import ExpertsConfig
+from .autoscaling import ExpertAutoscalingConfig
+
+
+class ExpertsConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    experts_per_worker: int = Field(1, ge=1, description="Experts held by one worker (all layers).")
+    replicas: int = Field(1, ge=1, description="Replicas of each expert group.")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per expert replica.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per expert replica (0 on CPU clusters).")
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources per replica, e.g. {expert_slot: 1}, placing it on expert nodes.",
+    )
+    num_threads: int | None = Field(None, ge=1, description="torch threads per replica (default: torch's).")
+    max_tries: int = Field(4, ge=1, description="Attempts of one expert call before the request fails.")
+    call_timeout_s: float = Field(30.0, gt=0, description="Seconds to wait for one expert call before retrying.")
+    max_restarts: int = Field(-1, ge=-1, description="Ray restarts of a dead replica (-1 = always).")
+    autoscaling: ExpertAutoscalingConfig | None = Field(
+        None,
+        description="Scale each expert group's replicas on routed-token load (Serve app); null = fixed `replicas`.",
+    )
+    split_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Split one layer's batch for a group into calls of at most this many tokens, "
+        "each to the least-loaded replica of the group; null = one call per group and layer.",
+    )
+    graceful_shutdown_timeout_s: float = Field(
+        20.0,
+        ge=0,
+        description="A replica being removed gets nothing new and this long to finish its calls.",
+    )
+    max_ongoing_requests: int = Field(
+        64,
+        ge=1,
+        description="Ray-path calls one expert replica of the Serve app takes at once (Serve's default is 5).",
+    )
+    max_call_tokens: int = Field(
+        16384,
+        ge=1,
+        description="Token rows one expert call may carry (all its experts together); the data plane "
+        "refuses larger frames before allocating. At least engine.max_num_batched_tokens x top-k.",
+    )
+    channel_max_connections: int = Field(64, ge=1, description="Data-plane connections one expert replica accepts.")
+    channel_idle_timeout_s: float = Field(600.0, gt=0, description="A data-plane connection idle this long is closed.")
+    channel_handshake_timeout_s: float = Field(
+        2.0,
+        gt=0,
+        description="A data-plane connection that has not proved the secret within this long is closed.",
+    )
+    channel_max_handshakes: int = Field(
+        8,
+        ge=1,
+        description="Data-plane connections one expert replica holds in the handshake at once, apart from "
+        "`channel_max_connections`; more are closed at once.",
+    )
+    channel_ports: tuple[int, int] | None = Field(
+        None,
+        description="[first, last]: the data-plane listener takes the first free port of this range (name it "
+        "in firewalls and NetworkPolicies); null = any free port.",
+    )
+    transport: Literal["channel", "ray"] = Field(
+        "channel",
+        description="How token batches reach expert replicas: `channel` = a direct authenticated TCP "
+        "connection per replica, with Ray calls as the fallback; `ray` = every call through Ray (actor calls, or "
+        "Serve handles by value in the application).",
+    )
+
+    @model_validator(mode="after")
+    def _ports(self):
+        if self.channel_ports is not None:
+            a, b = self.channel_ports
+            if not 1 <= a <= b <= 65535:
+                raise ValueError(f"channel_ports {list(self.channel_ports)}: want 1 <= first <= last <= 65535")
+        return self
 
 
 class AttentionAutoscaling(BaseModel):

@@ -20,7 +20,6 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from model.attention import KVPool, build_attn_meta
 from model.model import MixtralDense
@@ -35,23 +34,12 @@ from model.sampling import (
 )
 from model.tokenizer import IncrementalDetokenizer, Tokenizer
 
+from .config import EngineConfig
 from .experts import ExpertBackend
 from .kv_cache import BlockManager
 from .scheduler import Scheduled, Scheduler, Sequence, Status
 
 log = logging.getLogger(__name__)
-
-
-class EngineConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    max_num_seqs: int = Field(64, ge=1, description="Sequences running at once.")
-    max_num_batched_tokens: int = Field(512, ge=1, description="Token budget of one step (prefill chunks + decodes).")
-    kv_cache_tokens: int = Field(65536, ge=16, description="KV-cache capacity in tokens (fixed memory budget).")
-    block_size: int = Field(16, ge=1, description="Tokens per KV-cache block.")
-    max_model_len: int | None = Field(None, ge=2, description="Context limit; the model's own when null.")
-    num_microbatches: int = Field(1, ge=1, le=8, description="Micro-batches in flight per step (ping-pong).")
-    max_waiting: int = Field(256, ge=1, description="Requests queued beyond the running ones before refusing.")
 
 
 class EngineError(ValueError):
