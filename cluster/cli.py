@@ -422,8 +422,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mixserve: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("mixserve: interrupted", file=sys.stderr)
-        return 130
+        print("mixserve: interrupted", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # Ray's teardown of a cluster interrupted while it starts can crash the interpreter's exit;
+        # Ray's own processes share this one's fate (they go with it), so nothing is left behind.
+        os._exit(130)
 
 
 if __name__ == "__main__":

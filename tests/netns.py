@@ -488,7 +488,13 @@ def app_config(model: str, replicas: int = 2, call_timeout_s: float = 2.0) -> di
     return {
         "model": model,
         "dtype": "float32",
-        "server": {"served_model_name": "tiny", "resources": {"ingress_slot": 1}, "port": HTTP_PORT},
+        # metrics_refresh_s 0: benchmarks/network.py reads /metrics' counters right before and after a run
+        "server": {
+            "served_model_name": "tiny",
+            "resources": {"ingress_slot": 1},
+            "port": HTTP_PORT,
+            "metrics_refresh_s": 0,
+        },
         "attention": {"replicas": 1, "num_cpus": 0, "num_threads": 1, "resources": {"attention_slot": 1}},
         "experts": {
             "experts_per_worker": 4,
