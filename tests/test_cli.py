@@ -170,21 +170,12 @@ def test_a_presets_first_use_folder_is_written_with_a_progress_line(tmp_path):
 
     folder = tmp_path / "mixserve" / "tiny"
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
-    exe = str(Path(sys.executable).with_name("mixserve"))
-    p = subprocess.run(
-        [exe, "generate", "--model", str(folder), "--prompt", "Hi", "--max-tokens", "3", "--local"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
+    argv = [str(Path(sys.executable).with_name("mixserve")), "generate", "--model", str(folder), "--prompt", "Hi"]
+    run = lambda: subprocess.run(
+        [*argv, "--max-tokens", "3", "--local"], capture_output=True, text=True, timeout=300, env=env
     )
+    p = run()
     assert p.returncode == 0 and p.stdout.strip(), p.stderr[-1000:]
     assert (folder / "config.json").is_file() and "writing the tiny checkpoint" in p.stderr
-    again = subprocess.run(
-        [exe, "generate", "--model", str(folder), "--prompt", "Hi", "--max-tokens", "3", "--local"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    again = run()
     assert again.stdout == p.stdout and "writing" not in again.stderr  # written once
