@@ -2,11 +2,12 @@
 
 Request-side figures (requests by route and status, prompt/generated tokens, TTFT and inter-token
 latency) are counted as they happen; engine and expert figures (running/waiting sequences, KV-cache
-use, tokens routed per (layer, expert) and their rate since the last scrape, tokens in flight per
-expert, expert round-trip time, replicas per expert group) are read from the attention replicas (summed)
-and Serve by the ingress into a snapshot at most `server.metrics_refresh_s` old (the controller at
-most every 5 s), never a blocking call on the event loop. Each expert replica also reports its own load (routed tokens/s, tokens in flight)
-to the Serve controller for autoscaling and to Ray's metrics endpoint (mixserve_expert_replica_*).
+use, tokens routed per (layer, expert) and their rate since the last refresh, tokens in flight per
+expert, expert round-trip time, replicas per expert group) are read from the attention replicas
+(summed) and Serve by the ingress into a snapshot at most `server.metrics_refresh_s` old (the
+controller at most every 5 s), never a blocking call on the event loop. Each expert replica also
+reports its own load (routed tokens/s, tokens in flight) to the Serve controller for autoscaling and
+to Ray's metrics endpoint (mixserve_expert_replica_*).
 """
 
 from __future__ import annotations
