@@ -194,10 +194,10 @@ class AttentionWorker:
         left = set(range(len(prompts)))
         try:
             while left:
-                got = {}
+                got: dict[int, list[RequestOutput]] = {}
                 k, out = await q.get()
                 while True:  # everything that is here: one message
-                    got[k] = out if k not in got else got[k].merge(out)
+                    got.setdefault(k, []).append(out)
                     if out.finished:
                         left.discard(k)
                     if out.error is not None and out.error_kind != "failed":  # refused: the whole request
@@ -205,7 +205,7 @@ class AttentionWorker:
                     if q.empty():
                         break
                     k, out = q.get_nowait()
-                yield sorted(got.items())
+                yield [(k, RequestOutput.joined(outs)) for k, outs in sorted(got.items())]
         finally:
             if left:
                 self._post("abort", [rids[k] for k in left])

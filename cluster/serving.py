@@ -55,27 +55,6 @@ class Prompt:
     text: str | None  # for echo; decoded from the ids when the prompt was given as ids
 
 
-def merge_all(outs: list[RequestOutput]) -> RequestOutput:
-    """One request's outputs, in order, as one (`RequestOutput.merge` over all of them, in linear time)."""
-    last = outs[-1]
-    routed = [r for o in outs if o.routed_experts is not None for r in o.routed_experts]
-    return RequestOutput(
-        last.req_id,
-        [t for o in outs for t in o.new_token_ids],
-        "".join(o.text for o in outs),
-        last.finished,
-        last.finish_reason,
-        next((o.prompt_tokens for o in reversed(outs) if o.prompt_tokens), 0),
-        last.completion_tokens,
-        [lp for o in outs for lp in o.logprobs],
-        last.error,
-        last.error_kind,
-        last.stop_reason,
-        routed if any(o.routed_experts is not None for o in outs) else None,
-        next((o.prompt_routed_experts for o in outs if o.prompt_routed_experts is not None), None),
-    )
-
-
 def with_routes(choice: dict, req, out: RequestOutput) -> dict:
     """vLLM's routed-expert fields on a choice, when the request asked for them."""
     if req.return_routed_experts:
@@ -318,8 +297,7 @@ class OpenAIServing:
     @staticmethod
     async def _collect(batches: Batches, count: int) -> list[RequestOutput]:
         """Whole answers: each choice's outputs merged into one (text, logprobs, routes, the final
-        reasons and usage), in one pass at the end (merging as they came copied every list once per
-        output: quadratic in a long answer's length)."""
+        reasons and usage), joined once at the end."""
         parts: list[list[RequestOutput]] = [[] for _ in range(count)]
         try:
             async for batch in batches:
@@ -327,7 +305,7 @@ class OpenAIServing:
                     parts[k].append(out)
         finally:
             await batches.aclose()
-        return [merge_all(p) for p in parts]
+        return [RequestOutput.joined(p) for p in parts]
 
     async def _stream(
         self,

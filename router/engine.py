@@ -74,25 +74,30 @@ class RequestOutput:
     def merge(self, later: RequestOutput) -> RequestOutput:
         """This output followed by `later` (same request) as one: what a stream sends when it has
         fallen behind the engine by more than a step."""
-        routed = (
-            None
-            if self.routed_experts is None and later.routed_experts is None
-            else (self.routed_experts or []) + (later.routed_experts or [])
-        )
+        return RequestOutput.joined([self, later])
+
+    @staticmethod
+    def joined(outs: list[RequestOutput]) -> RequestOutput:
+        """One request's outputs, in order, as one, in a single pass (merging them pairwise copies
+        every list once per output: quadratic in a long answer)."""
+        first, last = outs[0], outs[-1]
+        routed = None
+        if any(o.routed_experts is not None for o in outs):
+            routed = [r for o in outs for r in (o.routed_experts or [])]
         return RequestOutput(
-            self.req_id,
-            self.new_token_ids + later.new_token_ids,
-            self.text + later.text,
-            later.finished,
-            later.finish_reason,
-            later.prompt_tokens or self.prompt_tokens,
-            later.completion_tokens,
-            self.logprobs + later.logprobs,
-            later.error,
-            later.error_kind,
-            later.stop_reason,
+            first.req_id,
+            [t for o in outs for t in o.new_token_ids],
+            "".join(o.text for o in outs),
+            last.finished,
+            last.finish_reason,
+            next((o.prompt_tokens for o in reversed(outs) if o.prompt_tokens), 0),
+            last.completion_tokens,
+            [lp for o in outs for lp in o.logprobs],
+            last.error,
+            last.error_kind,
+            last.stop_reason,
             routed,
-            self.prompt_routed_experts if self.prompt_routed_experts is not None else later.prompt_routed_experts,
+            next((o.prompt_routed_experts for o in outs if o.prompt_routed_experts is not None), None),
         )
 
 
@@ -469,11 +474,11 @@ class LLMEngine:
         """Run prompts to completion; one finished output per prompt, in order, with all tokens and text."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
         rids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
-        acc = {r: RequestOutput(r, [], "", False) for r in rids}
-        while any(not acc[r].finished for r in rids):
+        parts = {r: [RequestOutput(r, [], "", False)] for r in rids}
+        while any(not parts[r][-1].finished for r in rids):
             outs = self.step()
             if not outs and not self.has_unfinished():
                 break
             for o in outs:
-                acc[o.req_id] = acc[o.req_id].merge(o)
-        return [acc[r] for r in rids]
+                parts[o.req_id].append(o)
+        return [RequestOutput.joined(parts[r]) for r in rids]

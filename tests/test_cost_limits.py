@@ -153,8 +153,9 @@ def test_stats_of_several_attention_replicas_are_summed():
 
 
 def test_merging_every_output_at_once_equals_merging_one_by_one():
-    from cluster.serving import merge_all
     from router.engine import RequestOutput
+
+    merge_all = RequestOutput.joined
 
     outs = [
         RequestOutput("r", [i], f"t{i}", i == 4, "length" if i == 4 else None, 3, i + 1, [(i, -0.5, [(i, -0.5)])])
