@@ -7,9 +7,9 @@ Every step, within the token budget and the sequence limit:
 2. prefill work is shared between *groups* (the sequences of one request, or of one user where the
    request names one): round-robin over the groups, the group with the fewest running sequences
    first, a turn taking at most half the step's budget while other groups have work. A group's work
-   is the next chunk of its running prompts, then its waiting sequences (admission, in arrival order). So a request with
-   n=128 long prompts gets its share of each step, not the whole step, and a new request's first
-   chunk runs in the next step whatever is queued before it.
+   is the next chunk of its running prompts, then its waiting sequences (admission, in arrival
+   order). So a request with n=128 long prompts gets its share of each step, not the whole step,
+   and a new request's first chunk runs in the next step whatever is queued before it.
 3. Admission waits for KV blocks (admission control). When the sequence limit or the KV cache is
    full, a waiting group that holds at least two sequences fewer than the largest group takes a slot
    from it: that group's most recently admitted sequence is preempted (fair share).
@@ -110,7 +110,10 @@ class Scheduler:
         self.num_forked_tokens = 0  # prompt positions copied from another choice instead of computed
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        self._wait(seq)
+
+    def _wait(self, seq: Sequence, front: bool = False) -> None:
+        (self.waiting.appendleft if front else self.waiting.append)(seq)
         self.waiting_groups[seq.group] = self.waiting_groups.get(seq.group, 0) + 1
 
     def has_waiting(self, group: str) -> bool:
@@ -138,8 +141,7 @@ class Scheduler:
         self.blocks.release(seq.table)
         seq.num_computed = 0
         seq.status = Status.WAITING
-        self.waiting.appendleft(seq)
-        self.waiting_groups[seq.group] = self.waiting_groups.get(seq.group, 0) + 1
+        self._wait(seq, front=True)
         self.num_preemptions += 1
 
     def _group_sizes(self) -> dict[str, int]:
@@ -163,7 +165,7 @@ class Scheduler:
         scheduled: set[int] = set()
         budget = self.budget
         self._rebalance(budget)
-        memory = [False]  # a preemption for memory in this step: no admission then
+        memory = False  # a preemption for memory in this step: no admission then
 
         pending_copy: dict[int, tuple[list[int], list[int]]] = {}
 
@@ -174,10 +176,11 @@ class Scheduler:
 
         def fits(seq: Sequence, n: int) -> bool:
             """Grow for n tokens, preempting others (or seq itself) while the blocks are short."""
+            nonlocal memory
             while not self.blocks.can_grow(seq.table, seq.num_computed + n):
                 victim = self._victim(scheduled) or seq
                 self._preempt(victim)
-                memory[0] = True
+                memory = True
                 if victim is seq:
                     return False
             return True
@@ -201,6 +204,12 @@ class Scheduler:
         order = deque(sorted(work, key=lambda g: (sizes.get(g, 0), first[g])))
         # With other groups' work waiting, one turn takes at most half of what the step has.
         quantum = budget if len(order) == 1 else max(1, budget // 2)
+
+        def advance(g: str) -> None:
+            work[g].popleft()
+            if work[g]:
+                order.append(g)
+
         while order and budget > 0:
             g = order.popleft()
             seq = work[g][0]
@@ -210,14 +219,12 @@ class Scheduler:
             else:  # admission control: a free slot and the blocks, without preempting anyone
                 copy = self._fork_point(seq)
                 if copy is _WAIT:  # its prompt is being prefilled by another choice: it copies that
-                    work[g].popleft()
-                    if work[g]:
-                        order.append(g)
+                    advance(g)
                     continue
                 if copy is not None:
                     n = min(seq.num_tokens - copy, budget)
                 ok = (
-                    not memory[0]
+                    not memory
                     and len(self.running) < self.max_num_seqs
                     and self.blocks.can_grow(seq.table, (copy or seq.num_computed) + n)
                 )
@@ -232,15 +239,14 @@ class Scheduler:
                     seq.num_computed = copy
                     pending_copy[id(seq)] = (parent.table.slots[:copy], seq.table.slots[:copy])
                     if seq.params.wants_routes:  # the prompt's routes are the other choice's
-                        seq.routes = list(parent.routes[:copy]) + [None] * (copy - len(parent.routes[:copy]))
+                        routes = parent.routes[:copy]
+                        seq.routes = routes + [None] * (copy - len(routes))
                     self.num_forked_tokens += copy
                 seq.fork_of = None
             if ok:
                 run(seq, n)
                 budget -= n
-            work[g].popleft()
-            if work[g]:
-                order.append(g)
+            advance(g)
         return out
 
     @staticmethod
@@ -252,7 +258,7 @@ class Scheduler:
         if parent is None or seq.num_computed or seq.output_ids:
             return None
         P = len(seq.prompt_ids)
-        if P < 2 or parent.status is not Status.RUNNING or parent.prompt_ids != seq.prompt_ids:
+        if P < 2 or parent.status is not Status.RUNNING:  # (equal prompts: checked when the fork was made)
             seq.fork_of = None
             return None
         if parent.num_computed < P - 1:
