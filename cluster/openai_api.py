@@ -176,13 +176,7 @@ class OpenAIIngress:
             mc.vocab_size,
             min(self.cfg.engine.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings),
             s.max_tokens_default,
-            RequestBudget(
-                s.max_request_output_tokens,
-                s.max_request_prompt_tokens,
-                s.max_routed_experts,
-                mc.num_hidden_layers,
-                mc.num_experts_per_tok,
-            ),
+            RequestBudget.of(s, mc.num_hidden_layers, mc.num_experts_per_tok),
         )
         self.serving = OpenAIServing(self.tokenizer, self.limits, self._outputs)
         self.api_key = s.api_key or os.environ.get("MIXSERVE_API_KEY")

@@ -27,6 +27,8 @@ from model.sampling import (
     SamplingParams,
 )
 
+from .config import ServerConfig
+
 MAX_JSON_DEPTH = 32  # the deepest real request (chat content parts) nests 4 levels
 MAX_NUMBER_CHARS = 40  # a JSON number literal longer than this is refused before it is converted
 INT32_MAX = 2**31 - 1
@@ -131,12 +133,13 @@ def _check_tree(root: dict) -> None:
     stack: list[tuple[object, str, object, int]] = [(root, "", None, 1)]
     while stack:
         x, parent, key, depth = stack.pop()
-        where = parent if key is None else (f"{parent}[{key}]" if isinstance(key, int) else _join(parent, key))
         if isinstance(x, str):
             if not _valid(x):
+                where = _path(parent, key)
                 top = re.match(r"[^.\[]*", where).group() or None
                 raise APIError(400, f"{where or 'body'}: string is not valid Unicode (a lone surrogate)", param=top)
             continue
+        where = _path(parent, key)
         if depth >= MAX_JSON_DEPTH and any(
             isinstance(v, (dict, list)) for v in (x.values() if isinstance(x, dict) else x)
         ):
@@ -151,7 +154,12 @@ def _check_tree(root: dict) -> None:
         stack.extend((v, where, k, depth + 1) for k, v in kids if isinstance(v, (dict, list, str)))
 
 
-def _join(parent: str, key: str) -> str:
+def _path(parent: str, key) -> str:
+    """A node's place in the body: `parent[i]` in a list, `parent.key` in an object."""
+    if key is None:
+        return parent
+    if isinstance(key, int):
+        return f"{parent}[{key}]"
     return f"{parent}.{key}" if parent else key
 
 
@@ -340,17 +348,26 @@ def _param_of(message: str) -> str | None:
     return m.group() if m else None
 
 
+_SERVER = ServerConfig.model_fields  # the limits' defaults live in the config schema alone
+
+
 @dataclass(frozen=True)
 class RequestBudget:
     """What one request may cost (server.max_request_* in the config): tokens to generate over all
     its choices, prompt tokens to compute over all its choices, expert ids to send back. `layers` x
     `top_k` is one token's routed experts."""
 
-    output_tokens: int = 1 << 17
-    prompt_tokens: int = 1 << 18
-    routed_experts: int = 1 << 22
+    output_tokens: int = _SERVER["max_request_output_tokens"].default
+    prompt_tokens: int = _SERVER["max_request_prompt_tokens"].default
+    routed_experts: int = _SERVER["max_routed_experts"].default
     layers: int = 1
     top_k: int = 1
+
+    @classmethod
+    def of(cls, server: ServerConfig, layers: int, top_k: int) -> RequestBudget:
+        return cls(
+            server.max_request_output_tokens, server.max_request_prompt_tokens, server.max_routed_experts, layers, top_k
+        )
 
     def check(self, req, prompt_lens: list[int], params: list[SamplingParams]) -> None:
         """A 400 naming the limit when the request's choices together cost more than it allows."""
