@@ -146,8 +146,8 @@ def cmd_serve(a) -> int:
     import signal
     import threading
 
-    if a.model and not Path(a.model).expanduser().is_dir() and not is_preset_dir(a.model):  # before heavy imports
-        raise ValueError(f"--model {a.model}: no such folder (write a checkpoint with `mixserve init-tiny DIR`)")
+    if a.model:  # before anything heavy is imported
+        check_model_folder(a.model)
     cfg = resolve_config(a)
     preflight(cfg, ray_address(a))
 
@@ -198,7 +198,7 @@ def root_cause() -> str | None:
     try:
         app = serve.status().applications.get("mixserve")
         for name, d in (app.deployments if app else {}).items():
-            if str(d.status).endswith("UNHEALTHY") or "rror" in (d.message or ""):
+            if d.status in ("UNHEALTHY", "DEPLOY_FAILED"):  # a str enum
                 lines = [x.strip() for x in (d.message or "").splitlines() if x.strip()]
                 return f"{name}: {lines[-1]}" if lines else None
     except Exception:  # noqa: BLE001 - the summary then
@@ -221,11 +221,12 @@ def stop_serving(started_ray: bool) -> None:
         ray.shutdown()
 
 
-def is_preset_dir(model: str) -> bool:
-    """~/.cache/mixserve/<preset>: written on first use (model.tiny.preset_of, without importing torch)."""
-    p = Path(model).expanduser()
-    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mixserve"
-    return p.parent == root and p.name in ("tiny", "mini")
+def check_model_folder(model: str) -> None:
+    """A checkpoint folder must exist, unless it is a preset's first-use folder (written when resolved)."""
+    from model.presets import preset_of
+
+    if not Path(model).expanduser().is_dir() and preset_of(model) is None:
+        raise ValueError(f"--model {model}: no such folder (write a checkpoint with `mixserve init-tiny DIR`)")
 
 
 def check_ray_address(address: str) -> None:
@@ -255,8 +256,7 @@ def preflight(cfg, address: str) -> None:
     from model.checkpoint import Checkpoint
     from model.tokenizer import Tokenizer
 
-    if not Path(cfg.model).is_dir():
-        raise ValueError(f"--model {cfg.model}: no such folder (write a checkpoint with `mixserve init-tiny DIR`)")
+    check_model_folder(cfg.model)  # the config's (a preset's is written by now)
     Checkpoint(cfg.model).check_names()
     Tokenizer.for_model(cfg.model)  # its vocabulary against the config's
     if address != "local":  # joining: the cluster must answer; its Serve proxies hold the ports already

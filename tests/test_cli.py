@@ -179,3 +179,12 @@ def test_a_presets_first_use_folder_is_written_with_a_progress_line(tmp_path):
     assert (folder / "config.json").is_file() and "writing the tiny checkpoint" in p.stderr
     again = run()
     assert again.stdout == p.stdout and "writing" not in again.stderr  # written once
+
+
+def test_only_the_small_presets_are_written_on_first_use(tmp_path, monkeypatch):
+    from model.presets import preset_of
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert preset_of(tmp_path / "mixserve" / "mini") == "mini"
+    assert preset_of(tmp_path / "mixserve" / "mixtral-8x7b") is None  # ~47B random parameters: never
+    assert preset_of(tmp_path / "elsewhere" / "tiny") is None
