@@ -104,6 +104,10 @@ class OpenAIServing:
         """`completion_prompts`, a long one tokenised off the event loop."""
         return await self._off_loop(self.completion_prompts, req, _prompt_chars(req.prompt))
 
+    async def chat_prompt_of(self, req: ChatRequest | TokenizeChat) -> Prompt:
+        """`chat_prompt`, long messages formatted and tokenised off the event loop."""
+        return await self._off_loop(self.chat_prompt, req, _chat_chars(req.messages))
+
     def completion_prompts(self, req: CompletionRequest) -> list[Prompt]:
         p = req.prompt
         if isinstance(p, str):
@@ -235,7 +239,7 @@ class OpenAIServing:
                 "decoding); only {'type': 'text'}",
                 param="response_format",
             )
-        prompt = await self._off_loop(self.chat_prompt, req, _chat_chars(req.messages))
+        prompt = await self.chat_prompt_of(req)
         top = (req.top_logprobs or 0) if req.logprobs else None
         params = self._choices(req, [prompt], req.max_completion_tokens or req.max_tokens, top, "messages")
         streams = await self._start(req, [prompt], params, req.n)
@@ -367,7 +371,7 @@ class OpenAIServing:
     async def tokenize(self, req: TokenizeCompletion | TokenizeChat) -> dict:
         self.limits.check_model(req.model)
         if isinstance(req, TokenizeChat):  # the Mixtral-Instruct format starts with BOS itself
-            ids = (await self._off_loop(self.chat_prompt, req, _chat_chars(req.messages))).ids
+            ids = (await self.chat_prompt_of(req)).ids
         else:
             encode = lambda r: self._encode(r.prompt, "prompt", bos=r.add_special_tokens)
             ids = await self._off_loop(encode, req, len(req.prompt))
