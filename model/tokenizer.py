@@ -148,10 +148,14 @@ class IncrementalDetokenizer:
         self.read = len(self.ids)
         self.text = ""
 
-    def _advance(self, upto: int) -> str:
-        """The text of ids[read:upto] (in the context of the previous window), committed."""
-        prefix_text = self.tok.decode(self.ids[self.prefix : self.read], self.skip)
-        full = self.tok.decode(self.ids[self.prefix : upto], self.skip)
+    def _window(self, upto: int) -> tuple[str, str]:
+        """The text of the previous window and of the window up to `upto`."""
+        return self.tok.decode(self.ids[self.prefix : self.read], self.skip), self.tok.decode(
+            self.ids[self.prefix : upto], self.skip
+        )
+
+    def _commit(self, prefix_text: str, full: str, upto: int) -> str:
+        """ids[read:upto] emitted: the new text, and the window moved on."""
         delta = full[len(prefix_text) :] if len(full) > len(prefix_text) else ""
         self.prefix, self.read = self.read, upto
         self.text += delta
@@ -159,19 +163,16 @@ class IncrementalDetokenizer:
 
     def add(self, new_ids: list[int]) -> str:
         self.ids.extend(new_ids)
-        prefix_text = self.tok.decode(self.ids[self.prefix : self.read], self.skip)
-        full = self.tok.decode(self.ids[self.prefix :], self.skip)
+        prefix_text, full = self._window(len(self.ids))
         if len(full) > len(prefix_text) and not full.endswith("\ufffd"):
-            delta = full[len(prefix_text) :]
-            self.prefix, self.read = self.read, len(self.ids)
-            self.text += delta
-            return delta
+            return self._commit(prefix_text, full, len(self.ids))
         if len(self.ids) - self.read > MAX_HELD_TOKENS:
-            return self._advance(len(self.ids) - UNFINISHED_TOKENS)
+            upto = len(self.ids) - UNFINISHED_TOKENS
+            return self._commit(*self._window(upto), upto)
         return ""
 
     def flush(self) -> str:
         """At the end of a sequence: whatever is held back, replacement characters included."""
-        delta = self._advance(len(self.ids))
+        delta = self._commit(*self._window(len(self.ids)), len(self.ids))
         self.prefix = self.read
         return delta
