@@ -118,6 +118,24 @@ def running_sequences(base: str) -> float:
     raise AssertionError("no running-sequences gauge")
 
 
+def banner(p, timeout_s: float = 400) -> list[str]:
+    """The lines a started `mixserve serve` (stdout and stderr in `p.stdout`) printed up to and with
+    its banner's curl line; an AssertionError with what it printed when the banner does not come."""
+    import time
+
+    lines = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = p.stdout.readline()
+        if not line:
+            break
+        lines.append(line.rstrip("\n"))
+        if "curl " in line:
+            return lines
+    p.kill()
+    raise AssertionError(f"no banner: {chr(10).join(lines)[-2000:]}")
+
+
 def serve_run_answer(config_path, port: int, body: dict, cwd, env: dict, timeout_s: float = 180, console=None) -> dict:
     """Start Ray's own `serve run CONFIG` as a subprocess, POST `body` to /v1/completions until it
     answers (or `timeout_s` passes), stop it with SIGINT, and return the answer. `console`: a path

@@ -11,13 +11,12 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import banner, free_port
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,17 +43,8 @@ def start(argv: list[str]) -> subprocess.Popen:
     wait for its banner."""
     argv = [str(BIN / Path(argv[0]).name), *argv[1:]]
     p = subprocess.Popen(argv, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seen = []
-    deadline = time.monotonic() + 400
-    while time.monotonic() < deadline:
-        line = p.stdout.readline()
-        if not line:
-            break
-        seen.append(line)
-        if "curl " in line:
-            return p
-    p.kill()
-    raise AssertionError(f"{' '.join(argv)} printed no banner: {''.join(seen)[-2000:]}")
+    banner(p)
+    return p
 
 
 def stop(p: subprocess.Popen) -> None:

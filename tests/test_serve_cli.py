@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import free_port, serve_run_answer
+from tests.conftest import banner, free_port, serve_run_answer
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,15 +104,7 @@ def test_mixserve_serve_console_is_the_banner_and_ctrl_c_is_one_line(tmp_path, t
     port, gport = free_port(), free_port()
     args = [exe, "serve", "--model", tiny_dir, "--port", str(port), "--grpc-port", str(gport), "--api-key", "s3cret"]
     p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
-    lines = []
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        line = p.stdout.readline()
-        if not line:
-            break
-        lines.append(line.rstrip("\n"))
-        if "curl " in line:
-            break
+    lines = banner(p, timeout_s=180)
     p.send_signal(signal.SIGINT)
     rest, _ = p.communicate(timeout=120)
     lines += [x for x in rest.splitlines() if x.strip()]
