@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from cluster.build import local_engine
 from model.config import MixtralConfig
 from model.kernels import linear, prepare_weight
 from model.moe import ExpertFFN
@@ -538,7 +539,7 @@ def run(a) -> dict:
         hf.generate(input_ids=torch.tensor([reqs[0].prompt]), max_new_tokens=2, do_sample=False, pad_token_id=0)
         runners["hf"] = lambda r, c, lbl: run_hf(hf, r, c, lbl)
     if "inprocess" in a.systems:
-        local = LLMEngine.local(model_dir, dname, ecfg)
+        local = local_engine(model_dir, dname, ecfg)
         local.generate([reqs[0].prompt], SamplingParams(max_tokens=2, temperature=0.0))  # warm-up
         runners["inprocess"] = lambda r, c, lbl: drive_engine(local, r, c, lbl)
     if {"disaggregated", "http"} & set(a.systems):
@@ -579,8 +580,10 @@ def disaggregated(result, model_dir, dname, ecfg, reqs, a, runners: dict):
     time and each expert worker's memory after the runs and stops the actors."""
     import ray
 
-    from cluster.channel import new_secret
-    from cluster.ray_engine import ExpertActor, ExpertsConfig, start_disaggregated
+    from cluster.build import ray_engine
+    from cluster.config import AppConfig, ExpertsConfig
+    from cluster.runtime.actors import ExpertActor
+    from cluster.runtime.channel import new_secret
 
     # The runtime baseline: the resident size of an expert worker process that holds no expert (Python,
     # torch, Ray) plus a fixed allowance for serving (call buffers, kernel caches).
@@ -591,11 +594,13 @@ def disaggregated(result, model_dir, dname, ecfg, reqs, a, runners: dict):
     started = []
     for epw in a.experts_per_worker:
         name = disaggregated_name(epw)
-        engine, runtime = start_disaggregated(
-            model_dir,
-            dname,
-            EngineConfig(**{**ecfg.model_dump(), "num_microbatches": a.microbatches}),
-            ExpertsConfig(num_cpus=0, experts_per_worker=epw),
+        engine, runtime = ray_engine(
+            AppConfig(
+                model=model_dir,
+                dtype=dname,
+                engine=ecfg.model_copy(update={"num_microbatches": a.microbatches}),
+                experts=ExpertsConfig(num_cpus=0, experts_per_worker=epw),
+            )
         )
         engine.generate([reqs[0].prompt], SamplingParams(max_tokens=2, temperature=0.0))
         ex = runtime.experts
@@ -630,8 +635,8 @@ def disaggregated(result, model_dir, dname, ecfg, reqs, a, runners: dict):
 def serve_http(model_dir, dname, ecfg, record, a) -> None:
     from ray import serve
 
-    from cluster.app import build_app
     from cluster.config import AppConfig
+    from cluster.serve.app import build_app
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -862,6 +867,6 @@ def main(a: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="mixserve bench", description=__doc__.splitlines()[0])
     add_arguments(ap)
     sys.exit(main(ap.parse_args()))

@@ -53,10 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     from benchmarks.bench import free_port
-    from cluster.app import build_app
-    from cluster.config import AppConfig
-    from cluster.ray_engine import ExpertsConfig, start_disaggregated
-    from router.engine import EngineConfig, LLMEngine
+    from cluster.build import local_engine, ray_engine
+    from cluster.config import AppConfig, ExpertsConfig
+    from cluster.serve.app import build_app
 
     d = tempfile.mkdtemp(prefix=f"mixserve-hops-{a.preset}-")
     write_checkpoint(d, preset_config(a.preset))
@@ -77,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
 
-    eng = LLMEngine.local(d, a.dtype, EngineConfig())
+    eng = local_engine(d, a.dtype)
 
     def engine_stream(e=eng):
         rid = e.add_request(prompt, params)
@@ -89,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     report("engine", *timed(engine_stream, a.requests))
     ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     try:
-        deng, rt = start_disaggregated(d, a.dtype, EngineConfig(), ExpertsConfig(num_cpus=0, experts_per_worker=2))
+        deng, rt = ray_engine(
+            AppConfig(model=d, dtype=a.dtype, experts=ExpertsConfig(num_cpus=0, experts_per_worker=2))
+        )
         report("experts", *timed(lambda: engine_stream(deng), a.requests))
         rt.experts.shutdown()
         port = free_port()

@@ -1,5 +1,5 @@
 """What latency between attention and expert hosts costs: the application across network namespaces
-(tests/netns.py: a head, an attention host, expert hosts on a private bridge), with 0, 5 and 20 ms
+(benchmarks/netns.py: a head, an attention host, expert hosts on a private bridge), with 0, 5 and 20 ms
 added to every round trip through the expert hosts' links; for each, the per-layer expert round trip
 the attention replica sees (from /metrics) and the output tokens/s of a closed loop of OpenAI clients.
 
@@ -18,7 +18,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tests.load import PROMPTS, client
+from benchmarks.load import PROMPTS, client
 
 
 def expert_calls(base_url: str) -> tuple[float, float]:
@@ -103,8 +103,8 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from benchmarks.netns import build, unavailable
     from model.tiny import resolve_model
-    from tests.netns import build, unavailable
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.network", description=__doc__.split("\n\n")[0])
     p.add_argument("--delays", type=float, nargs="+", default=[0, 5, 20])

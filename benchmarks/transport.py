@@ -51,8 +51,9 @@ def time_backend(submit_and_wait, reqs, warmup: int = 5) -> float:
 def bench_preset(preset: str, tokens: list[int], iters: int) -> list[dict]:
     from ray import serve
 
-    from cluster.deployments import ExpertDeployment, ServeExperts
-    from cluster.ray_engine import ExpertActor, ExpertsConfig, RayExperts
+    from cluster.config import ExpertsConfig
+    from cluster.runtime.actors import ExpertActor, RayExperts
+    from cluster.serve.experts import ExpertDeployment, ServeExperts
 
     cfg = preset_config(preset, num_hidden_layers=1)
     d = tempfile.mkdtemp(prefix=f"mixserve-transport-{preset}-")
@@ -63,12 +64,12 @@ def bench_preset(preset: str, tokens: list[int], iters: int) -> list[dict]:
     results = []
 
     def in_process():
-        local = InProcessExperts(d, 1, "auto", E)
+        local = InProcessExperts(d, groups, "auto")
         return (lambda r: local.submit(r).result()), (lambda: None)
 
     def actor(transport: str):
         def setup():
-            actors = RayExperts(d, E, "auto", ExpertsConfig(num_cpus=0, transport=transport))
+            actors = RayExperts(d, groups, "auto", ExpertsConfig(num_cpus=0, transport=transport))
             actors.wait_ready()
             return (lambda r: actors.submit(r).result()), actors.shutdown
 
@@ -83,7 +84,7 @@ def bench_preset(preset: str, tokens: list[int], iters: int) -> list[dict]:
     def compiled():
         from ray.dag import InputNode, MultiOutputNode
 
-        from cluster.channel import new_secret
+        from cluster.runtime.channel import new_secret
 
         cg_actors = [
             ExpertActor.options(num_cpus=0).remote(d, g, "auto", None, new_secret(), ExpertsConfig(num_cpus=0))

@@ -69,24 +69,21 @@ def init_ray(a) -> bool:
 
 
 def cmd_generate(a) -> int:
+    from cluster.build import build_engine, ray_engine
     from model.sampling import SamplingParams
-    from model.tiny import resolve_model
-    from router.engine import EngineConfig, LLMEngine
 
-    model_dir = resolve_model(a.model)
+    cfg = resolve_config(a)
     params = SamplingParams(
         max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed
     )
     if a.local:
-        engine = LLMEngine.local(str(model_dir), a.dtype, EngineConfig())
+        engine = build_engine(cfg)
         runtime = None
         started = False
     else:
-        from cluster.ray_engine import start_disaggregated
-
         started = init_ray(a)
         try:
-            engine, runtime = start_disaggregated(str(model_dir), a.dtype, EngineConfig(num_microbatches=2))
+            engine, runtime = ray_engine(cfg)
         except BaseException:
             if started:
                 _ray_shutdown()
@@ -153,7 +150,7 @@ def cmd_serve(a) -> int:
 
     from ray import serve
 
-    from cluster.app import build_app
+    from cluster.serve.app import build_app
 
     # Serve's gRPC proxy reads its message limit (default 2 GiB) from its environment when it starts:
     # bound it to the request limit. Effective when this command starts Ray; on a running cluster
@@ -329,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("generate", help="generate a continuation of a prompt", formatter_class=fmt)
     s.add_argument("--model", help="checkpoint folder (default: the embedded tiny model)")
     s.add_argument("--prompt", required=True, help="the text to continue")
+    s.add_argument("--config", help="mixserve YAML config (engine and expert settings; default configs/tiny.yaml)")
     s.add_argument("--max-tokens", type=int, default=32, help="tokens to generate at most")
     s.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
@@ -360,50 +358,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--ray-address", help=RAY_ADDRESS_HELP)
     s.set_defaults(fn=cmd_serve)
-    s = sub.add_parser("routing", help="the Mixtral paper's routing analysis of text files through a running server")
-    s.add_argument("files", nargs="+", help="text files, one per domain")
-    s.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default: mixserve serve's)")
-    s.add_argument("--model", help="the served model name (default: the one the server lists)")
-    s.add_argument(
-        "--api-key", default=os.environ.get("MIXSERVE_API_KEY"), help="the server's key (default: $MIXSERVE_API_KEY)"
-    )
-    s.add_argument("--chunk-chars", type=int, default=1500, help="characters of text per request")
-    s.add_argument("--out", default="routing-report", help="folder for report.json, report.md and the PNGs")
-    s.set_defaults(fn=cmd_routing)
-    # The harness's own parser reads bench's arguments (`mixserve bench --help`), so that building
-    # this parser imports neither torch nor Ray: `mixserve --help` answers at once.
-    s = sub.add_parser(
-        "bench",
-        help="benchmark HF transformers, in-process, disaggregated and HTTP side by side (bench --help)",
-        add_help=False,
-    )
-    s.set_defaults(fn=cmd_bench)
+    # The client-side tools live in benchmarks/ and run as their own process (`python -m`), so the
+    # CLI imports none of them and `mixserve --help` loads no torch or Ray; each parses its own flags.
+    for name, (_, what) in TOOLS.items():
+        s = sub.add_parser(name, help=what, add_help=False)
+        s.set_defaults(fn=cmd_tool, tool=name)
     return p
 
 
-def cmd_routing(a) -> int:
-    import urllib.error
+TOOLS = {
+    "routing": ("benchmarks.routing", "the Mixtral paper's routing analysis of text files through a running server"),
+    "bench": ("benchmarks.bench", "benchmark HF transformers, in-process, disaggregated and HTTP side by side"),
+}
 
-    from .routing import run
+
+def cmd_tool(a) -> int:
+    """`mixserve routing|bench ARGS` = `python -m benchmarks.<tool> ARGS` (its exit status)."""
+    import subprocess
 
     try:
-        run(a.url, a.model, a.files, a.out, a.api_key, a.chunk_chars)
-    except urllib.error.HTTPError as e:
-        print(f"mixserve: error: {a.url} answered {e.code}: {e.read()[:300].decode(errors='replace')}", file=sys.stderr)
-        return 2
-    except urllib.error.URLError as e:  # nothing listens there
-        print(f"mixserve: error: no server at {a.url} ({e.reason}); start one with `mixserve serve`", file=sys.stderr)
-        return 2
-    return 0
-
-
-def cmd_bench(a) -> int:
-    from benchmarks.bench import add_arguments
-    from benchmarks.bench import main as bench_main
-
-    p = argparse.ArgumentParser(prog="mixserve bench", description="the benchmark harness (docs/benchmarks.md)")
-    add_arguments(p)
-    return bench_main(p.parse_args(a.rest))
+        return subprocess.call([sys.executable, "-m", TOOLS[a.tool][0], *a.rest])
+    except KeyboardInterrupt:  # the tool got the same Ctrl-C and has stopped
+        return 130
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -411,8 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     a, rest = parser.parse_known_args(argv)
     if getattr(a, "verbose", False):
         a.log_level = "info"
-    if getattr(a, "fn", None) is cmd_bench:
-        a.rest = rest  # bench's own parser reads them
+    if getattr(a, "fn", None) is cmd_tool:
+        a.rest = rest  # the tool's own parser reads them
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     setup_logging(a.log_level)

@@ -16,7 +16,71 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from router.config import EngineConfig
 
-from .autoscaling import ExpertAutoscalingConfig
+EXPERT_POLICY = "cluster.runtime.autoscaling:ExpertLoadPolicy"  # Serve imports it by name
+
+
+class ReplicaBounds(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(..., ge=1)
+    max_replicas: int = Field(..., ge=1)
+
+
+class ExpertAutoscalingConfig(BaseModel):
+    """`experts.autoscaling` in the config; absent = a fixed `experts.replicas` per group."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(1, ge=1, description="Replicas of every expert group at the least.")
+    max_replicas: int = Field(4, ge=1, description="Replicas of every expert group at the most.")
+    per_group: dict[int, ReplicaBounds] = Field(
+        default_factory=dict,
+        description="Bounds for single expert groups (the expert id when experts_per_worker is 1).",
+    )
+    tokens_per_s_per_replica: float = Field(
+        ..., gt=0, description="Routed tokens per second (summed over layers) one replica should serve."
+    )
+    queued_tokens_per_replica: float = Field(
+        1e9, gt=0, description="Tokens in flight per replica beyond which another replica is wanted."
+    )
+    upscale_delay_s: float = Field(10.0, ge=0, description="Consistent upscale decisions needed for this long.")
+    downscale_delay_s: float = Field(60.0, ge=0, description="Consistent downscale decisions needed for this long.")
+    look_back_period_s: float = Field(10.0, gt=0, description="Window the replicas' load is averaged over.")
+
+    @model_validator(mode="after")
+    def _bounds(self):
+        for g, b in [("*", self), *self.per_group.items()]:
+            if b.max_replicas < b.min_replicas:
+                raise ValueError(f"group {g}: max_replicas ({b.max_replicas}) < min_replicas ({b.min_replicas})")
+        return self
+
+    def bounds(self, group: int) -> tuple[int, int]:
+        b = self.per_group.get(group, self)
+        return b.min_replicas, b.max_replicas
+
+    def serve_config(self, group: int):
+        """The deployment's Serve AutoscalingConfig, built as Ray's own model (no dict keys to mistype)."""
+        from ray.serve.config import AutoscalingConfig, AutoscalingPolicy
+
+        lo, hi = self.bounds(group)
+        # Serve wants the look-back window longer than its (deprecated) metrics interval (10 s).
+        short = {"metrics_interval_s": self.look_back_period_s / 2} if self.look_back_period_s <= 10 else {}
+        return AutoscalingConfig(
+            **short,
+            min_replicas=lo,
+            max_replicas=hi,
+            initial_replicas=lo,
+            upscale_delay_s=self.upscale_delay_s,
+            downscale_delay_s=self.downscale_delay_s,
+            look_back_period_s=self.look_back_period_s,
+            policy=AutoscalingPolicy(
+                policy_function=EXPERT_POLICY,
+                policy_kwargs={
+                    "tokens_per_s_per_replica": self.tokens_per_s_per_replica,
+                    "queued_tokens_per_replica": self.queued_tokens_per_replica,
+                },
+            ),
+        )
 
 
 class ExpertsConfig(BaseModel):
@@ -200,7 +264,7 @@ class AppConfig(BaseModel):
 
     model: str | None = Field(None, description="Checkpoint folder (HF layout); the embedded tiny model when null.")
     dtype: str = Field("auto", pattern="^(auto|float32|bfloat16|float16)$", description="Weight and compute dtype.")
-    engine: EngineConfig = Field(default_factory=lambda: EngineConfig(num_microbatches=2))
+    engine: EngineConfig = Field(default_factory=EngineConfig)
     attention: AttentionConfig = Field(default_factory=AttentionConfig)
     experts: ExpertsConfig = Field(default_factory=ExpertsConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)

@@ -135,7 +135,7 @@ class LLMEngine:
         self.cfg = cfg or EngineConfig()
         self.dense, self.experts, self.tokenizer = dense, experts, tokenizer
         mc = dense.cfg
-        self.max_model_len = min(self.cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        self.max_model_len = self.cfg.context_len(mc.max_position_embeddings)
         num_blocks = max(1, self.cfg.kv_cache_tokens // self.cfg.block_size)
         self.kv = KVPool(mc, num_blocks * self.cfg.block_size, dense.dtype)
         self.blocks = BlockManager(num_blocks, self.cfg.block_size)
@@ -144,21 +144,6 @@ class LLMEngine:
         self._ids = itertools.count()
         self.eos = set(mc.eos_ids) | ({tokenizer.eos_id} if tokenizer else set())
         self.steps = 0
-
-    @classmethod
-    def local(
-        cls, model_dir: str, dtype: str = "auto", cfg: EngineConfig | None = None, experts_per_worker: int = 1
-    ) -> LLMEngine:
-        """The whole engine in this process: dense weights plus in-process expert workers."""
-        from model.checkpoint import Checkpoint
-
-        from .experts import InProcessExperts
-
-        ckpt = Checkpoint(model_dir)
-        ckpt.check_names()
-        dense = MixtralDense.from_checkpoint(ckpt, dtype)
-        experts = InProcessExperts(model_dir, experts_per_worker, dtype, ckpt.config.num_local_experts)
-        return cls(dense, experts, Tokenizer.for_model(model_dir), cfg)
 
     # ------------------------------------------------------------ requests
 

@@ -21,22 +21,6 @@ class ExpertUnavailable(RuntimeError):
     """An expert call failed on every try; the requests of that step fail with this."""
 
 
-def wait_with_retries(pending, wait, resend, max_tries: int, retryable: tuple, on_retry, what: str, cancel=None):
-    """`wait(pending)`; on a retryable failure (replica died, timed out) `cancel(pending)` where the
-    transport can (so a slow replica does not go on with work nobody waits for), `resend()` and wait
-    again, up to `max_tries` attempts in all. Expert calls are idempotent, so a re-send is always safe."""
-    for attempt in range(1, max_tries + 1):
-        try:
-            return wait(pending)
-        except retryable as e:
-            on_retry(attempt, e)
-            if cancel is not None:
-                cancel(pending)
-            if attempt == max_tries:
-                raise ExpertUnavailable(f"{what} failed {attempt} times: {type(e).__name__}: {e}") from None
-            pending = resend()
-
-
 class ExpertFuture(Protocol):
     def result(self) -> dict[int, torch.Tensor]: ...
 
@@ -62,6 +46,11 @@ def expert_groups(num_experts: int, experts_per_worker: int) -> list[list[int]]:
     return [list(range(s, min(s + experts_per_worker, num_experts))) for s in range(0, num_experts, experts_per_worker)]
 
 
+def expert_map(groups: list[list[int]]) -> dict[int, int]:
+    """expert id -> the index of the group that holds it."""
+    return {e: g for g, es in enumerate(groups) for e in es}
+
+
 def split_by_group(batches: dict[int, torch.Tensor], expert_map: dict[int, int]) -> dict[int, dict[int, torch.Tensor]]:
     """{expert: x} -> {group: {expert: x}}; only groups with tokens appear."""
     out: dict[int, dict[int, torch.Tensor]] = {}
@@ -71,18 +60,12 @@ def split_by_group(batches: dict[int, torch.Tensor], expert_map: dict[int, int])
 
 
 class InProcessExperts:
-    """All expert workers live in this process; calls complete on submit."""
+    """One expert worker per group, all in this process; calls complete on submit."""
 
-    def __init__(
-        self, model_dir: str, experts_per_worker: int = 1, dtype: str = "auto", num_experts: int | None = None
-    ):
-        if num_experts is None:
-            from model.config import MixtralConfig
-
-            num_experts = MixtralConfig.from_file(model_dir).num_local_experts
-        self.groups = expert_groups(num_experts, experts_per_worker)
-        self.workers = [ExpertWorker(model_dir, g, dtype) for g in self.groups]
-        self.expert_map = {e: gi for gi, g in enumerate(self.groups) for e in g}
+    def __init__(self, model_dir: str, groups: list[list[int]], dtype: str = "auto"):
+        self.groups = groups
+        self.workers = [ExpertWorker(model_dir, g, dtype) for g in groups]
+        self.expert_map = expert_map(groups)
 
     def submit(self, req: ExpertRequest) -> Done:
         out: dict[int, torch.Tensor] = {}

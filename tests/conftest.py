@@ -90,8 +90,8 @@ def serve_app(cfg, name: str, grpc_port: int):
     import ray
     from ray import serve
 
-    from cluster.app import build_app
     from cluster.cli import GRPC_SERVICER
+    from cluster.serve.app import build_app
 
     port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

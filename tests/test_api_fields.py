@@ -8,8 +8,8 @@ import asyncio
 
 import pytest
 
-from cluster.protocol import APIError, ChatRequest, CompletionRequest, ModelLimits, validate
-from cluster.serving import OpenAIServing
+from cluster.api.protocol import APIError, ChatRequest, CompletionRequest, ModelLimits, validate
+from cluster.api.serving import OpenAIServing
 from model.tokenizer import Tokenizer
 
 MODEL = "m"

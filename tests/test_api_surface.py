@@ -14,9 +14,9 @@ from pathlib import Path
 import openai
 import pytest
 
+from cluster.build import local_engine
 from cluster.config import load_config
 from model.sampling import SamplingParams
-from router.engine import LLMEngine
 from tests.conftest import free_port, running_sequences, serve_app
 from tests.test_openai import post
 
@@ -50,7 +50,7 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def local(tiny_dir):
-    return LLMEngine.local(tiny_dir, "float32")
+    return local_engine(tiny_dir, "float32")
 
 
 def solo(local, prompt: str | list[int], **sp) -> tuple[str, list[int], str]:
@@ -589,8 +589,8 @@ def test_dashboard_queries_name_metrics_the_server_exports(server, client):
 
 
 def test_routing_report_through_the_server(server, tmp_path):
+    from benchmarks.routing import random_rates
     from cluster.cli import main
-    from cluster.routing import random_rates
 
     a, b = tmp_path / "prose.txt", tmp_path / "code.txt"
     a.write_text("The quick brown fox jumps over the lazy dog. " * 12)

@@ -11,13 +11,14 @@ import pytest
 import ray
 from ray import serve
 
-from cluster.app import build_attention, replica_counts
-from cluster.autoscaling import POLICY_PATH, ExpertAutoscalingConfig, ExpertLoadPolicy, desired_replicas
-from cluster.config import AppConfig
+from benchmarks.load import Clients
+from cluster.api.ingress import replica_counts
+from cluster.build import local_engine
+from cluster.config import EXPERT_POLICY, AppConfig, ExpertAutoscalingConfig
+from cluster.runtime.autoscaling import ExpertLoadPolicy, desired_replicas
+from cluster.serve.app import build_attention
 from model.sampling import SamplingParams
 from model.tiny import preset_config, write_checkpoint
-from router.engine import LLMEngine
-from tests.load import Clients
 
 HOT = 3
 APP = "skewed"
@@ -51,7 +52,7 @@ def test_config_bounds_are_validated_and_reach_serve():
     assert cfg.bounds(0) == (1, 3) and cfg.bounds(2) == (2, 5)
     sc = cfg.serve_config(2)
     assert (sc.min_replicas, sc.max_replicas, sc.initial_replicas) == (2, 5, 2)
-    assert sc.policy.policy_function == POLICY_PATH
+    assert sc.policy.policy_function == EXPERT_POLICY
     assert sc.policy.policy_kwargs["tokens_per_s_per_replica"] == 50
     with pytest.raises(ValueError, match="max_replicas"):
         ExpertAutoscalingConfig(tokens_per_s_per_replica=1, min_replicas=3, max_replicas=2)
@@ -147,7 +148,7 @@ def wait_for(pred, timeout: float, timeline: list, what: str):
 @pytest.mark.ray
 def test_hot_expert_scales_up_under_load_and_back_down(deployed, skewed):
     cfg, handle = deployed
-    local = LLMEngine.local(skewed, "float32")
+    local = local_engine(skewed, "float32")
     texts = ["Once upon a time", "The capital of France is", "def f(x): return", "1 2 3 4", "Hello, how are"]
     prompts = [local.tokenizer.encode(t) for t in texts]
     want = [

@@ -1,4 +1,4 @@
-"""The direct TCP data plane to expert workers (cluster/channel.py), against a real ExpertWorker:
+"""The direct TCP data plane to expert workers (cluster/runtime/channel.py), against a real ExpertWorker:
 results, errors, dead and hung peers, and peers that try to break it (no secret, lying headers,
 slow, idle and too many connections, floods of unauthenticated ones, no file descriptors left,
 replicas of another group, responses that do not answer their request)."""
@@ -17,7 +17,8 @@ import time
 import pytest
 import torch
 
-from cluster.channel import (
+from cluster.config import ExpertsConfig
+from cluster.runtime.channel import (
     DTYPES,
     ENTRY,
     ERROR,
@@ -38,7 +39,7 @@ from cluster.channel import (
     _recv_exact,
     new_secret,
 )
-from cluster.expert_runtime import Endpoint, ExpertClient, ExpertsConfig
+from cluster.runtime.experts import Endpoint, ExpertClient
 from model.moe import ExpertRequest
 from workers.expert import ExpertWorker
 

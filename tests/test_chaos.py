@@ -15,10 +15,11 @@ import ray
 from ray import serve
 from ray.cluster_utils import Cluster
 
-from cluster.app import build_app, replica_counts
+from benchmarks.load import PROMPTS, Stream, expected, progress
+from cluster.api.ingress import replica_counts
 from cluster.config import AppConfig
+from cluster.serve.app import build_app
 from tests.conftest import free_port
-from tests.load import PROMPTS, Stream, expected, progress
 
 pytestmark = pytest.mark.ray
 APP = "chaos"

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 
+from cluster.build import local_engine
+
 
 def test_generate_local_prints_only_text(tiny_dir):
     from model.sampling import SamplingParams
     from model.tokenizer import Tokenizer
-    from router.engine import LLMEngine
 
     r = subprocess.run(
         [
@@ -33,7 +34,7 @@ def test_generate_local_prints_only_text(tiny_dir):
         timeout=120,
     )
     assert r.returncode == 0, r.stderr
-    eng = LLMEngine.local(tiny_dir, "float32")
+    eng = local_engine(tiny_dir, "float32")
     want = eng.generate(
         [Tokenizer.for_model(tiny_dir).encode("Once upon a time")], SamplingParams(max_tokens=8, temperature=0)
     )[0]

@@ -18,10 +18,10 @@ import grpc
 import openai
 import pytest
 
+from cluster.build import local_engine
 from cluster.config import AppConfig
 from model.sampling import SamplingParams
 from model.tokenizer import Tokenizer
-from router.engine import LLMEngine
 from tests.conftest import free_port, serve_app
 
 pytestmark = pytest.mark.ray
@@ -49,7 +49,7 @@ def server(tiny_dir):
 
 @pytest.fixture(scope="module")
 def solo(tiny_dir) -> list[str]:
-    eng = LLMEngine.local(tiny_dir, "float32")
+    eng = local_engine(tiny_dir, "float32")
     sp = SamplingParams(max_tokens=VICTIM_TOKENS, temperature=0, ignore_eos=True)
     return [o.text for o in eng.generate([eng.tokenizer.encode(p) for p in PROMPTS], sp)]
 

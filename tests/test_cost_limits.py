@@ -10,8 +10,8 @@ import asyncio
 
 import pytest
 
-from cluster.openai_api import sum_stats
-from cluster.protocol import (
+from cluster.api.ingress import sum_stats
+from cluster.api.protocol import (
     MAX_JSON_DEPTH,
     APIError,
     ChatRequest,
@@ -21,7 +21,7 @@ from cluster.protocol import (
     parse_json,
     validate,
 )
-from cluster.serving import OpenAIServing
+from cluster.api.serving import OpenAIServing
 from model.tokenizer import MAX_HELD_TOKENS, IncrementalDetokenizer, Tokenizer
 
 MODEL = "m"
@@ -115,7 +115,7 @@ def test_stop_strings_are_bounded():
 
 def test_detokenize_refuses_ids_the_tokenizer_does_not_have(tok):
     s, _ = serving(tok, RequestBudget(), vocab=tok.vocab_size + 64)  # a padded vocabulary
-    from cluster.protocol import Detokenize
+    from cluster.api.protocol import Detokenize
 
     e = refusal(s.detokenize(Detokenize(tokens=[1, tok.vocab_size + 3])))
     assert e.status == 400 and e.param == "tokens"

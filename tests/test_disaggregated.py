@@ -6,12 +6,15 @@ from __future__ import annotations
 import pytest
 import ray
 
-from cluster.ray_engine import ExpertsConfig, RayExperts
+from cluster.build import local_engine
+from cluster.config import ExpertsConfig
+from cluster.runtime.actors import RayExperts
 from model.checkpoint import Checkpoint, dense_names, expert_names
 from model.model import MixtralDense
 from model.sampling import SamplingParams
 from model.tiny import preset_config, write_checkpoint
 from router.engine import EngineConfig, LLMEngine
+from router.experts import expert_groups
 
 pytestmark = pytest.mark.ray
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
@@ -33,9 +36,10 @@ def top3_dir(tmp_path_factory):
 
 def disaggregated(model_dir, experts_cfg, engine_cfg=None):
     ckpt = Checkpoint(model_dir)
-    experts = RayExperts(model_dir, ckpt.config.num_local_experts, "float32", experts_cfg)
+    groups = expert_groups(ckpt.config.num_local_experts, experts_cfg.experts_per_worker)
+    experts = RayExperts(model_dir, groups, "float32", experts_cfg)
     experts.wait_ready()
-    local = LLMEngine.local(model_dir, "float32")
+    local = local_engine(model_dir, "float32")
     eng = LLMEngine(
         MixtralDense.from_checkpoint(ckpt, "float32"),
         experts,
@@ -80,7 +84,9 @@ def test_same_tokens_as_in_process(request, tiny_dir, top3_dir, which, per_worke
 def test_each_worker_holds_exactly_its_share(tiny_dir):
     ckpt = Checkpoint(tiny_dir)
     cfg = ckpt.config
-    experts = RayExperts(tiny_dir, cfg.num_local_experts, "auto", ExpertsConfig(num_cpus=0, experts_per_worker=2))
+    experts = RayExperts(
+        tiny_dir, expert_groups(cfg.num_local_experts, 2), "auto", ExpertsConfig(num_cpus=0, experts_per_worker=2)
+    )
     try:
         infos = experts.wait_ready()
         size = lambda names: sum(cfg.dtype.itemsize * __import__("math").prod(s) for s in names.values())

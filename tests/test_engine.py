@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cluster.build import local_engine
 from model.model import Transformer
 from model.sampling import SamplingParams
-from router.engine import EngineConfig, EngineError, LLMEngine, Overloaded
+from router.engine import EngineConfig, EngineError, Overloaded
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 
@@ -40,7 +41,7 @@ def recompute_greedy(model, ids, n):
 
 @pytest.mark.parametrize("micro", [1, 2])
 def test_kv_cached_decoding_equals_full_recomputation(tiny_dir, model, micro):
-    eng = LLMEngine.local(tiny_dir, "float32", EngineConfig(max_num_batched_tokens=32, num_microbatches=micro))
+    eng = local_engine(tiny_dir, "float32", EngineConfig(max_num_batched_tokens=32, num_microbatches=micro))
     ps = prompts(eng.tokenizer)
     outs = eng.generate(ps, GREEDY)
     for p, o in zip(ps, outs):
@@ -50,7 +51,7 @@ def test_kv_cached_decoding_equals_full_recomputation(tiny_dir, model, micro):
 
 def test_cached_logits_equal_uncached(tiny_dir, model):
     """Decode-step logits through the cache equal the last row of a full forward, to float32 rounding."""
-    eng = LLMEngine.local(tiny_dir, "float32", EngineConfig())
+    eng = local_engine(tiny_dir, "float32", EngineConfig())
     ids = eng.tokenizer.encode("Caching must not change the numbers")
     out = eng.generate([ids], SamplingParams(max_tokens=6, temperature=0, logprobs=5, ignore_eos=True))[0]
     full = torch.log_softmax(model.logits(ids + out.new_token_ids[:-1]), -1)[len(ids) - 1 :]
@@ -61,7 +62,7 @@ def test_cached_logits_equal_uncached(tiny_dir, model):
 
 def test_output_independent_of_batch_company(tiny_dir):
     """Alone, in a batch, with chunked prefill and under KV pressure (preemption), the same tokens."""
-    solo_eng = LLMEngine.local(tiny_dir, "float32", EngineConfig())
+    solo_eng = local_engine(tiny_dir, "float32", EngineConfig())
     ps = prompts(solo_eng.tokenizer)
     solo = [solo_eng.generate([p], GREEDY)[0].new_token_ids for p in ps]
     configs = [
@@ -71,21 +72,21 @@ def test_output_independent_of_batch_company(tiny_dir):
         EngineConfig(max_num_seqs=2),
     ]
     for cfg in configs:
-        eng = LLMEngine.local(tiny_dir, "float32", cfg)
+        eng = local_engine(tiny_dir, "float32", cfg)
         together = [o.new_token_ids for o in eng.generate(ps, GREEDY)]
         assert together == solo, cfg
     assert eng.blocks.num_free == eng.blocks.num_blocks  # every block came back
 
 
 def test_preemption_happens_under_kv_pressure(tiny_dir):
-    eng = LLMEngine.local(tiny_dir, "float32", EngineConfig(kv_cache_tokens=96, block_size=8))
+    eng = local_engine(tiny_dir, "float32", EngineConfig(kv_cache_tokens=96, block_size=8))
     ps = prompts(eng.tokenizer)
     eng.generate(ps, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
     assert eng.scheduler.num_preemptions > 0
 
 
 def test_seeded_sampling_is_reproducible(tiny_dir):
-    eng = LLMEngine.local(tiny_dir, "float32", EngineConfig())
+    eng = local_engine(tiny_dir, "float32", EngineConfig())
     ps = prompts(eng.tokenizer)
     sp = lambda seed: SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, top_k=50, seed=seed, ignore_eos=True)
     a = eng.generate([ps[0]], sp(7))[0].new_token_ids
@@ -96,7 +97,7 @@ def test_seeded_sampling_is_reproducible(tiny_dir):
 
 
 def test_stop_strings_and_eos(tiny_dir):
-    eng = LLMEngine.local(tiny_dir, "float32", EngineConfig())
+    eng = local_engine(tiny_dir, "float32", EngineConfig())
     p = eng.tokenizer.encode("Hello there")
     full = eng.generate([p], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
     stop = full.text[5:8]
@@ -110,7 +111,7 @@ def test_stop_strings_and_eos(tiny_dir):
 
 
 def test_streamed_deltas_add_up_to_the_final_text(tiny_dir):
-    eng = LLMEngine.local(tiny_dir, "float32", EngineConfig())
+    eng = local_engine(tiny_dir, "float32", EngineConfig())
     tok = eng.tokenizer
     p = tok.encode("Streaming: ")
     rid = eng.add_request(p, SamplingParams(max_tokens=30, temperature=0.8, seed=3, ignore_eos=True))
@@ -126,7 +127,7 @@ def test_streamed_deltas_add_up_to_the_final_text(tiny_dir):
 
 
 def test_bad_requests_are_refused_clearly(tiny_dir):
-    eng = LLMEngine.local(tiny_dir, "float32", EngineConfig(kv_cache_tokens=64, max_waiting=2))
+    eng = local_engine(tiny_dir, "float32", EngineConfig(kv_cache_tokens=64, max_waiting=2))
     with pytest.raises(EngineError, match="empty"):
         eng.add_request([], GREEDY)
     with pytest.raises(EngineError, match="token ids"):
@@ -146,7 +147,7 @@ def test_bad_requests_are_refused_clearly(tiny_dir):
 
 def test_merged_outputs_are_the_stream_in_fewer_pieces(tiny_dir):
     """A stream that falls behind sends runs of outputs merged: same tokens, text, logprobs and end."""
-    eng = LLMEngine.local(tiny_dir, "float32", EngineConfig())
+    eng = local_engine(tiny_dir, "float32", EngineConfig())
     p = eng.tokenizer.encode("Merge: ")
     rid = eng.add_request(p, SamplingParams(max_tokens=9, temperature=0.0, logprobs=2, stop=["zz"]))
     outs = []
@@ -183,12 +184,12 @@ PROCESSED = [
 
 
 def test_penalties_and_biases_are_batch_independent_and_have_their_effect(tiny_dir):
-    eng = LLMEngine.local(tiny_dir, "float32", EngineConfig())
+    eng = local_engine(tiny_dir, "float32", EngineConfig())
     ps = prompts(eng.tokenizer)
     solo = [eng.generate([p], sp)[0].new_token_ids for p, sp in zip(ps, PROCESSED)]
     together = [o.new_token_ids for o in eng.generate(ps, PROCESSED)]
     assert together == solo
-    chunked = LLMEngine.local(tiny_dir, "float32", EngineConfig(max_num_batched_tokens=7, num_microbatches=2))
+    chunked = local_engine(tiny_dir, "float32", EngineConfig(max_num_batched_tokens=7, num_microbatches=2))
     assert [o.new_token_ids for o in chunked.generate(ps, PROCESSED)] == solo
     # the effects, on the prompt where the tiny model repeats itself ("Un deux trois " x 12)
     rep = ps[2]
@@ -203,7 +204,7 @@ def test_penalties_and_biases_are_batch_independent_and_have_their_effect(tiny_d
 
 
 def test_min_tokens_holds_off_every_stop(tiny_dir):
-    eng = LLMEngine.local(tiny_dir, "float32", EngineConfig())
+    eng = local_engine(tiny_dir, "float32", EngineConfig())
     p = eng.tokenizer.encode("Hello there")
     full = eng.generate([p], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
     t0 = full.new_token_ids[0]
@@ -218,7 +219,7 @@ def test_min_tokens_holds_off_every_stop(tiny_dir):
 
 
 def test_stop_string_kept_when_asked_and_stop_reason(tiny_dir):
-    eng = LLMEngine.local(tiny_dir, "float32", EngineConfig())
+    eng = local_engine(tiny_dir, "float32", EngineConfig())
     p = eng.tokenizer.encode("Hello there")
     full = eng.generate([p], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
     stop = full.text[5:8]
@@ -236,7 +237,7 @@ def test_stop_string_kept_when_asked_and_stop_reason(tiny_dir):
 
 
 def test_special_tokens_are_text_only_when_asked(tiny_dir):
-    eng = LLMEngine.local(tiny_dir, "float32", EngineConfig())
+    eng = local_engine(tiny_dir, "float32", EngineConfig())
     p = eng.tokenizer.encode("Specials")
     eos = eng.tokenizer.eos_id
     sp = dict(max_tokens=4, temperature=0, ignore_eos=True, logit_bias={eos: 100.0})
@@ -260,7 +261,7 @@ def reference_routes(tiny_dir, ids: list[int]) -> list:
 
 
 def test_routed_experts_are_each_positions_routing_whatever_the_batch(tiny_dir):
-    eng = LLMEngine.local(tiny_dir, "float32", EngineConfig())
+    eng = local_engine(tiny_dir, "float32", EngineConfig())
     ps = prompts(eng.tokenizer)
     sp = SamplingParams(
         max_tokens=8, temperature=0, ignore_eos=True, return_routed_experts=True, return_prompt_routed_experts=True
@@ -274,7 +275,7 @@ def test_routed_experts_are_each_positions_routing_whatever_the_batch(tiny_dir):
     assert len(o.routed_experts[0]) == cfg.num_hidden_layers and len(o.routed_experts[0][0]) == cfg.num_experts_per_tok
     assert all(outs[i].routed_experts is None for i in range(1, len(ps)))  # off unless asked
     # chunked prefill, micro-batches and preemption give the same routes
-    tight = LLMEngine.local(
+    tight = local_engine(
         tiny_dir,
         "float32",
         EngineConfig(max_num_batched_tokens=7, num_microbatches=2, kv_cache_tokens=96, block_size=8),

@@ -7,12 +7,13 @@ import math
 
 import pytest
 
+from cluster.build import local_engine
 from model.checkpoint import Checkpoint
 from model.model import MixtralDense
 from model.sampling import GREEDY_EPS, SamplingParams
 from model.tokenizer import Tokenizer
 from router.engine import EngineConfig, EngineError, LLMEngine, Overloaded, Resume
-from router.experts import ExpertUnavailable, InProcessExperts
+from router.experts import ExpertUnavailable, InProcessExperts, expert_groups
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
 TEXTS = ["Hello there", "The quick brown fox", "1 2 3 4", "Résumé: naïve café"]
@@ -20,7 +21,7 @@ TEXTS = ["Hello there", "The quick brown fox", "1 2 3 4", "Résumé: naïve caf�
 
 @pytest.fixture(scope="module")
 def engine(tiny_dir):
-    return LLMEngine.local(tiny_dir, "float32", EngineConfig(num_microbatches=2))
+    return local_engine(tiny_dir, "float32", EngineConfig(num_microbatches=2))
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +105,9 @@ def test_a_row_that_overflows_fails_alone(tiny_dir, solo):
     dense = MixtralDense.from_checkpoint(ckpt, "float32")
     poison = 31990
     dense.w.embed[poison] = float("nan")
-    eng = LLMEngine(dense, InProcessExperts(tiny_dir, 1, "float32"), Tokenizer.for_model(tiny_dir), EngineConfig())
+    eng = LLMEngine(
+        dense, InProcessExperts(tiny_dir, expert_groups(8, 1), "float32"), Tokenizer.for_model(tiny_dir), EngineConfig()
+    )
     ps, want = solo
     out = run_all(
         eng,
@@ -136,7 +139,7 @@ class FailingExperts:
 
 def test_a_failed_step_fails_its_requests_with_an_error_and_the_engine_goes_on(tiny_dir, solo):
     ps, want = solo
-    experts = FailingExperts(InProcessExperts(tiny_dir, 1, "float32"))
+    experts = FailingExperts(InProcessExperts(tiny_dir, expert_groups(8, 1), "float32"))
     eng = LLMEngine(
         MixtralDense.from_checkpoint(Checkpoint(tiny_dir), "float32"),
         experts,
@@ -168,8 +171,8 @@ def test_resume_on_another_engine_keeps_every_character(tiny_dir, cut):
     """A replica is lost after `cut` tokens; another engine re-prefills prompt + those tokens. The
     client's text equals an undisturbed run, with a stop string that spans the failover point and
     with the text the first engine was holding back (a possible stop string) delivered."""
-    a = LLMEngine.local(tiny_dir, "float32", EngineConfig())
-    b = LLMEngine.local(tiny_dir, "float32", EngineConfig())
+    a = local_engine(tiny_dir, "float32", EngineConfig())
+    b = local_engine(tiny_dir, "float32", EngineConfig())
     p = a.tokenizer.encode("The quick brown fox")
     full = a.generate([p], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
     # A stop string that starts inside the first `cut` tokens' text and ends after it.
@@ -194,7 +197,7 @@ def test_resume_on_another_engine_keeps_every_character(tiny_dir, cut):
 
 
 def test_resume_without_a_stop_string_equals_the_undisturbed_stream(tiny_dir):
-    a = LLMEngine.local(tiny_dir, "float32", EngineConfig())
+    a = local_engine(tiny_dir, "float32", EngineConfig())
     p = a.tokenizer.encode("Résumé: naïve café")
     sp = SamplingParams(max_tokens=9, temperature=0, ignore_eos=True)
     full = a.generate([p], sp)[0]
@@ -216,7 +219,7 @@ def test_resume_past_max_tokens_is_refused(engine):
 def test_resume_keeps_logprobs_for_the_tokens_that_follow(tiny_dir):
     """After a failover the resumed request's new tokens still carry their logprobs, the same as
     the undisturbed run's (the resumed tokens' were sent before the failover)."""
-    a = LLMEngine.local(tiny_dir, "float32", EngineConfig())
+    a = local_engine(tiny_dir, "float32", EngineConfig())
     p = a.tokenizer.encode("Logprobs survive a lost replica")
     sp = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=2)
     full = a.generate([p], sp)[0]
@@ -236,7 +239,7 @@ def test_resume_keeps_logprobs_for_the_tokens_that_follow(tiny_dir):
 def test_a_full_waiting_queue_still_takes_a_request_of_another_group(tiny_dir):
     """One request's choices fill the waiting queue: a request of another group is still queued
     (up to twice the bound), a further choice of the same group is refused."""
-    eng = LLMEngine.local(tiny_dir, "float32", EngineConfig(max_num_seqs=1, max_waiting=3))
+    eng = local_engine(tiny_dir, "float32", EngineConfig(max_num_seqs=1, max_waiting=3))
     for i in range(3):
         eng.add_request([1, 5 + i], GREEDY, group="big")
     with pytest.raises(Overloaded):
@@ -260,7 +263,7 @@ def test_choices_of_one_prompt_share_its_prefill_and_give_their_solo_tokens(tiny
     """n choices of a prompt: the later ones copy the first one's prompt K/V (all but the last
     position) instead of computing it, and each gives exactly the tokens it gives alone (greedy and
     seeded); with the other gone before they start, a choice computes its prompt itself."""
-    eng = LLMEngine.local(tiny_dir, "float32", EngineConfig(max_num_batched_tokens=32, num_microbatches=2))
+    eng = local_engine(tiny_dir, "float32", EngineConfig(max_num_batched_tokens=32, num_microbatches=2))
     p = eng.tokenizer.encode("Shared prefill: " + "one two three four five six seven " * 6)
     params = [SamplingParams(max_tokens=6, temperature=0.9, seed=10 + k, ignore_eos=True) for k in range(4)]
     params.append(SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, return_routed_experts=True))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model.moe import ExpertRequest
-from router.experts import ExpertUnavailable, InProcessExperts, expert_groups, split_by_group, wait_with_retries
+from router.experts import InProcessExperts, expert_groups, split_by_group
 
 
 def test_expert_groups_cover_every_expert_once():
@@ -18,26 +18,8 @@ def test_expert_groups_cover_every_expert_once():
     assert split_by_group({0: x, 4: x, 5: x}, {e: e // 3 for e in range(8)}).keys() == {0, 1}
 
 
-def test_retries_resend_then_give_up():
-    calls = []
-
-    def wait(p):
-        calls.append(p)
-        if p < 2:
-            raise TimeoutError(p)
-        return p
-
-    sends = iter(range(1, 10))
-    assert wait_with_retries(0, wait, lambda: next(sends), 3, (TimeoutError,), lambda a, e: None, "x") == 2
-    assert calls == [0, 1, 2]
-    with pytest.raises(ExpertUnavailable, match="failed 2 times"):
-        wait_with_retries(0, wait, lambda: 0, 2, (TimeoutError,), lambda a, e: None, "expert group [0]")
-    with pytest.raises(KeyError):  # not retryable: raised at once
-        wait_with_retries(0, lambda p: {}[p], lambda: 0, 5, (TimeoutError,), lambda a, e: None, "x")
-
-
 def test_groups_of_two_equal_groups_of_one(tiny_dir):
-    one, two = InProcessExperts(tiny_dir, 1, "float32"), InProcessExperts(tiny_dir, 2, "float32")
+    one, two = (InProcessExperts(tiny_dir, expert_groups(8, n), "float32") for n in (1, 2))
     x = torch.randn(5, 64)
     req = ExpertRequest(1, {0: x, 3: x[:2], 7: x[1:]})
     a, b = one.submit(req).result(), two.submit(req).result()
@@ -52,12 +34,12 @@ def test_the_directory_takes_only_records_signed_with_the_data_planes_secret(mon
     last (a recorded one replays nothing). In a cluster the secret comes from Ray's GCS; here, no Ray."""
     import time
 
-    from cluster import deployments
-    from cluster.channel import new_secret
-    from cluster.deployments import ExpertDirectory, signed
+    from cluster.runtime.channel import new_secret
+    from cluster.serve import directory
+    from cluster.serve.directory import ExpertDirectory, signed
 
     secret = new_secret()
-    monkeypatch.setattr(deployments, "app_secret", lambda: secret)
+    monkeypatch.setattr(directory, "app_secret", lambda: secret)
     d = ExpertDirectory.func_or_class()
     first = signed(secret, "register", "r1", 0, "10.0.0.5", 20001, seq=0)
     assert d.register(*first)

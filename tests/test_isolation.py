@@ -17,13 +17,13 @@ import ray
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from benchmarks.load import Clients
+from cluster.build import local_engine
 from cluster.config import AppConfig
 from cluster.proto import mixserve_pb2 as pb
 from cluster.proto.mixserve_pb2_grpc import MixServeStub
 from model.sampling import SamplingParams
-from router.engine import LLMEngine
 from tests.conftest import free_port, serve_app
-from tests.load import Clients
 
 pytestmark = pytest.mark.ray
 KEY = "isolation-key"
@@ -49,7 +49,7 @@ def server(tiny_dir):
 
 @pytest.fixture(scope="module")
 def solo(tiny_dir) -> list[str]:
-    eng = LLMEngine.local(tiny_dir, "float32")
+    eng = local_engine(tiny_dir, "float32")
     outs = eng.generate(
         [eng.tokenizer.encode(p) for p in PROMPTS], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     )
@@ -376,6 +376,6 @@ def test_grpc_from_another_host_is_refused_when_bound_to_loopback(server):
     ],
 )
 def test_peer_addresses_are_read_as_gRPC_writes_them(peer, local):
-    from cluster.openai_api import _peer_host, is_loopback
+    from cluster.api.ingress import _peer_host, is_loopback
 
     assert is_loopback(_peer_host(peer)) is local

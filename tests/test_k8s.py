@@ -525,8 +525,8 @@ def test_serve_config_v2_is_configs_serve_yaml(path):
 
 
 def test_serve_config_v2_args_are_valid_mixserve_configs():
-    from cluster.app import resolve_config_path
     from cluster.config import load_config
+    from cluster.serve.app import resolve_config_path
 
     for path in RAYSERVICES:
         for app in serve_config(path)["applications"]:
@@ -551,7 +551,7 @@ def test_mixtral_args_build_the_app_placed_on_the_manifests_groups(tmp_path):
     and every Ray resource a deployment asks for is offered by some group of the manifest."""
     from ray.serve._private.build_app import build_app as build_serve_app
 
-    from cluster.app import app_builder
+    from cluster.serve.app import app_builder
     from model.tiny import preset_config
 
     (tmp_path / "config.json").write_text(json.dumps(preset_config("mixtral-8x7b").to_hf_dict()))
@@ -623,8 +623,8 @@ def test_tiny_cpu_serve_config_v2_runs_on_local_ray(tmp_path):
 def test_the_expert_data_plane_port_range_is_configured_named_and_open_between_ray_pods(path):
     """The config the manifest deploys pins the data plane to a port range; every Ray pod names its
     first port `expert-data`, and the NetworkPolicy admits it from the RayService's own pods only."""
-    from cluster.app import resolve_config_path
     from cluster.config import load_config
+    from cluster.serve.app import resolve_config_path
 
     app = serve_config(path)["applications"][0]
     args = dict(app["args"])

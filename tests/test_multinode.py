@@ -6,8 +6,11 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from cluster.ray_engine import ExpertsConfig, RayExperts
+from cluster.build import local_engine
+from cluster.config import ExpertsConfig
+from cluster.runtime.actors import RayExperts
 from model.sampling import SamplingParams
+from router.experts import expert_groups
 
 pytestmark = pytest.mark.ray
 
@@ -26,7 +29,7 @@ def cluster():
 def test_expert_replicas_on_expert_nodes_spread(cluster, tiny_dir):
     _, expert_nodes = cluster
     cfg = ExpertsConfig(num_cpus=0, replicas=2, experts_per_worker=2, resources={"expert_slot": 1})
-    experts = RayExperts(tiny_dir, 8, "float32", cfg)
+    experts = RayExperts(tiny_dir, expert_groups(8, cfg.experts_per_worker), "float32", cfg)
     try:
         experts.wait_ready(timeout_s=240)
         for g, reps in enumerate(experts.replicas):
@@ -38,7 +41,7 @@ def test_expert_replicas_on_expert_nodes_spread(cluster, tiny_dir):
         from model.model import MixtralDense
         from router.engine import EngineConfig, LLMEngine
 
-        local = LLMEngine.local(tiny_dir, "float32")
+        local = local_engine(tiny_dir, "float32")
         eng = LLMEngine(
             MixtralDense.from_checkpoint(Checkpoint(tiny_dir), "float32"),
             experts,

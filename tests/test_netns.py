@@ -1,9 +1,9 @@
-"""The application across hosts on a real network: network namespaces on a private bridge (tests/netns.py),
+"""The application across hosts on a real network: network namespaces on a private bridge (benchmarks/netns.py),
 Ray started in each (head; attention host; expert hosts, each holding one replica of every expert group),
 token authentication on. Faults go on an expert host's link while OpenAI clients keep sending; every
 answer must equal the in-process engine's (greedy, float32) and none may fail.
 
-Needs root for the namespaces; skips, saying why, without it. `python -m tests.netns up` builds the same
+Needs root for the namespaces; skips, saying why, without it. `python -m benchmarks.netns up` builds the same
 cluster by hand; `python -m benchmarks.network` measures what latency costs."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import time
 
 import pytest
 
+from benchmarks.load import PROMPTS, Stream, client, expected, progress
+from benchmarks.netns import GCS_PORT, build, unavailable
 from benchmarks.network import sweep
-from tests.load import PROMPTS, Stream, client, expected, progress
-from tests.netns import GCS_PORT, build, unavailable
 
 pytestmark = [pytest.mark.ray, pytest.mark.netns]
 CALL_TIMEOUT_S = 2.0  # experts.call_timeout_s of the application under test

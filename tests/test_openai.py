@@ -12,11 +12,11 @@ import openai
 import pytest
 from ray import serve
 
-from cluster.app import build_app
+from cluster.build import local_engine
 from cluster.config import load_config
+from cluster.serve.app import build_app
 from model.config import MixtralConfig
 from model.sampling import SamplingParams
-from router.engine import LLMEngine
 from tests.conftest import free_port, running_sequences, serve_app
 
 pytestmark = pytest.mark.ray
@@ -49,7 +49,7 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def local(tiny_dir):
-    return LLMEngine.local(tiny_dir, "float32")
+    return local_engine(tiny_dir, "float32")
 
 
 def post(url: str, body: bytes, headers: dict | None = None) -> tuple[int, dict, dict]:

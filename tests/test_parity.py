@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cluster.build import local_engine
 from model.model import Transformer
 from model.sampling import SamplingParams
-from router.engine import EngineConfig, LLMEngine
+from router.engine import EngineConfig
 from tests.conftest import hf_checkpoint
 
 # (kv heads, experts, top-k, dtype, sharded, old config form)
@@ -46,7 +47,7 @@ def test_logits_and_greedy_match_transformers(tmp_path, shape):
     n_new = 12
     with torch.no_grad():
         hf_out = ref.generate(ids[None], max_new_tokens=n_new, do_sample=False, min_new_tokens=n_new)[0, 24:].tolist()
-    eng = LLMEngine.local(str(tmp_path), "auto", EngineConfig(max_num_batched_tokens=10, kv_cache_tokens=256))
+    eng = local_engine(str(tmp_path), "auto", EngineConfig(max_num_batched_tokens=10, kv_cache_tokens=256))
     ours = eng.generate([ids.tolist()], SamplingParams(max_tokens=n_new, temperature=0, ignore_eos=True))[
         0
     ].new_token_ids

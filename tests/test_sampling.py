@@ -151,7 +151,7 @@ def test_values_at_the_edges_keep_the_row_sampleable():
 
 
 def test_routing_analysis_counts_by_hand():
-    from cluster.routing import analyse, random_rates
+    from benchmarks.routing import analyse, random_rates
 
     routes = [[[[0, 1], [2, 3]], [[0, 2], [2, 3]], [[1, 0], [3, 2]]]]  # 3 tokens, 2 layers, top-2
     r = analyse(routes, 8)

@@ -6,10 +6,10 @@ import pytest
 import ray
 from ray import serve
 
-from cluster.app import build_attention
+from cluster.build import local_engine
 from cluster.config import AppConfig
+from cluster.serve.app import build_attention
 from model.sampling import SamplingParams
-from router.engine import LLMEngine
 
 pytestmark = pytest.mark.ray
 
@@ -27,7 +27,7 @@ def app(tiny_dir):
 
 
 def test_streamed_generation_equals_in_process(app, tiny_dir):
-    local = LLMEngine.local(tiny_dir, "float32")
+    local = local_engine(tiny_dir, "float32")
     texts = ["Hello there", "The quick brown fox jumps over the lazy dog", "1 2 3"]
     prompts = [local.tokenizer.encode(t) for t in texts]
     want = local.generate(prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
@@ -64,7 +64,7 @@ def test_the_app_reaches_its_experts_over_the_data_plane(app, tiny_dir):
     layer's batches over those channels, not through Serve handles."""
     import time
 
-    from cluster.deployments import REFRESH_S
+    from cluster.serve.directory import REFRESH_S
 
     directory = serve.get_deployment_handle("expert-directory", app_name="mixserve")
     deadline = time.monotonic() + 30

@@ -7,6 +7,7 @@ from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMe
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
+from cluster.build import local_engine
 from model.tokenizer import DEFAULT_TOKENIZER, ChatFormatError, IncrementalDetokenizer, Tokenizer
 
 TEXTS = [
@@ -83,10 +84,9 @@ def test_tokenizer_larger_than_the_config_vocab_is_refused(tmp_path):
     Tokenizer.for_model) refuses it, naming both sizes and both files."""
     from model.tiny import preset_config, write_checkpoint
     from model.tokenizer import VocabMismatchError
-    from router.engine import LLMEngine
 
     d = write_checkpoint(tmp_path / "small-vocab", preset_config("tiny", num_hidden_layers=1, vocab_size=1000))
-    for load in (lambda: Tokenizer.for_model(d), lambda: LLMEngine.local(str(d), "float32")):
+    for load in (lambda: Tokenizer.for_model(d), lambda: local_engine(str(d), "float32")):
         with pytest.raises(VocabMismatchError) as e:
             load()
         msg = str(e.value)

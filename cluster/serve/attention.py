@@ -1,11 +1,7 @@
-"""The Serve application: AttentionWorker replicas composed with one ExpertDeployment per expert group.
+"""The attention worker: one data-parallel replica of the dense path, its KV cache and the engine loop.
 
-    AttentionWorker (data-parallel replicas; each: engine loop, KV cache, dense weights)
-        |  ServeExperts: per layer and group, chunks over the data plane to the group's live replicas
-        v  (learned from the ExpertDirectory deployment; Serve handles where no channel is known)
-    ExpertDeployment "expert-group-{g}" (replicas spread over expert nodes; each: its experts, all layers)
-
-`build_app(cfg)` only builds: it computes deployment options and binds; nothing starts or loads there.
+Requests reach it by a streaming handle call from the ingress; its experts are reached through
+`ServeExperts` (cluster/serve/experts.py), over the data plane where a channel is known.
 """
 
 from __future__ import annotations
@@ -17,24 +13,17 @@ import logging
 import os
 import queue
 import threading
-from pathlib import Path
 
 import ray
 import torch
 from ray import serve
-from ray.serve import Application
 
-from model.checkpoint import Checkpoint
-from model.model import MixtralDense
+from cluster.build import ModelPlan, build_engine
+from cluster.config import AppConfig
+from cluster.runtime.experts import rss_bytes
+from cluster.serve.experts import ServeExperts
 from model.sampling import SamplingParams
-from model.tiny import resolve_model
-from model.tokenizer import Tokenizer
-from router.engine import EngineError, LLMEngine, Overloaded, RequestOutput, Resume
-from router.experts import expert_groups
-
-from .config import AppConfig
-from .deployments import ExpertDeployment, ExpertDirectory, ServeExperts
-from .expert_runtime import rss_bytes
+from router.engine import EngineError, Overloaded, RequestOutput, Resume
 
 log = logging.getLogger(__name__)
 
@@ -48,19 +37,17 @@ class AttentionWorker:
     Each step's outputs go back to the event loop in one hand-off and are fanned out to the streams.
     """
 
-    def __init__(self, cfg: dict, num_experts: int, directory, *expert_handles):
-        self.cfg = AppConfig.model_validate(cfg)
-        c = self.cfg
-        torch.set_num_threads(c.attention.threads())  # Ray sets OMP_NUM_THREADS=1 for an actor without CPUs
-        c.model = resolve_model(c.model)
-        ckpt = Checkpoint(c.model)
-        ckpt.check_names()
-        groups = expert_groups(num_experts, c.experts.experts_per_worker)
-        emap = {e: g for g, es in enumerate(groups) for e in es}
-        self.backend = ServeExperts(list(expert_handles), emap, c.experts, directory)
-        self.engine = LLMEngine(
-            MixtralDense.from_checkpoint(ckpt, c.dtype), self.backend, Tokenizer.for_model(c.model), c.engine
-        )
+    def __init__(self, cfg: AppConfig, directory, *expert_handles):
+        self.cfg = cfg
+        torch.set_num_threads(cfg.attention.threads())  # Ray sets OMP_NUM_THREADS=1 for an actor without CPUs
+
+        def experts(p: ModelPlan) -> ServeExperts:
+            if len(p.groups) != len(expert_handles):
+                raise ValueError(f"{len(expert_handles)} expert deployments for {len(p.groups)} expert groups")
+            self.backend = ServeExperts(list(expert_handles), p.expert_map, cfg.experts, directory)
+            return self.backend
+
+        self.engine = build_engine(cfg, experts)
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.wake = threading.Event()
         self.streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}  # engine thread's
@@ -224,122 +211,3 @@ class AttentionWorker:
 def _fan_out(batch: list) -> None:
     for q, k, out in batch:
         q.put_nowait((k, out))
-
-
-def build_app(cfg: AppConfig | dict) -> Application:
-    """The whole application: OpenAI ingress -> AttentionWorker -> expert groups."""
-    from .openai_api import OpenAIIngress
-
-    cfg = AppConfig.model_validate(cfg) if isinstance(cfg, dict) else cfg
-    s = cfg.server
-    return OpenAIIngress.options(
-        num_replicas=s.replicas,
-        ray_actor_options={"num_cpus": s.num_cpus, "resources": dict(s.resources)},
-        max_ongoing_requests=s.max_ongoing_requests,
-    ).bind(cfg.model_dump(), build_attention(cfg))
-
-
-# The directory's heartbeats (register / view, every second per replica) and the expert calls of the
-# Ray fallback path are internal: no access-log line each on the console (errors are still logged).
-QUIET = {"enable_access_log": False}
-ADMISSION_HEADROOM = 64  # requests beyond the engine's admission that still reach it, to be refused
-
-
-def build_attention(cfg: AppConfig | dict) -> Application:
-    """AttentionWorker bound to its expert deployments; no I/O beyond reading config.json."""
-    cfg = AppConfig.model_validate(cfg) if isinstance(cfg, dict) else cfg
-    from model.config import MixtralConfig
-
-    num_experts = MixtralConfig.from_file(resolve_model(cfg.model)).num_local_experts
-    x = cfg.experts
-    expert_actor = {"num_cpus": x.num_cpus, "num_gpus": x.num_gpus, "resources": dict(x.resources)}
-    if x.num_threads:
-        expert_actor["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(x.num_threads)}}
-    # The directory exists for the data plane; with `transport: ray` the handles carry every call.
-    # It sits with the ingress (the head node where `server.resources` says so): soft state, one replica.
-    directory = (
-        ExpertDirectory.options(
-            name="expert-directory",
-            ray_actor_options={"num_cpus": 0, "resources": dict(cfg.server.resources)},
-            logging_config=QUIET,
-        ).bind()
-        if x.transport == "channel"
-        else None
-    )
-    host_cfg = x.model_dump(exclude={"autoscaling", "replicas"})  # scaling changes restart no replica
-    experts = []
-    for g, group in enumerate(expert_groups(num_experts, x.experts_per_worker)):
-        scale = (
-            {"num_replicas": x.replicas}
-            if x.autoscaling is None
-            else {"num_replicas": "auto", "autoscaling_config": x.autoscaling.serve_config(g)}
-        )
-        experts.append(
-            ExpertDeployment.options(
-                name=f"expert-group-{g}",
-                ray_actor_options=expert_actor,
-                **scale,
-                max_ongoing_requests=x.max_ongoing_requests,
-                graceful_shutdown_timeout_s=x.graceful_shutdown_timeout_s,
-                graceful_shutdown_wait_loop_s=0.5,
-                logging_config=QUIET,
-                # Replicas of one expert on different nodes, where there are several.
-                max_replicas_per_node=1 if (x.replicas > 1 or x.autoscaling) and x.resources else None,
-            ).bind(cfg.model, group, cfg.dtype, x.num_threads, host_cfg, g, directory)
-        )
-    a = cfg.attention
-    attn_actor = {"num_cpus": a.num_cpus, "num_gpus": a.num_gpus, "resources": dict(a.resources)}
-    scale = (
-        {"num_replicas": a.replicas}
-        if a.autoscaling is None
-        else {"num_replicas": "auto", "autoscaling_config": a.autoscaling.serve_config()}
-    )
-    # Admission is the engine's (max_num_seqs running + max_waiting queued, then Overloaded = HTTP 503).
-    # Serve's per-replica cap sits above it, so excess requests reach the engine and get a prompt 503
-    # instead of waiting in Serve's queue; Serve's default (5) would cap continuous batching at 5 streams.
-    admit = cfg.engine.max_num_seqs + cfg.engine.max_waiting + ADMISSION_HEADROOM
-    return AttentionWorker.options(ray_actor_options=attn_actor, max_ongoing_requests=admit, **scale).bind(
-        cfg.model_dump(), num_experts, directory, *experts
-    )
-
-
-def replica_counts(app_name: str) -> dict[str, int]:
-    """RUNNING replicas per deployment of an application, as the Serve controller sees them."""
-    app = serve.status().applications.get(app_name)
-    return {
-        name: sum(n for st, n in d.replica_states.items() if str(st).endswith("RUNNING"))
-        for name, d in (app.deployments.items() if app else [])
-    }
-
-
-def resolve_config_path(path: str | None) -> str | None:
-    """A relative config path is read from the working directory, else from the project root, so
-    `config: configs/tiny.yaml` works from a checkout, `serve run`, and the KubeRay image alike."""
-    if not path or os.path.isabs(path) or os.path.exists(path):
-        return path
-    root = Path(__file__).resolve().parent.parent
-    return str(root / path) if (root / path).exists() else path
-
-
-def app_builder(args: dict) -> Application:
-    """Entry point for Ray's own tooling (`serve run configs/serve.yaml`, KubeRay's serveConfigV2).
-
-    args: {"config": path to a mixserve YAML (optional), <any config key>: value, ...}; nested mappings
-    and dotted keys both override the file. `model: null` is the embedded tiny checkpoint, which each
-    process that needs it writes to its machine's cache folder (so it also works on a multi-node cluster).
-    """
-    from .config import load_config
-
-    args = dict(args or {})
-    path = resolve_config_path(args.pop("config", None))
-
-    def flat(d: dict, prefix: str = "") -> dict:
-        out = {}
-        for k, v in d.items():
-            if isinstance(v, dict) and k not in ("resources",):
-                out.update(flat(v, f"{prefix}{k}."))
-            else:
-                out[f"{prefix}{k}"] = v
-        return out
-
-    return build_app(load_config(path, flat(args)))

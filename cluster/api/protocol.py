@@ -17,6 +17,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from cluster.config import ServerConfig
 from model.sampling import (
     MAX_LOGIT_BIAS,
     MAX_STOP_STRINGS,
@@ -26,8 +27,6 @@ from model.sampling import (
     SEED_MIN,
     SamplingParams,
 )
-
-from .config import ServerConfig
 
 MAX_JSON_DEPTH = 32  # the deepest real request (chat content parts) nests 4 levels
 MAX_NUMBER_CHARS = 40  # a JSON number literal longer than this is refused before it is converted

@@ -1,7 +1,7 @@
 """The ingress's routes: OpenAI-compatible HTTP (FastAPI inside Ray Serve) and gRPC.
 
-    client --HTTP/gRPC--> OpenAIIngress: auth, size limit, parse + schema (cluster/protocol.py)
-                          -> OpenAIServing (cluster/serving.py): prompts x n, sampling params, responses
+    client --HTTP/gRPC--> OpenAIIngress: auth, size limit, parse + schema (cluster/api/protocol.py)
+                          -> OpenAIServing (cluster/api/serving.py): prompts x n, sampling params, responses
                           --streaming handle--> AttentionWorker.generate --> outputs --> JSON or SSE
 
 Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}}: 400 bad input, 401 bad
@@ -25,17 +25,8 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.grpc_util import RayServegRPCContext
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from model.config import MixtralConfig
-from model.sampling import SamplingParams
-from model.tiny import resolve_model
-from model.tokenizer import Tokenizer
-from router.engine import RequestOutput, Resume
-from router.experts import expert_groups
-
-from .config import AppConfig
-from .metrics import Metrics
-from .proto import mixserve_pb2 as pb
-from .protocol import (
+from cluster.api.metrics import Metrics
+from cluster.api.protocol import (
     APIError,
     ChatRequest,
     CompletionRequest,
@@ -50,7 +41,15 @@ from .protocol import (
     unauthorized,
     validate,
 )
-from .serving import OpenAIServing
+from cluster.api.serving import OpenAIServing
+from cluster.config import AppConfig
+from cluster.proto import mixserve_pb2 as pb
+from model.config import MixtralConfig
+from model.sampling import SamplingParams
+from model.tiny import resolve_model
+from model.tokenizer import Tokenizer
+from router.engine import RequestOutput, Resume
+from router.experts import expert_groups
 
 log = logging.getLogger(__name__)
 # A streaming call fails with these when its attention replica's process is gone.
@@ -164,9 +163,8 @@ def _stop_reason(out: RequestOutput) -> dict:
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 @serve.ingress(api)
 class OpenAIIngress:
-    def __init__(self, cfg: dict, attention):
-        self.cfg = AppConfig.model_validate(cfg)
-        self.cfg.model = resolve_model(self.cfg.model)
+    def __init__(self, cfg: AppConfig, attention):
+        self.cfg = cfg.model_copy(update={"model": str(resolve_model(cfg.model))})
         self.attention = attention
         self.tokenizer = Tokenizer.for_model(self.cfg.model)
         mc = self.mc = MixtralConfig.from_file(self.cfg.model)
@@ -174,7 +172,7 @@ class OpenAIIngress:
         self.limits = ModelLimits(
             s.served_model_name or os.path.basename(os.path.normpath(self.cfg.model)),
             mc.vocab_size,
-            min(self.cfg.engine.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings),
+            self.cfg.engine.context_len(mc.max_position_embeddings),
             s.max_tokens_default,
             RequestBudget.of(s, mc.num_hidden_layers, mc.num_experts_per_tok),
         )
@@ -320,8 +318,6 @@ class OpenAIIngress:
         """Each attention replica's stats (asked as many times at once as there are replicas, so that
         the handle's routing reaches each; a replica's last report counts for `STATS_TTL_S`), summed,
         and the replica counts from the controller (in a thread: `serve.status()` blocks)."""
-        from .app import replica_counts
-
         now = time.monotonic()
         try:
             if now - self._counts_at >= COUNTS_EVERY_S:
@@ -523,3 +519,12 @@ class OpenAIIngress:
         except APIError as e:
             grpc_context.set_code(GRPC_CODES.get(e.status, grpc.StatusCode.INTERNAL))
             grpc_context.set_details(e.message)
+
+
+def replica_counts(app_name: str) -> dict[str, int]:
+    """RUNNING replicas per deployment of an application, as the Serve controller sees them."""
+    app = serve.status().applications.get(app_name)
+    return {
+        name: sum(n for st, n in d.replica_states.items() if str(st).endswith("RUNNING"))
+        for name, d in (app.deployments.items() if app else [])
+    }

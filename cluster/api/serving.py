@@ -1,12 +1,12 @@
 """The OpenAI serving logic: requests in, responses out, independent of HTTP and Serve.
 
-    CompletionRequest / ChatRequest (cluster/protocol.py: parsed, bounded, schema-checked)
+    CompletionRequest / ChatRequest (cluster/api/protocol.py: parsed, bounded, schema-checked)
       -> prompts (text, token ids, lists of either; chat format) x n choices
       -> one engine sequence per choice (`outputs`: the ingress's call into an attention replica)
       -> one response: choices numbered as OpenAI does (prompt i, choice j -> index i * n + j),
          usage summed, or an SSE stream of chunks, usage in a final chunk with empty `choices`
 
-The routes (cluster/openai_api.py) only read, authenticate and frame; this module decides what a
+The routes (cluster/api/ingress.py) only read, authenticate and frame; this module decides what a
 request means. vLLM splits its entrypoints the same way (protocol / serving / router).
 """
 
@@ -20,11 +20,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
-from model.sampling import SamplingParams
-from model.tokenizer import ChatFormatError, TokenizeError, Tokenizer
-from router.engine import RequestOutput
-
-from .protocol import (
+from cluster.api.protocol import (
     MAX_CHOICES,
     APIError,
     ChatRequest,
@@ -35,6 +31,9 @@ from .protocol import (
     TokenizeCompletion,
     unsupported,
 )
+from model.sampling import SamplingParams
+from model.tokenizer import ChatFormatError, TokenizeError, Tokenizer
+from router.engine import RequestOutput
 
 log = logging.getLogger(__name__)
 

@@ -25,10 +25,10 @@ def client(base_url: str, timeout_s: float = 120) -> openai.OpenAI:
 def expected(model_dir: str, prompts: list[str]) -> list[tuple[str, str]]:
     """The in-process engine's greedy answers (16 tokens, float32), each with a stop string from its
     second half at which the streamed clients stop."""
+    from cluster.build import local_engine
     from model.sampling import SamplingParams
-    from router.engine import LLMEngine
 
-    local = LLMEngine.local(model_dir, "float32")
+    local = local_engine(model_dir, "float32")
     outs = local.generate(
         [local.tokenizer.encode(p) for p in prompts], SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     )

@@ -10,7 +10,7 @@ Serve replicas for the application).
     future.result(): wait; a broken, hung or draining replica -> re-send the chunk elsewhere
 
 Who the replicas are and where their channels listen comes from a `Fleet`: `ActorFleet`
-(cluster/ray_engine.py, the actors it started) or `ServeFleet` (cluster/deployments.py, the
+(cluster/runtime/actors.py, the actors it started) or `ServeFleet` (cluster/serve/experts.py, the
 application's expert directory). The client owns dispatch, chunking over replicas, retries and load
 accounting; a fleet only answers "which endpoints does group g have" and "send this by Ray instead".
 """
@@ -30,13 +30,12 @@ import torch
 from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
 from ray.serve.exceptions import RequestCancelledError
 
+from cluster.config import ExpertsConfig
+from cluster.runtime.autoscaling import QUEUED, RATE
+from cluster.runtime.channel import ChannelClient, ChannelError, ChannelServer, FrameLimits
 from model.moe import ExpertRequest
 from router.experts import ExpertUnavailable, split_by_group
 from workers.expert import ExpertWorker
-
-from .autoscaling import QUEUED, RATE
-from .channel import ChannelClient, ChannelError, ChannelServer, FrameLimits
-from .config import ExpertsConfig  # noqa: F401 - the schema lives with the others; imported from here too
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The disaggregated engine on a Ray cluster without Serve: expert replicas as Ray actors (`ExpertActor`,
 the one worker host) reached through `RayExperts` (the one expert client over `ActorFleet`).
-`mixserve generate` and the benchmark use it; the Serve application uses the same host and client
-(cluster/deployments.py), only its fleet differs.
+`cluster.build.ray_engine` builds an engine on it (`mixserve generate`, the benchmark); the Serve
+application uses the same host and client (cluster/serve/experts.py), only its fleet differs.
 
     attention (this process)                        expert actors (one per group x replica)
     [gate -> dispatch] --TCP frames (channel)-------> [ChannelServer -> ExpertWorker.run]
@@ -25,14 +25,10 @@ import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from model.checkpoint import Checkpoint
-from model.model import MixtralDense
-from model.tokenizer import Tokenizer
-from router.engine import EngineConfig, LLMEngine
-from router.experts import expert_groups
-
-from .channel import new_secret
-from .expert_runtime import RETRYABLE, Endpoint, ExpertClient, ExpertHost, ExpertsConfig, rss_bytes  # noqa: F401
+from cluster.config import ExpertsConfig
+from cluster.runtime.channel import new_secret
+from cluster.runtime.experts import RETRYABLE, Endpoint, ExpertClient, ExpertHost
+from router.experts import expert_map
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +46,8 @@ class ActorFleet:
     """The expert actors this process started: `replicas[g]` are group g's. Channel addresses are
     looked up through Ray (again after a channel breaks: the actor may have been restarted)."""
 
-    def __init__(self, replicas: list[list], timeout_s: float, transport: str):
-        self.replicas, self.timeout_s, self.transport = replicas, timeout_s, transport
+    def __init__(self, replicas: list[list], transport: str):
+        self.replicas, self.transport = replicas, transport
         self.known: dict[str, Endpoint] = {}
         self.lookups: dict[str, ray.ObjectRef] = {}
         self._rr = [itertools.count() for _ in replicas]
@@ -103,9 +99,9 @@ class ActorFleet:
 class RayExperts(ExpertClient):
     """The expert client over expert actors started here (`mixserve generate`, the benchmark)."""
 
-    def __init__(self, model_dir: str, num_experts: int, dtype: str = "auto", cfg: ExpertsConfig | None = None):
+    def __init__(self, model_dir: str, groups: list[list[int]], dtype: str = "auto", cfg: ExpertsConfig | None = None):
         c = cfg or ExpertsConfig()
-        self.groups = expert_groups(num_experts, c.experts_per_worker)
+        self.groups = groups
         self.placement_groups = []
         secret = new_secret()  # the data plane's: handed to each actor by Ray, never logged
         bundle = {"CPU": c.num_cpus, "GPU": c.num_gpus, **c.resources}
@@ -132,8 +128,7 @@ class RayExperts(ExpertClient):
                 ]
             replicas.append(actors)
         self.replicas = replicas
-        emap = {e: gi for gi, g in enumerate(self.groups) for e in g}
-        super().__init__(ActorFleet(replicas, c.call_timeout_s, c.transport), emap, c, secret)
+        super().__init__(ActorFleet(replicas, c.transport), expert_map(groups), c, secret)
 
     def wait_ready(self, timeout_s: float = 300) -> list[dict]:
         return ray.get([a.info.remote() for reps in self.replicas for a in reps], timeout=timeout_s)
@@ -164,21 +159,3 @@ def ensure_ray() -> bool:
         return False
     ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False, logging_level=logging.WARNING)
     return True
-
-
-def start_disaggregated(
-    model_dir: str,
-    dtype: str = "auto",
-    engine_cfg: EngineConfig | None = None,
-    experts_cfg: ExpertsConfig | None = None,
-) -> tuple[LLMEngine, Runtime]:
-    """An engine in this process whose experts are Ray actors (started here, ready on return)."""
-    started = ensure_ray()
-    ckpt = Checkpoint(model_dir)
-    ckpt.check_names()
-    experts_cfg = experts_cfg or ExpertsConfig(num_cpus=0)
-    experts = RayExperts(model_dir, ckpt.config.num_local_experts, dtype, experts_cfg)
-    experts.wait_ready()
-    dense = MixtralDense.from_checkpoint(ckpt, dtype)
-    engine = LLMEngine(dense, experts, Tokenizer.for_model(model_dir), engine_cfg or EngineConfig(num_microbatches=2))
-    return engine, Runtime(experts, started)

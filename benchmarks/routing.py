@@ -208,3 +208,36 @@ def run(url: str, model: str | None, files: list[str], out: str, api_key: str | 
 def _num_experts(seqs: list) -> int:
     """The experts a server without a model card entry has: the highest id seen, plus one."""
     return 1 + max(e for routes in seqs for per_layer in routes for chosen in per_layer for e in chosen)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import os
+    import urllib.error
+
+    p = argparse.ArgumentParser(prog="mixserve routing", description=__doc__.splitlines()[0])
+    p.add_argument("files", nargs="+", help="text files, one per domain")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default: mixserve serve's)")
+    p.add_argument("--model", help="the served model name (default: the one the server lists)")
+    p.add_argument(
+        "--api-key", default=os.environ.get("MIXSERVE_API_KEY"), help="the server's key (default: $MIXSERVE_API_KEY)"
+    )
+    p.add_argument("--chunk-chars", type=int, default=1500, help="characters of text per request")
+    p.add_argument("--out", default="routing-report", help="folder for report.json, report.md and the PNGs")
+    a = p.parse_args(argv)
+    try:
+        run(a.url, a.model, a.files, a.out, a.api_key, a.chunk_chars)
+    except urllib.error.HTTPError as e:
+        print(f"mixserve: error: {a.url} answered {e.code}: {e.read()[:300].decode(errors='replace')}", file=sys.stderr)
+        return 2
+    except urllib.error.URLError as e:  # nothing listens there
+        print(f"mixserve: error: no server at {a.url} ({e.reason}); start one with `mixserve serve`", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as e:
+        print(f"mixserve: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

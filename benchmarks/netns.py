@@ -17,8 +17,8 @@ this module creates are used; `close()` removes all of it.
 
 By hand (as root):
 
-    python -m tests.netns up [--experts 2] [--model DIR]   # prints the URL; Ctrl-C tears it all down
-    python -m tests.netns clean                          # removes what a killed run left behind
+    python -m benchmarks.netns up [--experts 2] [--model DIR]   # prints the URL; Ctrl-C tears it all down
+    python -m benchmarks.netns clean                          # removes what a killed run left behind
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ class Wire:
 
     def __init__(self):
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.netns", "wire"],
+            [sys.executable, "-m", "benchmarks.netns", "wire"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -310,7 +310,8 @@ class NetCluster:
         self.exec(h, "ip", "addr", "add", f"{ip}/{self.net.prefixlen}", "dev", "eth0")
         self.exec(h, "ip", "link", "set", "eth0", "up")
         self.exec(h, "ip", "link", "set", "lo", "up")
-        self.exec(h, sys.executable, "-c", "from tests.netns import no_offloads; no_offloads('eth0')", env=self.env())
+        offloads = "from benchmarks.netns import no_offloads; no_offloads('eth0')"
+        self.exec(h, sys.executable, "-c", offloads, env=self.env())
         return h
 
     def exec(self, host: Host, *argv: str, check: bool = True, timeout: float = 120, env: dict | None = None):
@@ -419,7 +420,7 @@ class NetCluster:
         path = self.workdir / "app.yaml"
         path.write_text(yaml.safe_dump(cfg))
         h = self.head
-        argv = [sys.executable, "-m", "tests.netns", "deploy", f"{h.ip}:{GCS_PORT}", str(path), h.ip]
+        argv = [sys.executable, "-m", "benchmarks.netns", "deploy", f"{h.ip}:{GCS_PORT}", str(path), h.ip]
         with open(self.workdir / "deploy.log", "w") as log:
             r = subprocess.run(
                 ["ip", "netns", "exec", h.ns, *argv],
@@ -529,8 +530,8 @@ def _deploy(address: str, cfg_path: str, http_host: str) -> int:
     import ray
     from ray import serve
 
-    from cluster.app import build_app
     from cluster.config import load_config
+    from cluster.serve.app import build_app
 
     ray.init(address=address, log_to_driver=False)
     serve.start(proxy_location="HeadOnly", http_options={"host": http_host, "port": HTTP_PORT})
@@ -540,7 +541,7 @@ def _deploy(address: str, cfg_path: str, http_host: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tests.netns", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.netns", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("up", help="build the hosts, deploy the application, wait for Ctrl-C")
     s.add_argument("--experts", type=int, default=2, help="expert hosts")
