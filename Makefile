@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve test lint install install-test clean proto
+.PHONY: serve test test-fast lint install install-test clean proto
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,8 +28,13 @@ lint: install-test
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 
+# Everything: the unit tier, then the integration tier (Ray, Serve, subprocesses, namespaced hosts).
 test: install-test lint
 	$(BIN)/python -m pytest -q tests
+
+# The unit tier alone (no Ray, no subprocess): under 2 minutes on 2 cores.
+test-fast: install-test
+	$(BIN)/python -m pytest -q tests/unit
 
 # The committed gRPC stubs, regenerated after an edit of the proto (grpcio-tools: a developer tool).
 proto: install

@@ -17,17 +17,19 @@ from cluster.config import load_config
 from cluster.serve.app import build_app
 from model.config import MixtralConfig
 from model.sampling import SamplingParams
-from tests.conftest import free_port, running_sequences, serve_app
+from tests.support import free_port, post, running_sequences, serve_app
 
 pytestmark = pytest.mark.ray
-CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
-
-
-GRPC_PORT = free_port()
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 
 
 @pytest.fixture(scope="module")
-def server(tiny_dir):
+def grpc_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def server(grpc_port, tiny_dir):
     cfg = load_config(
         CONFIG,
         {
@@ -38,7 +40,7 @@ def server(tiny_dir):
             "server.metrics_refresh_s": 0,
         },
     )
-    with serve_app(cfg, "mixserve", GRPC_PORT) as base:
+    with serve_app(cfg, "mixserve", grpc_port) as base:
         yield base
 
 
@@ -50,15 +52,6 @@ def client(server):
 @pytest.fixture(scope="module")
 def local(tiny_dir):
     return local_engine(tiny_dir, "float32")
-
-
-def post(url: str, body: bytes, headers: dict | None = None) -> tuple[int, dict, dict]:
-    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json", **(headers or {})})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, dict(r.headers), json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), json.loads(e.read())
 
 
 def test_models(client):
@@ -330,7 +323,7 @@ def test_client_disconnect_frees_its_sequence(server, client):
         time.sleep(0.2)
 
 
-def test_grpc_unary_and_streaming(server, local):
+def test_grpc_unary_and_streaming(grpc_port, server, local):
     import grpc
 
     from cluster.proto import mixserve_pb2 as pb
@@ -338,7 +331,7 @@ def test_grpc_unary_and_streaming(server, local):
 
     prompt = "Over gRPC"
     want = local.generate([local.tokenizer.encode(prompt)], SamplingParams(max_tokens=9, temperature=0))[0]
-    with grpc.insecure_channel(f"127.0.0.1:{GRPC_PORT}") as ch:
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as ch:
         grpc.channel_ready_future(ch).result(timeout=30)
         stub = MixServeStub(ch)
         r = stub.Generate(pb.GenerateRequest(prompt=prompt, max_tokens=9, temperature=0), timeout=60)

@@ -22,18 +22,22 @@ from cluster.build import local_engine
 from cluster.config import AppConfig
 from model.sampling import SamplingParams
 from model.tokenizer import Tokenizer
-from tests.conftest import free_port, serve_app
+from tests.support import free_port, serve_app
 
 pytestmark = pytest.mark.ray
 MODEL = "tiny-cost"
-GRPC_PORT = free_port()
 PROMPTS = ["Once upon a time", "The capital of France is", "1 2 3 4", "Résumé: naïve café"]
 CONTEXT = 1024
 VICTIM_TOKENS = 24
 
 
 @pytest.fixture(scope="module")
-def server(tiny_dir):
+def grpc_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def server(grpc_port, tiny_dir):
     cfg = AppConfig(
         model=tiny_dir,
         dtype="float32",
@@ -43,7 +47,7 @@ def server(tiny_dir):
         # a budget wide enough that n=128 at the context is accepted: fairness, not the 400, is tested
         server={"served_model_name": MODEL, "max_request_output_tokens": 1 << 20, "metrics_refresh_s": 0},
     )
-    with serve_app(cfg, "cost", GRPC_PORT) as base:
+    with serve_app(cfg, "cost", grpc_port) as base:
         yield base
 
 
@@ -262,7 +266,7 @@ def test_n_128_at_the_context_does_not_hold_back_another_requests_first_token(se
     assert got <= 2 * alone + 2 * step, f"TTFT {got:.3f} s under n=128 against {alone:.3f} s alone, step {step:.3f} s"
 
 
-def test_docs_and_grpc_reflection_are_closed(server):
+def test_docs_and_grpc_reflection_are_closed(grpc_port, server):
     for path in ("/docs", "/openapi.json", "/redoc"):
         try:
             urllib.request.urlopen(server + path, timeout=30)
@@ -272,7 +276,7 @@ def test_docs_and_grpc_reflection_are_closed(server):
         assert code == 404, path
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-    with grpc.insecure_channel(f"127.0.0.1:{GRPC_PORT}") as ch:
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as ch:
         stub = reflection_pb2_grpc.ServerReflectionStub(ch)
         with pytest.raises(grpc.RpcError) as e:
             list(

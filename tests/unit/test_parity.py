@@ -9,7 +9,7 @@ from cluster.build import local_engine
 from model.model import Transformer
 from model.sampling import SamplingParams
 from router.engine import EngineConfig
-from tests.conftest import hf_checkpoint
+from tests.support import hf_checkpoint
 
 # (kv heads, experts, top-k, dtype, sharded, old config form)
 SHAPES = [

@@ -12,7 +12,7 @@ import pytest
 
 from benchmarks.bench import SYSTEMS, Timing, pct, summarize, workload
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_workload_is_seeded_and_within_ranges():

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import banner, free_port, serve_run_answer
+from tests.support import banner, free_port, serve_run_answer
 
 pytestmark = pytest.mark.ray
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_serve_config_validates_with_rays_schema():

@@ -17,18 +17,21 @@ import pytest
 from cluster.build import local_engine
 from cluster.config import load_config
 from model.sampling import SamplingParams
-from tests.conftest import free_port, running_sequences, serve_app
-from tests.test_openai import post
+from tests.support import free_port, post, running_sequences, serve_app
 
 pytestmark = pytest.mark.ray
-CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
-GRPC_PORT = free_port()
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 M = "tiny-api"
 REPEATS = "Un deux trois " * 12  # the tiny model repeats itself after this prompt: penalties show
 
 
 @pytest.fixture(scope="module")
-def server(tiny_dir):
+def grpc_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def server(grpc_port, tiny_dir):
     cfg = load_config(
         CONFIG,
         {
@@ -39,7 +42,7 @@ def server(tiny_dir):
             "server.metrics_refresh_s": 0,
         },
     )
-    with serve_app(cfg, "mixserve", GRPC_PORT) as base:
+    with serve_app(cfg, "mixserve", grpc_port) as base:
         yield base
 
 
@@ -390,7 +393,7 @@ def test_a_bad_request_leaves_running_streams_alone(client, local):
 # ---------------------------------------------------------------- gRPC
 
 
-def test_grpc_takes_the_same_sampling_fields(server, local):
+def test_grpc_takes_the_same_sampling_fields(grpc_port, server, local):
     import grpc
 
     from cluster.proto import mixserve_pb2 as pb
@@ -406,7 +409,7 @@ def test_grpc_takes_the_same_sampling_fields(server, local):
         repetition_penalty=1.8,
         logit_bias={toks[0]: -100.0},
     )
-    with grpc.insecure_channel(f"127.0.0.1:{GRPC_PORT}") as ch:
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as ch:
         grpc.channel_ready_future(ch).result(timeout=30)
         stub = MixServeStub(ch)
         r = stub.Generate(
@@ -553,7 +556,7 @@ def test_dashboard_queries_name_metrics_the_server_exports(server, client):
     import urllib.request
 
     dash = json.loads(
-        (Path(__file__).resolve().parent.parent / "k8s" / "monitoring" / "grafana-dashboard.json").read_text()
+        (Path(__file__).resolve().parents[2] / "k8s" / "monitoring" / "grafana-dashboard.json").read_text()
     )
     assert dash["title"] and dash["uid"] and isinstance(dash["schemaVersion"], int)
     ids = [p["id"] for p in dash["panels"]]

@@ -19,7 +19,7 @@ from benchmarks.load import PROMPTS, Stream, expected, progress
 from cluster.api.ingress import replica_counts
 from cluster.config import AppConfig
 from cluster.serve.app import build_app
-from tests.conftest import free_port
+from tests.support import free_port
 
 pytestmark = pytest.mark.ray
 APP = "chaos"

@@ -23,18 +23,22 @@ from cluster.config import AppConfig
 from cluster.proto import mixserve_pb2 as pb
 from cluster.proto.mixserve_pb2_grpc import MixServeStub
 from model.sampling import SamplingParams
-from tests.conftest import free_port, serve_app
+from tests.support import free_port, serve_app
 
 pytestmark = pytest.mark.ray
 KEY = "isolation-key"
 MODEL = "tiny-iso"
-GRPC_PORT = free_port()
 PROMPTS = ["Once upon a time", "The capital of France is", "1 2 3 4", "Résumé: naïve café"]
 MAX_REQUEST_BYTES = 64 << 10
 
 
 @pytest.fixture(scope="module")
-def server(tiny_dir):
+def grpc_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def server(grpc_port, tiny_dir):
     cfg = AppConfig(
         model=tiny_dir,
         dtype="float32",
@@ -43,7 +47,7 @@ def server(tiny_dir):
         experts={"num_cpus": 0, "experts_per_worker": 4},
         server={"served_model_name": MODEL, "api_key": KEY, "max_request_bytes": MAX_REQUEST_BYTES},
     )
-    with serve_app(cfg, "iso", GRPC_PORT) as base:
+    with serve_app(cfg, "iso", grpc_port) as base:
         yield base
 
 
@@ -300,13 +304,13 @@ def grpc_call(stub, req, metadata=(("authorization", f"Bearer {KEY}"),)):
         return e.code(), e.details()
 
 
-def test_grpc_checks_the_key_and_fuzzed_values_never_hurt_other_streams(server, solo):
+def test_grpc_checks_the_key_and_fuzzed_values_never_hurt_other_streams(grpc_port, server, solo):
     ok = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
     u32 = st.sampled_from([0, 1, 8, 31999, 32000, 2**31, 2**32 - 1])
     f32 = st.sampled_from([0.0, 1e-45, 1e-30, 1e-5, 0.5, 1.0, 2.0, 3.0, float("nan"), float("inf"), -1.0, 3.4e38])
     i32 = st.sampled_from([-(2**31), -1, 0, 1, 31999, 32000, 2**31 - 1])
 
-    with grpc.insecure_channel(f"127.0.0.1:{GRPC_PORT}") as ch:
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as ch:
         grpc.channel_ready_future(ch).result(timeout=30)
         stub = MixServeStub(ch)
         req = pb.GenerateRequest(prompt="Hi", max_tokens=2)
@@ -351,13 +355,13 @@ def test_grpc_checks_the_key_and_fuzzed_values_never_hurt_other_streams(server, 
     assert streams.done >= 2 and streams.identical == streams.done, (streams.done, streams.identical)
 
 
-def test_grpc_from_another_host_is_refused_when_bound_to_loopback(server):
+def test_grpc_from_another_host_is_refused_when_bound_to_loopback(grpc_port, server):
     """Serve's gRPC proxy listens on every interface; with server.host on loopback the ingress takes
     gRPC calls from this host only. Reach it through another local address where there is one."""
     other = ray.util.get_node_ip_address()  # this machine's own address, the one Ray itself uses
     if other.startswith("127."):
         pytest.skip("this host has no non-loopback address to call from")
-    with grpc.insecure_channel(f"{other}:{GRPC_PORT}") as ch:
+    with grpc.insecure_channel(f"{other}:{grpc_port}") as ch:
         grpc.channel_ready_future(ch).result(timeout=30)
         code, details = grpc_call(MixServeStub(ch), pb.GenerateRequest(prompt="Hi", max_tokens=2))
     assert code == grpc.StatusCode.PERMISSION_DENIED, details

@@ -1,0 +1,171 @@
+"""The OpenAI serving logic (cluster/api/serving.py) against the in-process engine, with no HTTP and no
+Serve: request bodies in, response bodies and SSE lines out, compared with what the engine itself
+generates for the same token ids. (Through Serve and HTTP: tests/integration/test_openai.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from cluster.api.protocol import APIError, ChatRequest, CompletionRequest, ModelLimits, RequestBudget, validate
+from cluster.api.serving import OpenAIServing
+from cluster.build import local_engine
+from cluster.config import ServerConfig
+from model.sampling import SamplingParams
+
+MODEL = "tiny"
+
+
+def engine_outputs(eng):
+    """The `outputs` of OpenAIServing driven by an engine in this process, as the attention worker
+    does it: every choice of the request added at once, a later choice of a prompt forked from its
+    first, one batch of (choice, output) per engine step."""
+
+    async def outputs(prompts, params, group):
+        rids: list[str] = []
+        for k, (p, sp) in enumerate(zip(prompts, params)):
+            first = prompts.index(p)
+            rids.append(eng.add_request(p, sp, group=group, fork_of=rids[first] if first < k else None))
+        choice = {r: k for k, r in enumerate(rids)}
+
+        async def batches():
+            while eng.has_unfinished():
+                batch = [(choice[o.req_id], o) for o in eng.step() if o.req_id in choice]
+                if batch:
+                    yield batch
+
+        return batches()
+
+    return outputs
+
+
+@pytest.fixture(scope="module")
+def eng(tiny_dir):
+    return local_engine(tiny_dir, "float32")
+
+
+@pytest.fixture(scope="module")
+def serving(eng):
+    mc = eng.dense.cfg
+    budget = RequestBudget.of(ServerConfig(), mc.num_hidden_layers, mc.num_experts_per_tok)
+    return OpenAIServing(
+        eng.tokenizer, ModelLimits(MODEL, mc.vocab_size, eng.max_model_len, 16, budget), engine_outputs(eng)
+    )
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def complete(serving, **body):
+    return run(serving.completions(validate(CompletionRequest, {"model": MODEL, **body})))
+
+
+def stream(serving, route: str, **body) -> list:
+    """The SSE events of a streamed request: parsed JSON, then the closing "[DONE]"."""
+
+    async def read():
+        schema = ChatRequest if route == "chat" else CompletionRequest
+        req = validate(schema, {"model": MODEL, "stream": True, **body})
+        lines = await (serving.chat(req) if route == "chat" else serving.completions(req))
+        return [line async for line in lines]
+
+    events = []
+    for line in run(read()):
+        assert line.startswith("data: ") and line.endswith("\n\n"), line
+        data = line[len("data: ") : -2]
+        events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def greedy(eng, ids, **kw):
+    return eng.generate([ids], SamplingParams(temperature=0.0, **kw))[0]
+
+
+def test_a_completion_is_the_engines_generation(serving, eng):
+    prompt = "The capital of France is"
+    body = complete(serving, prompt=prompt, max_tokens=9, temperature=0)
+    want = greedy(eng, eng.tokenizer.encode(prompt), max_tokens=9)
+    (c,) = body["choices"]
+    assert (c["index"], c["text"], c["finish_reason"]) == (0, want.text, want.finish_reason)
+    assert body["object"] == "text_completion" and body["model"] == MODEL
+    assert body["usage"] == {
+        "prompt_tokens": want.prompt_tokens,
+        "completion_tokens": want.completion_tokens,
+        "total_tokens": want.prompt_tokens + want.completion_tokens,
+    }
+
+
+def test_the_stream_adds_up_to_the_response_and_ends_with_usage_then_done(serving):
+    kw = dict(prompt="Once upon a time", max_tokens=12, temperature=0)
+    whole = complete(serving, **kw)
+    events = stream(serving, "completions", stream_options={"include_usage": True}, **kw)
+    assert events[-1] == "[DONE]"
+    *chunks, last = events[:-1]
+    assert last["choices"] == [] and last["usage"] == whole["usage"]
+    assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == whole["choices"][0]["text"]
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
+
+
+def test_prompts_times_n_are_choices_in_order(serving, eng):
+    prompts = ["Hello there", "A long way from home"]
+    body = complete(serving, prompt=prompts, n=2, max_tokens=6, temperature=0)
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
+    for i, p in enumerate(prompts):
+        want = greedy(eng, eng.tokenizer.encode(p), max_tokens=6).text
+        assert body["choices"][2 * i]["text"] == body["choices"][2 * i + 1]["text"] == want
+    assert body["usage"]["completion_tokens"] == 4 * 6
+
+
+def test_token_id_prompts_echo_and_logprobs(serving, eng):
+    ids = eng.tokenizer.encode("Numbers: one two")
+    body = complete(serving, prompt=ids, max_tokens=5, temperature=0, logprobs=2)
+    (c,) = body["choices"]
+    lp = c["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 5
+    assert all(len(top) <= 2 and x <= 0 for top, x in zip(lp["top_logprobs"], lp["token_logprobs"]))
+    assert "".join(lp["tokens"]) == c["text"] == greedy(eng, ids, max_tokens=5).text
+    echoed = complete(serving, prompt="Numbers: one two", max_tokens=5, temperature=0, echo=True)
+    assert echoed["choices"][0]["text"] == "Numbers: one two" + c["text"]
+
+
+def test_a_stop_string_cuts_the_text_and_is_named(serving, eng):
+    want = greedy(eng, eng.tokenizer.encode("The sky"), max_tokens=16, ignore_eos=True).text
+    stop = want[len(want) // 2 : len(want) // 2 + 2]
+    assert stop.strip(), want
+    (c,) = complete(serving, prompt="The sky", max_tokens=16, temperature=0, stop=[stop], ignore_eos=True)["choices"]
+    assert (c["text"], c["finish_reason"], c["stop_reason"]) == (want[: want.find(stop)], "stop", stop)
+
+
+def test_chat_is_the_chat_template_then_generation(serving, eng):
+    msgs = [{"role": "user", "content": "Name a colour."}]
+    req = validate(ChatRequest, {"model": MODEL, "messages": msgs, "max_tokens": 7, "temperature": 0})
+    body = run(serving.chat(req))
+    want = greedy(eng, eng.tokenizer.encode_chat(msgs), max_tokens=7)
+    (c,) = body["choices"]
+    assert c["message"] == {"role": "assistant", "content": want.text} and body["object"] == "chat.completion"
+    assert body["usage"]["prompt_tokens"] == want.prompt_tokens
+    events = stream(serving, "chat", messages=msgs, max_tokens=7, temperature=0)
+    deltas = [e["choices"][0]["delta"] for e in events[:-1] if e["choices"]]
+    assert deltas[0] == {"role": "assistant", "content": ""}
+    assert "".join(d.get("content", "") for d in deltas) == want.text
+
+
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({"prompt": "x", "model": "other"}, "model"),
+        ({"prompt": []}, "prompt"),
+        ({"prompt": "x", "max_tokens": 1 << 20}, "max_tokens"),
+        ({"prompt": [10**9]}, "prompt"),
+        ({"prompt": "x", "n": 200}, "n"),
+        ({"prompt": "x", "suffix": "y"}, "suffix"),
+    ],
+)
+def test_bad_requests_are_refused_before_the_engine_and_name_the_field(serving, eng, body, param):
+    with pytest.raises(APIError) as e:
+        complete(serving, **{"model": MODEL, **body})
+    assert e.value.status in (400, 404) and e.value.param == param, (e.value.status, e.value.param, str(e.value))
+    assert not eng.has_unfinished()  # nothing reached the engine
