@@ -28,6 +28,14 @@ MAX_STOP_TOKEN_IDS = 64
 LOGIT_CAP = 1e6  # processed logits stay below this (finite after a temperature of GREEDY_EPS)
 
 
+class InvalidParam(ValueError):
+    """A sampling value outside its range; `param` names the request field it came from."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 16
@@ -59,47 +67,49 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop, self.stop_token_ids = list(self.stop), list(self.stop_token_ids)
         if not 1 <= self.max_tokens <= MAX_TOKENS_LIMIT:
-            raise ValueError(f"max_tokens={self.max_tokens} must be in [1, {MAX_TOKENS_LIMIT}]")
+            raise InvalidParam("max_tokens", f"max_tokens={self.max_tokens} must be in [1, {MAX_TOKENS_LIMIT}]")
         if not 0.0 <= self.temperature <= 2.0:  # also false for NaN
-            raise ValueError(f"temperature={self.temperature} must be in [0, 2]")
+            raise InvalidParam("temperature", f"temperature={self.temperature} must be in [0, 2]")
         if self.temperature < GREEDY_EPS:
             self.temperature = 0.0
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+            raise InvalidParam("top_p", f"top_p={self.top_p} must be in (0, 1]")
         if self.top_k < -1:
-            raise ValueError(f"top_k={self.top_k} must be >= -1 (0 or -1 disables it)")
+            raise InvalidParam("top_k", f"top_k={self.top_k} must be >= -1 (0 or -1 disables it)")
         self.top_k = max(self.top_k, 0)
         if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
-            raise ValueError(f"seed must be in [{SEED_MIN}, {SEED_MAX}]")
+            raise InvalidParam("seed", f"seed must be in [{SEED_MIN}, {SEED_MAX}]")
         if len(self.stop) > MAX_STOP_STRINGS or any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError(f"stop: at most {MAX_STOP_STRINGS} non-empty strings")
+            raise InvalidParam("stop", f"stop: at most {MAX_STOP_STRINGS} non-empty strings")
         if any(t < 0 for t in self.stop_token_ids):
-            raise ValueError("stop_token_ids must be >= 0")
+            raise InvalidParam("stop_token_ids", "stop_token_ids must be >= 0")
         if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
-            raise ValueError(f"stop_token_ids: at most {MAX_STOP_TOKEN_IDS}")
+            raise InvalidParam("stop_token_ids", f"stop_token_ids: at most {MAX_STOP_TOKEN_IDS}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise ValueError(f"logprobs={self.logprobs} must be in [0, 20]")
+            raise InvalidParam("logprobs", f"logprobs={self.logprobs} must be in [0, 20]")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
-                raise ValueError(f"{name}={getattr(self, name)} must be in [-2, 2]")
+                raise InvalidParam(name, f"{name}={getattr(self, name)} must be in [-2, 2]")
         if not 0.0 < self.repetition_penalty <= 2.0:
-            raise ValueError(f"repetition_penalty={self.repetition_penalty} must be in (0, 2]")
+            raise InvalidParam("repetition_penalty", f"repetition_penalty={self.repetition_penalty} must be in (0, 2]")
         if not 0.0 <= self.min_p <= 1.0:
-            raise ValueError(f"min_p={self.min_p} must be in [0, 1]")
+            raise InvalidParam("min_p", f"min_p={self.min_p} must be in [0, 1]")
         if not 0 <= self.min_tokens <= self.max_tokens:
-            raise ValueError(f"min_tokens={self.min_tokens} must be in [0, max_tokens={self.max_tokens}]")
+            raise InvalidParam(
+                "min_tokens", f"min_tokens={self.min_tokens} must be in [0, max_tokens={self.max_tokens}]"
+            )
         self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
         if len(self.logit_bias) > MAX_LOGIT_BIAS:
-            raise ValueError(f"logit_bias: at most {MAX_LOGIT_BIAS} entries")
+            raise InvalidParam("logit_bias", f"logit_bias: at most {MAX_LOGIT_BIAS} entries")
         if any(k < 0 or not -100.0 <= v <= 100.0 for k, v in self.logit_bias.items()):
-            raise ValueError("logit_bias: token ids >= 0 and biases in [-100, 100]")
+            raise InvalidParam("logit_bias", "logit_bias: token ids >= 0 and biases in [-100, 100]")
 
     def for_vocab(self, vocab_size: int) -> SamplingParams:
         """Checked against the model: stop token ids inside the vocabulary, top_k clipped to it."""
         if any(t >= vocab_size for t in self.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be in [0, {vocab_size})")
+            raise InvalidParam("stop_token_ids", f"stop_token_ids must be in [0, {vocab_size})")
         if any(t >= vocab_size for t in self.logit_bias):
-            raise ValueError(f"logit_bias: token ids must be in [0, {vocab_size})")
+            raise InvalidParam("logit_bias", f"logit_bias: token ids must be in [0, {vocab_size})")
         if self.top_k >= vocab_size:
             self.top_k = 0  # keeping every token is no filter
         return self

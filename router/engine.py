@@ -37,7 +37,7 @@ from model.tokenizer import IncrementalDetokenizer, Tokenizer
 from .config import EngineConfig
 from .experts import ExpertBackend
 from .kv_cache import BlockManager
-from .scheduler import Scheduled, Scheduler, Sequence, Status
+from .scheduler import ErrorKind, FinishReason, Scheduled, Scheduler, Sequence, Status
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +58,12 @@ class RequestOutput:
     new_token_ids: list[int]
     text: str  # new text since the last output
     finished: bool
-    finish_reason: str | None = None  # stop | length | abort | error
+    finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     logprobs: list = field(default_factory=list)  # [(token, logprob, [(alt, logprob)])] per new token
-    error: str | None = None  # with finish_reason "error": why this request (and only it) failed
-    error_kind: str | None = None  # "invalid" (refused: bad request), "overloaded" (refused: retry), "failed"
+    error: str | None = None  # with finish_reason ERROR: why this request (and only it) failed
+    error_kind: ErrorKind | None = None
     stop_reason: int | str | None = None  # vLLM's: the stop string or stop token id that ended it; None for EOS
     # vLLM's routed experts, when asked: [new tokens][layers][k] for this output's tokens (the
     # experts of the position whose output chose each token); the prompt's [prompt][layers][k]
@@ -215,7 +215,7 @@ class LLMEngine:
             return False
         self.scheduler.remove(seq)
         seq.status = Status.FINISHED
-        seq.finish_reason = "abort"
+        seq.finish_reason = FinishReason.ABORT
         return True
 
     def has_unfinished(self) -> bool:
@@ -348,7 +348,7 @@ class LLMEngine:
 
     def _fail(self, seq: Sequence, message: str) -> RequestOutput:
         """Finish one sequence with an error; its KV blocks are freed, nothing else is touched."""
-        return self._finish(seq, "error", message)
+        return self._finish(seq, FinishReason.ERROR, message)
 
     def fail_all(self, message: str) -> list[RequestOutput]:
         """Every unfinished request ends with `message` (the engine loop's last resort)."""
@@ -369,7 +369,7 @@ class LLMEngine:
         checks = len(seq.output_ids) >= p.min_tokens  # vLLM: no stop of any kind before min_tokens
         is_stop_token = checks and ((t in self.eos and not p.ignore_eos) or t in p.stop_token_ids)
         if is_stop_token:
-            reason = "stop"
+            reason = FinishReason.STOP
             seq.stop_reason = t if t in p.stop_token_ids else None
             if p.include_stop_str_in_output and seq.detok is not None:
                 seq.text += seq.detok.add([t]) + seq.detok.flush()
@@ -379,9 +379,9 @@ class LLMEngine:
             if p.stop and checks:
                 reason = self._cut_at_stop(seq, before)
         if reason is None and (len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self._cap(seq)):
-            reason = "length"
+            reason = FinishReason.LENGTH
         if reason is not None:
-            if reason == "length" and seq.detok is not None:
+            if reason == FinishReason.LENGTH and seq.detok is not None:
                 before = len(seq.text)
                 seq.text += seq.detok.flush()
                 if p.stop:  # the flushed tail may complete a stop string
@@ -391,15 +391,15 @@ class LLMEngine:
         hold = max((len(s) - 1 for s in p.stop), default=0)
         return self._emit(seq, max(seq.emitted_chars, len(seq.text) - hold), False)
 
-    def _cut_at_stop(self, seq: Sequence, before: int) -> str | None:
+    def _cut_at_stop(self, seq: Sequence, before: int) -> FinishReason | None:
         """Cut the text at the first stop string in what was added after `before` (keeping the
-        string itself if asked); "stop" if one was found."""
+        string itself if asked); STOP if one was found."""
         i, s = first_stop(seq.text, seq.params.stop, before)
         if i == -1:
             return None
         seq.text = seq.text[: i + len(s) if seq.params.include_stop_str_in_output else i]
         seq.stop_reason = s
-        return "stop"
+        return FinishReason.STOP
 
     def _stop_ids(self, p: SamplingParams) -> set[int]:
         """The tokens that would end a sequence: banned while it is shorter than min_tokens."""
@@ -408,7 +408,7 @@ class LLMEngine:
     def _cap(self, seq: Sequence) -> int:
         return min(self.max_model_len, self.blocks.num_blocks * self.blocks.block_size)
 
-    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> RequestOutput:
+    def _finish(self, seq: Sequence, reason: FinishReason, error: str | None = None) -> RequestOutput:
         seq.finish_reason = reason
         self.scheduler.remove(seq)
         seq.status = Status.FINISHED
@@ -423,7 +423,7 @@ class LLMEngine:
                 len(seq.prompt_ids),
                 len(seq.output_ids),
                 error=error,
-                error_kind="failed",
+                error_kind=ErrorKind.FAILED,
             )
         return self._emit(seq, len(seq.text), True)
 

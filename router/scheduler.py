@@ -27,7 +27,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import Enum, StrEnum
 
 import torch
 
@@ -37,6 +37,21 @@ from model.tokenizer import IncrementalDetokenizer
 from .kv_cache import BlockManager, BlockTable
 
 _WAIT = object()  # a forked choice whose prompt is still being prefilled
+
+
+class FinishReason(StrEnum):
+    """Why a sequence ended (OpenAI's `finish_reason`; `abort` and `error` are the engine's own)."""
+
+    STOP = "stop"  # EOS, a stop token or a stop string
+    LENGTH = "length"  # max_tokens, the context or the cache
+    ABORT = "abort"  # the caller aborted it
+    ERROR = "error"  # it failed or was refused: `error` says why, `error_kind` how
+
+
+class ErrorKind(StrEnum):
+    INVALID = "invalid"  # refused: the request is bad (HTTP 400)
+    OVERLOADED = "overloaded"  # refused: no room now, retry (HTTP 503)
+    FAILED = "failed"  # it ran and failed (HTTP 500, or an error event in a stream)
 
 
 class Status(Enum):
@@ -55,7 +70,7 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
     num_computed: int = 0  # positions whose K/V are in the cache
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
     routes: list = field(default_factory=list)  # position -> [layer][k] expert ids (when asked)
     detok: IncrementalDetokenizer | None = None

@@ -25,7 +25,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.grpc_util import RayServegRPCContext
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cluster.api.metrics import Metrics
+from cluster.api.metrics import AttentionStats, Metrics
 from cluster.api.protocol import (
     APIError,
     ChatRequest,
@@ -48,7 +48,7 @@ from model.config import MixtralConfig
 from model.sampling import SamplingParams
 from model.tiny import resolve_model
 from model.tokenizer import Tokenizer
-from router.engine import RequestOutput, Resume
+from router.engine import ErrorKind, RequestOutput, Resume
 from router.experts import expert_groups
 
 log = logging.getLogger(__name__)
@@ -68,26 +68,6 @@ GRPC_CODES = {
 # ingress serves /docs and /openapi.json itself when `server.enable_docs` is set, behind the key.
 STATS_TTL_S = 60.0  # an attention replica not heard from for this long is left out of /metrics
 COUNTS_EVERY_S = 5.0  # /metrics asks the Serve controller for replica counts at most this often
-
-# Summed over attention replicas; every other stat is a per-replica figure that is not aggregated.
-SUMMED = ("running", "waiting", "preemptions", "expert_calls", "expert_call_seconds", "expert_retries")
-
-
-def sum_stats(reports: list[dict]) -> dict:
-    """Several attention replicas' stats as one: counts summed, KV-cache use averaged."""
-    out = {k: sum(r[k] for r in reports) for k in SUMMED}
-    out["kv_usage"] = sum(r["kv_usage"] for r in reports) / len(reports)
-    routed: dict[tuple[int, int], int] = {}
-    in_flight: dict = {}
-    for r in reports:
-        for l, e, n in r["routed_tokens"]:
-            routed[(l, e)] = routed.get((l, e), 0) + n
-        for e, n in r.get("expert_in_flight_tokens", {}).items():
-            in_flight[e] = in_flight.get(e, 0) + n
-    out["routed_tokens"] = [[l, e, n] for (l, e), n in sorted(routed.items())]
-    out["expert_in_flight_tokens"] = in_flight
-    return out
-
 
 api = FastAPI(
     title="mixserve", description="OpenAI-compatible API of mixserve", docs_url=None, redoc_url=None, openapi_url=None
@@ -116,7 +96,7 @@ async def _http_error(request: Request, e: StarletteHTTPException):
 
 def output_error(out: RequestOutput) -> APIError:
     """The refusal or failure an attention replica reported for one request, as an API error."""
-    if out.error_kind == "overloaded":
+    if out.error_kind == ErrorKind.OVERLOADED:
         return APIError(
             503,
             "the server is overloaded; retry later",
@@ -124,7 +104,7 @@ def output_error(out: RequestOutput) -> APIError:
             code="overloaded",
             headers={"Retry-After": "1"},
         )
-    if out.error_kind == "invalid":
+    if out.error_kind == ErrorKind.INVALID:
         return APIError(400, out.error or "invalid request")
     return APIError(500, f"the request failed: {out.error}", "server_error", code="request_failed")
 
@@ -329,13 +309,13 @@ class OpenAIIngress:
         got = await asyncio.gather(*(self.attention.stats.remote() for _ in range(n)), return_exceptions=True)
         now = time.monotonic()
         for st in got:
-            if isinstance(st, dict):
-                self._reports[(st["node_id"], st["pid"])] = (now, st)
+            if isinstance(st, AttentionStats):
+                self._reports[(st.node_id, st.pid)] = (now, st)
         for key in [k for k, (t, _) in self._reports.items() if now - t > STATS_TTL_S]:
             del self._reports[key]
         experts = {d.removeprefix("expert-group-"): c for d, c in self._counts.items() if d.startswith("expert-group-")}
         if self._reports:
-            self.metrics.update_from(sum_stats([st for _, st in self._reports.values()]), experts)
+            self.metrics.update_from(AttentionStats.summed([st for _, st in self._reports.values()]), experts)
         self._metrics_at = now
 
     @api.get("/openapi.json")

@@ -13,10 +13,62 @@ to Ray's metrics endpoint (mixserve_expert_replica_*).
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field, fields
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+@dataclass
+class AttentionStats:
+    """What one attention replica reports (`AttentionWorker.stats()`): its engine, its expert client and
+    its process. `summed` adds several replicas' up for /metrics."""
+
+    # the engine
+    running: int = 0  # sequences running
+    waiting: int = 0  # sequences queued
+    kv_usage: float = 0.0  # share of the KV-cache blocks in use
+    preemptions: int = 0
+    kv_bytes: int = 0  # the KV cache's fixed size
+    dense_bytes: int = 0  # the dense weights' size
+    # the expert client
+    routed_tokens: list[list[int]] = field(default_factory=list)  # [layer, expert, tokens routed so far]
+    expert_in_flight_tokens: dict[int, int] = field(default_factory=dict)  # expert -> tokens sent, not back yet
+    expert_calls: int = 0  # (layer, group) calls
+    expert_call_seconds: float = 0.0  # their summed round trips
+    expert_retries: int = 0
+    expert_chunks: int = 0  # messages sent (a call split over replicas is several)
+    expert_channel_calls: int = 0  # chunks that went over the data plane
+    expert_ray_calls: int = 0  # chunks that went through Serve handles (no channel known)
+    expert_channels: list[str] = field(default_factory=list)  # replicas with an open channel
+    # the process
+    pid: int = 0
+    node_id: str = ""
+    rss_bytes: int = 0
+    max_rss_bytes: int = 0
+    torch_threads: int = 0
+
+    # Summed over replicas; the rest are one process's figures, not added up.
+    SUMMED = ("running", "waiting", "preemptions", "expert_calls", "expert_call_seconds", "expert_retries")
+
+    @classmethod
+    def summed(cls, reports: list[AttentionStats]) -> AttentionStats:
+        """Several replicas as one: counts summed, KV-cache use averaged, routed and in-flight tokens
+        added per (layer, expert) and per expert; the per-process fields are left at their zero."""
+        out = cls(**{k: sum(getattr(r, k) for r in reports) for k in cls.SUMMED})
+        out.kv_usage = sum(r.kv_usage for r in reports) / len(reports)
+        routed: dict[tuple[int, int], int] = {}
+        for r in reports:
+            for l, e, n in r.routed_tokens:
+                routed[(l, e)] = routed.get((l, e), 0) + n
+            for e, n in r.expert_in_flight_tokens.items():
+                out.expert_in_flight_tokens[e] = out.expert_in_flight_tokens.get(e, 0) + n
+        out.routed_tokens = [[l, e, n] for (l, e), n in sorted(routed.items())]
+        return out
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 class Metrics:
@@ -85,10 +137,10 @@ class Metrics:
             self.replicas_min.labels(str(g)).set(lo)
             self.replicas_max.labels(str(g)).set(hi)
 
-    def update_from(self, stats: dict, replicas: dict[str, int], now: float | None = None) -> None:
+    def update_from(self, stats: AttentionStats, replicas: dict[str, int], now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         totals: dict[tuple[str, str], int] = {}
-        for l, e, n in stats["routed_tokens"]:
+        for l, e, n in stats.routed_tokens:
             totals[(str(l), str(e))] = n
             totals[("all", str(e))] = totals.get(("all", str(e)), 0) + n
         if self._last is not None and now > self._last[0]:
@@ -99,17 +151,17 @@ class Metrics:
                 got = sum(totals.get(("all", str(e)), 0) - before.get(("all", str(e)), 0) for e in experts)
                 self.group_load.labels(str(g)).set(got / (now - t0))
         self._last = (now, totals)
-        for e, n in stats.get("expert_in_flight_tokens", {}).items():
+        for e, n in stats.expert_in_flight_tokens.items():
             self.queued.labels(str(e)).set(n)
-        self.running.set(stats["running"])
-        self.waiting.set(stats["waiting"])
-        self.kv_usage.set(stats["kv_usage"])
-        self.preemptions.set(stats["preemptions"])
-        for l, e, n in stats["routed_tokens"]:
+        self.running.set(stats.running)
+        self.waiting.set(stats.waiting)
+        self.kv_usage.set(stats.kv_usage)
+        self.preemptions.set(stats.preemptions)
+        for l, e, n in stats.routed_tokens:
             self.routed.labels(str(l), str(e)).set(n)
-        self.expert_calls.set(stats["expert_calls"])
-        self.expert_seconds.set(stats["expert_call_seconds"])
-        self.retries.set(stats["expert_retries"])
+        self.expert_calls.set(stats.expert_calls)
+        self.expert_seconds.set(stats.expert_call_seconds)
+        self.retries.set(stats.expert_retries)
         for g, n in replicas.items():
             self.replicas.labels(g).set(n)
 

@@ -25,6 +25,7 @@ from model.sampling import (
     MAX_TOKENS_LIMIT,
     SEED_MAX,
     SEED_MIN,
+    InvalidParam,
     SamplingParams,
 )
 
@@ -342,11 +343,6 @@ def validate(schema: type[BaseModel], data: dict):
 # ---------------------------------------------------------------- validation against the model
 
 
-def _param_of(message: str) -> str | None:
-    m = re.match(r"[a-z_]+", message)
-    return m.group() if m else None
-
-
 _SERVER = ServerConfig.model_fields  # the limits' defaults live in the config schema alone
 
 
@@ -491,5 +487,7 @@ class ModelLimits:
                 return_routed_experts=req.return_routed_experts,
                 return_prompt_routed_experts=req.return_prompt_routed_experts,
             )
-        except ValueError as e:
-            raise APIError(400, str(e), param=_param_of(str(e))) from None
+        except InvalidParam as e:
+            raise APIError(400, str(e), param=e.param) from None
+        except ValueError as e:  # a value no field check names (none is known; kept a 400 all the same)
+            raise APIError(400, str(e)) from None

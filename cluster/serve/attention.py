@@ -18,12 +18,13 @@ import ray
 import torch
 from ray import serve
 
+from cluster.api.metrics import AttentionStats
 from cluster.build import ModelPlan, build_engine
 from cluster.config import AppConfig
 from cluster.runtime.experts import rss_bytes
 from cluster.serve.experts import ServeExperts
 from model.sampling import SamplingParams
-from router.engine import EngineError, Overloaded, RequestOutput, Resume
+from router.engine import EngineError, ErrorKind, FinishReason, Overloaded, RequestOutput, Resume
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +96,10 @@ class AttentionWorker:
                         self.engine.abort(rid)
                         self.streams.pop(rid, None)
                     self.streams[rids[0]] = (stream[0], stream[1], 0)
-                    kind = "overloaded" if isinstance(e, Overloaded) else "invalid"
-                    refused.append(RequestOutput(rids[0], [], "", True, "error", error=str(e), error_kind=kind))
+                    kind = ErrorKind.OVERLOADED if isinstance(e, Overloaded) else ErrorKind.INVALID
+                    refused.append(
+                        RequestOutput(rids[0], [], "", True, FinishReason.ERROR, error=str(e), error_kind=kind)
+                    )
             elif op == "abort":
                 for rid in args[0]:
                     self.engine.abort(rid)
@@ -119,32 +122,32 @@ class AttentionWorker:
         for loop, batch in batches.items():
             loop.call_soon_threadsafe(_fan_out, batch)
 
-    def _stats(self) -> dict:
+    def _stats(self) -> AttentionStats:
         import resource
 
         e, b = self.engine, self.backend
-        return {
-            "pid": os.getpid(),
-            "node_id": ray.get_runtime_context().get_node_id(),
-            "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "rss_bytes": rss_bytes(),
-            "kv_bytes": e.kv.nbytes(),
-            "expert_in_flight_tokens": dict(b.in_flight),
-            "expert_chunks": b.chunks_sent,
-            "running": e.num_running,
-            "waiting": e.num_waiting,
-            "kv_usage": e.blocks.usage,
-            "expert_retries": b.retries,
-            "dense_bytes": e.dense.nbytes(),
-            "preemptions": e.scheduler.num_preemptions,
-            "routed_tokens": [[l, x, n] for (l, x), n in sorted(b.routed.items())],
-            "expert_calls": b.calls,
-            "expert_call_seconds": b.call_seconds,
-            "expert_channel_calls": b.channel_calls,
-            "expert_ray_calls": b.ray_calls,
-            "expert_channels": sorted(b.channels),
-            "torch_threads": torch.get_num_threads(),
-        }
+        return AttentionStats(
+            running=e.num_running,
+            waiting=e.num_waiting,
+            kv_usage=e.blocks.usage,
+            preemptions=e.scheduler.num_preemptions,
+            kv_bytes=e.kv.nbytes(),
+            dense_bytes=e.dense.nbytes(),
+            routed_tokens=[[l, x, n] for (l, x), n in sorted(b.routed.items())],
+            expert_in_flight_tokens=dict(b.in_flight),
+            expert_calls=b.calls,
+            expert_call_seconds=b.call_seconds,
+            expert_retries=b.retries,
+            expert_chunks=b.chunks_sent,
+            expert_channel_calls=b.channel_calls,
+            expert_ray_calls=b.ray_calls,
+            expert_channels=sorted(b.channels),
+            pid=os.getpid(),
+            node_id=ray.get_runtime_context().get_node_id(),
+            rss_bytes=rss_bytes(),
+            max_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            torch_threads=torch.get_num_threads(),
+        )
 
     # ------------------------------------------------------------ the replica's event loop
 
@@ -187,7 +190,7 @@ class AttentionWorker:
                     got.setdefault(k, []).append(out)
                     if out.finished:
                         left.discard(k)
-                    if out.error is not None and out.error_kind != "failed":  # refused: the whole request
+                    if out.error is not None and out.error_kind != ErrorKind.FAILED:  # refused: the whole request
                         left.clear()
                     if q.empty():
                         break
@@ -197,7 +200,7 @@ class AttentionWorker:
             if left:
                 self._post("abort", [rids[k] for k in left])
 
-    async def stats(self) -> dict:
+    async def stats(self) -> AttentionStats:
         fut: concurrent.futures.Future = concurrent.futures.Future()
         self._post("stats", fut)
         return await asyncio.wrap_future(fut)

@@ -124,11 +124,11 @@ def test_hot_expert_scales_up_under_load_and_back_down(deployed, skewed):
 
     # Measure the load first (capacity 1e9: no scaling), then set the per-replica capacity between
     # the hot expert's rate and the coldest-but-busiest one's, as an operator would from /metrics.
-    before = handle.stats.remote().result()["routed_tokens"]
+    before = handle.stats.remote().result().routed_tokens
     t0 = time.monotonic()
     with Load(handle, prompts, want, n=6, max_tokens=24) as load:
         time.sleep(6)
-    after = handle.stats.remote().result()["routed_tokens"]
+    after = handle.stats.remote().result().routed_tokens
     dt = time.monotonic() - t0
     rate = {e: 0.0 for e in range(8)}
     for _l, e, n in after:

@@ -75,7 +75,7 @@ def test_requests_survive_replica_and_node_failures(chaos, tiny_dir):
         progress(stream, 6)
         # 2. An attention replica dies mid-stream: the ingress re-submits its requests elsewhere.
         st = serve.get_deployment_handle("AttentionWorker", app_name=APP).stats.remote().result()
-        os.kill(st["pid"], signal.SIGKILL)
+        os.kill(st.pid, signal.SIGKILL)
         events.append(("attention replica killed", stream.sent))
         progress(stream, 6)
         # 3. A whole expert node goes away; its replicas' twins on the other node carry on.

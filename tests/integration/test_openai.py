@@ -439,13 +439,13 @@ def test_overload_gets_503_with_retry_after(server, tiny_dir):
         served = sorted(t for t, r in zip(seconds, results) if r[0] == 200)
         assert refused[len(refused) // 2] < served[len(served) // 2], (refused, served)  # refusals are prompt
         after = attention.stats.remote().result()
-        assert after["pid"] == before["pid"]
+        assert after.pid == before.pid
         margin = 64 << 20
-        assert after["rss_bytes"] - before["rss_bytes"] < margin, (before["rss_bytes"], after["rss_bytes"])
+        assert after.rss_bytes - before.rss_bytes < margin, (before.rss_bytes, after.rss_bytes)
         mc = MixtralConfig.from_file(tiny_dir)
         per_token = 2 * mc.num_hidden_layers * mc.num_key_value_heads * mc.head_dim * 4  # (k, v), float32
         budget = cfg.engine.kv_cache_tokens // cfg.engine.block_size * cfg.engine.block_size * per_token
-        assert after["kv_bytes"] == before["kv_bytes"] == budget
+        assert after.kv_bytes == before.kv_bytes == budget
         code, _, payload = post(server + "/small/v1/completions", body)  # and it still serves afterwards
         assert code == 200
     finally:

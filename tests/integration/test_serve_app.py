@@ -42,13 +42,13 @@ def test_streamed_generation_equals_in_process(app, tiny_dir):
         assert toks == w.new_token_ids and text == w.text
         assert last.finished and last.finish_reason == "length" and last.completion_tokens == 12
     st = app.stats.remote().result()
-    assert st["running"] == 0 and st["waiting"] == 0 and st["kv_usage"] == 0.0
+    assert st.running == 0 and st.waiting == 0 and st.kv_usage == 0.0
     # measured inside the attention replica: exactly the dense part, in the serving dtype (float32)
     from math import prod
 
     from model.checkpoint import Checkpoint, dense_names
 
-    assert st["dense_bytes"] == 4 * sum(prod(s) for s in dense_names(Checkpoint(tiny_dir).config).values())
+    assert st.dense_bytes == 4 * sum(prod(s) for s in dense_names(Checkpoint(tiny_dir).config).values())
 
 
 def test_bad_request_does_not_take_the_worker_down(app, tiny_dir):
@@ -79,9 +79,9 @@ def test_the_app_reaches_its_experts_over_the_data_plane(app, tiny_dir):
     outs = list(app.options(stream=True).generate.remote([1, 2, 3, 4], SamplingParams(max_tokens=8, temperature=0.0)))
     assert outs[-1].finished and outs[-1].error is None
     after = app.stats.remote().result()
-    assert after["expert_channel_calls"] > before["expert_channel_calls"]
-    assert after["expert_ray_calls"] == before["expert_ray_calls"], "a call went through Serve handles"
-    assert len(after["expert_channels"]) == 4 and after["expert_retries"] == 0
+    assert after.expert_channel_calls > before.expert_channel_calls
+    assert after.expert_ray_calls == before.expert_ray_calls, "a call went through Serve handles"
+    assert len(after.expert_channels) == 4 and after.expert_retries == 0
 
 
 def test_the_engine_uses_the_node_cores_though_the_replica_reserves_none(app):
@@ -89,4 +89,4 @@ def test_the_engine_uses_the_node_cores_though_the_replica_reserves_none(app):
     takes the cores of its node instead, as the in-process engine does."""
     import os
 
-    assert app.stats.remote().result()["torch_threads"] == len(os.sched_getaffinity(0))
+    assert app.stats.remote().result().torch_threads == len(os.sched_getaffinity(0))

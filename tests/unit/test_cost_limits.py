@@ -7,10 +7,11 @@ other streams run, is tests/test_cost_isolation.py."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 
-from cluster.api.ingress import sum_stats
+from cluster.api.metrics import AttentionStats
 from cluster.api.protocol import (
     MAX_JSON_DEPTH,
     APIError,
@@ -135,21 +136,22 @@ def test_the_detokeniser_window_stays_bounded_on_bytes_that_never_form_a_charact
 
 
 def test_stats_of_several_attention_replicas_are_summed():
-    a = {
-        "running": 2,
-        "waiting": 1,
-        "preemptions": 3,
-        "expert_calls": 10,
-        "expert_call_seconds": 0.5,
-        "expert_retries": 0,
-        "kv_usage": 0.2,
-        "routed_tokens": [[0, 1, 5], [1, 0, 2]],
-        "expert_in_flight_tokens": {1: 3},
-    }
-    b = a | {"running": 5, "kv_usage": 0.4, "routed_tokens": [[0, 1, 7]], "expert_in_flight_tokens": {1: 1, 2: 2}}
-    s = sum_stats([a, b])
-    assert s["running"] == 7 and s["preemptions"] == 6 and abs(s["kv_usage"] - 0.3) < 1e-9
-    assert s["routed_tokens"] == [[0, 1, 12], [1, 0, 2]] and s["expert_in_flight_tokens"] == {1: 4, 2: 2}
+    a = AttentionStats(
+        running=2,
+        waiting=1,
+        preemptions=3,
+        expert_calls=10,
+        expert_call_seconds=0.5,
+        kv_usage=0.2,
+        routed_tokens=[[0, 1, 5], [1, 0, 2]],
+        expert_in_flight_tokens={1: 3},
+        pid=7,
+    )
+    b = dataclasses.replace(a, running=5, kv_usage=0.4, routed_tokens=[[0, 1, 7]], expert_in_flight_tokens={1: 1, 2: 2})
+    s = AttentionStats.summed([a, b])
+    assert s.running == 7 and s.preemptions == 6 and s.waiting == 2 and abs(s.kv_usage - 0.3) < 1e-9
+    assert s.routed_tokens == [[0, 1, 12], [1, 0, 2]] and s.expert_in_flight_tokens == {1: 4, 2: 2}
+    assert s.pid == 0 and a.expert_in_flight_tokens == {1: 3}  # no one process's; the reports unchanged
 
 
 def test_merging_every_output_at_once_equals_merging_one_by_one():
