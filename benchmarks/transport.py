@@ -21,8 +21,9 @@ import time
 import ray
 import torch
 
-from model.moe import ExpertRequest, plan_dispatch, route
+from model.moe import route
 from model.tiny import preset_config, write_checkpoint
+from router.dispatch import ExpertRequest, plan_dispatch
 from router.experts import InProcessExperts, expert_groups
 
 

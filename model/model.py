@@ -7,14 +7,15 @@ S = KV-cache slots, B = sequences, L = context length of a sequence.
 
 Decoder layer: h = x + attn(rmsnorm(x)); x = h + moe(rmsnorm(h)).
 
-The MoE half of each layer is written as a generator step: `forward` yields one `ExpertRequest`
-per layer (the layer's token rows grouped by expert) and is sent back the experts' outputs. Whoever
-drives the generator decides where experts live: `run_local` calls in-process experts, the engine
-in router/ overlaps several micro-batches against remote ones. The model never knows which.
+The MoE half of each layer is written as a generator step: `forward` yields one `MoEInput` per
+layer (the normed rows and their top-k experts and weights) and is sent back the layer's MoE output.
+Whoever drives the generator decides where experts live: `run_local` computes it with in-process
+experts, the engine in router/ dispatches the rows grouped by expert to remote ones and combines
+their outputs, overlapping several micro-batches. The model never knows which.
 
 The other files of model/: kernels.py (norms, rotary, the linear kernel and weight packing),
 attention.py (attention metadata, the KV pool, paged attention), moe.py (router, expert FFN,
-dispatch and combine, in-process experts), checkpoint.py, config.py, sampling.py, tokenizer.py.
+in-process experts), checkpoint.py, config.py, sampling.py, tokenizer.py.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from .attention import AttnMeta, KVPool, build_attn_meta, paged_attention
 from .checkpoint import Checkpoint
 from .config import MixtralConfig
 from .kernels import PackedWeight, apply_rope, linear, prepare_weight, rms_norm, rope_cos_sin, weight_nbytes
-from .moe import ExpertRequest, LocalExperts, combine, plan_dispatch, route, run_local
+from .moe import LocalExperts, MoEInput, route, run_local
 
 Weight = torch.Tensor | PackedWeight
 
@@ -116,10 +117,10 @@ class MixtralDense:
         kv: KVPool,
         logit_rows: torch.Tensor | None = None,
         routes: list | None = None,
-    ) -> Generator[ExpertRequest, dict[int, torch.Tensor], torch.Tensor]:
+    ) -> Generator[MoEInput, torch.Tensor, torch.Tensor]:
         """ids [T] -> logits [len(logit_rows), V] (all rows when None), float32.
 
-        Yields one ExpertRequest per layer and expects the experts' outputs sent back. With a
+        Yields one MoEInput per layer and expects that layer's MoE output [T, D] sent back. With a
         `routes` list, each layer's chosen experts [T, k] are appended to it (routed experts
         returned to clients); without one nothing is kept.
         """
@@ -133,9 +134,7 @@ class MixtralDense:
             gw, e = route(Fn.linear(x, lw.gate), c.num_experts_per_tok)
             if routes is not None:
                 routes.append(e)
-            plan = plan_dispatch(gw, e, c.num_local_experts)
-            outputs = yield ExpertRequest(l, {i: x[r] for i, r in plan.rows.items()})
-            h = h + combine(x, plan, outputs)
+            h = h + (yield MoEInput(l, x, gw, e))
         if logit_rows is not None:
             h = h[logit_rows]
         h = rms_norm(h, w.norm, c.rms_norm_eps)

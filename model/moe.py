@@ -1,6 +1,7 @@
-"""The mixture-of-experts half of a layer: the router, one expert's FFN as workers run it, the
-dispatch of a layer's tokens grouped by expert and the weighted combine of the experts' outputs,
-and experts held in this process (`LocalExperts`, `run_local`) for standalone use and tests.
+"""The mixture-of-experts half of a layer: the router (top-k gate), one expert's FFN as workers run it,
+and experts held in this process (`LocalExperts`: the reference MoE, `run_local`) for standalone use
+and tests. Dispatching a layer's rows to remote experts and combining their outputs is the attention
+side's (router/dispatch.py).
 """
 
 from __future__ import annotations
@@ -48,73 +49,52 @@ class ExpertFFN:
         return weight_nbytes(self.w13) + weight_nbytes(self.w2)
 
 
-# ---------------------------------------------------------------- dispatch / combine
-
-
 @dataclass
-class ExpertRequest:
-    """One layer's token batches for the experts that have tokens: [Router] -> [Dispatch]."""
+class MoEInput:
+    """One layer's MoE input as the router left it: the normed hidden rows and each one's top-k
+    experts with their weights. Whoever drives the forward turns it into the layer's MoE output
+    [T, D]: `LocalExperts` here (the reference), dispatch -> experts -> combine in router/."""
 
     layer: int
-    batches: dict[int, torch.Tensor]  # expert id -> contiguous [n_e, D]
-
-
-@dataclass
-class DispatchPlan:
-    rows: dict[int, torch.Tensor]  # expert id -> token rows [n_e]
-    weights: dict[int, torch.Tensor]  # expert id -> router weights [n_e, 1] float32
-
-
-def plan_dispatch(w: torch.Tensor, ids: torch.Tensor, num_experts: int) -> DispatchPlan:
-    """Group (token, slot) pairs by expert with one sort; experts with no tokens are left out."""
-    k = ids.shape[1]
-    flat = ids.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts).tolist()
-    tok = order // k
-    wsorted = w.reshape(-1)[order]
-    rows, weights, start = {}, {}, 0
-    for e, n in enumerate(counts):
-        if n:
-            rows[e] = tok[start : start + n]
-            weights[e] = wsorted[start : start + n, None]
-        start += n
-    return DispatchPlan(rows, weights)
-
-
-def combine(x: torch.Tensor, plan: DispatchPlan, outputs: dict[int, torch.Tensor]) -> torch.Tensor:
-    """[Experts] -> [Combine]: out[t] = sum_e w[t, e] * y_e[t], accumulated in x's dtype."""
-    out = torch.zeros_like(x)
-    for e, rows in plan.rows.items():
-        y = outputs[e]
-        out.index_add_(0, rows, (y * plan.weights[e]).to(out.dtype))
-    return out
+    x: torch.Tensor  # [T, D]
+    weights: torch.Tensor  # [T, k] float32, each row summing to 1
+    experts: torch.Tensor  # [T, k] expert ids
 
 
 class LocalExperts:
-    """Experts held in this process: (layer, expert) -> (w1, w2, w3)."""
+    """Expert FFNs held in this process, (layer, expert) -> ExpertFFN: how every holder of experts keeps
+    them (the whole model here, an expert worker its group)."""
 
     def __init__(self, cfg: MixtralConfig, weights: dict[str, torch.Tensor]):
+        """Takes the experts' tensors out of `weights` as it fuses them, so that the unfused copies
+        are freed one expert at a time (loading peaks at one expert beyond the loaded weights)."""
         self.experts: dict[tuple[int, int], ExpertFFN] = {}
-        for name in weights:
-            if name.endswith(".w1.weight"):
-                p = name[: -len("w1.weight")]
-                parts = p.split(".")
-                l, e = int(parts[2]), int(parts[5])
-                self.experts[(l, e)] = ExpertFFN(
-                    weights[p + "w1.weight"], weights[p + "w2.weight"], weights[p + "w3.weight"]
-                )
+        for name in [n for n in weights if n.endswith(".w1.weight")]:
+            p = name[: -len("w1.weight")]
+            parts = p.split(".")
+            l, e = int(parts[2]), int(parts[5])
+            self.experts[(l, e)] = ExpertFFN(*(weights.pop(f"{p}{w}.weight") for w in ("w1", "w2", "w3")))
+
+    def nbytes(self) -> int:
+        return sum(f.nbytes for f in self.experts.values())
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, pairs, dtype="auto") -> LocalExperts:
         return cls(ckpt.config, ckpt.load_experts(pairs, dtype).tensors)
 
-    def __call__(self, req: ExpertRequest) -> dict[int, torch.Tensor]:
-        return {e: self.experts[(req.layer, e)](x) for e, x in req.batches.items()}
+    def __call__(self, m: MoEInput) -> torch.Tensor:
+        """The reference MoE: each chosen expert on the rows that chose it, their outputs weighted and
+        summed per row (experts in ascending order, as the dispatch in router/ combines them)."""
+        out = torch.zeros_like(m.x)
+        for e in torch.unique(m.experts).tolist():
+            rows, slot = (m.experts == e).nonzero(as_tuple=True)
+            y = self.experts[(m.layer, e)](m.x[rows])
+            out.index_add_(0, rows, (y * m.weights[rows, slot, None]).to(out.dtype))
+        return out
 
 
 def run_local(gen: Generator, experts) -> torch.Tensor:
-    """Drive a forward generator with experts called in-process; returns the logits."""
+    """Drive a forward generator with the MoE computed in-process by `experts`; returns the logits."""
     try:
         req = next(gen)
         while True:

@@ -23,6 +23,7 @@ import torch
 
 from model.attention import KVPool, build_attn_meta
 from model.model import MixtralDense
+from model.moe import MoEInput
 from model.sampling import (
     LogitsState,
     SamplingParams,
@@ -35,6 +36,7 @@ from model.sampling import (
 from model.tokenizer import IncrementalDetokenizer, Tokenizer
 
 from .config import EngineConfig
+from .dispatch import combine, dispatch
 from .experts import ExpertBackend
 from .kv_cache import BlockManager
 from .scheduler import ErrorKind, FinishReason, Scheduled, Scheduler, Sequence, Status
@@ -112,17 +114,23 @@ class Resume:
     emitted_chars: int
 
 
-def run_pipelined(gens: list, backend: ExpertBackend) -> list[torch.Tensor]:
+def run_pipelined(gens: list, backend: ExpertBackend, num_experts: int) -> list[torch.Tensor]:
     """Drive forward generators round-robin so that each one's expert call is in flight while
-    the next one computes its attention; returns each generator's logits."""
+    the next one computes its attention: each layer's MoE input is dispatched to the backend, and
+    the experts' outputs combined and sent back. Returns each generator's logits."""
     results: list = [None] * len(gens)
     pending = deque()
+
+    def submit(i: int, g, m: MoEInput) -> None:
+        req, plan = dispatch(m, num_experts)
+        pending.append((i, g, m.x, plan, backend.submit(req)))
+
     for i, g in enumerate(gens):
-        pending.append((i, g, backend.submit(next(g))))
+        submit(i, g, next(g))
     while pending:
-        i, g, fut = pending.popleft()
+        i, g, x, plan, fut = pending.popleft()
         try:
-            pending.append((i, g, backend.submit(g.send(fut.result()))))
+            submit(i, g, g.send(combine(x, plan, fut.result())))
         except StopIteration as stop:
             results[i] = stop.value
     return results
@@ -291,7 +299,7 @@ class LLMEngine:
         mbs = self._microbatches(sched)
         try:
             fwd = [self._forward(mb) for mb in mbs]
-            logits = run_pipelined([g for g, _ in fwd], self.experts)
+            logits = run_pipelined([g for g, _ in fwd], self.experts, self.dense.cfg.num_local_experts)
         except Exception as e:  # noqa: BLE001 - not one sequence's fault: fail this step's sequences
             log.warning("engine step failed", extra={"error": f"{type(e).__name__}: {e}"[:500]})
             msg = f"the engine step failed: {type(e).__name__}: {e}"

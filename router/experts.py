@@ -13,8 +13,9 @@ from typing import Protocol
 
 import torch
 
-from model.moe import ExpertRequest
 from workers.expert import ExpertWorker
+
+from .dispatch import ExpertRequest
 
 
 class ExpertUnavailable(RuntimeError):

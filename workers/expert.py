@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from model.checkpoint import Checkpoint, expert_names
-from model.moe import ExpertFFN
+from model.moe import LocalExperts
 
 TRIM_INTERVAL_S = 5.0
 
@@ -92,12 +92,8 @@ class ExpertWorker:
         t = loaded.tensors
         # An empty group (no experts) holds nothing: the runtime baseline of a worker process.
         self.dtype = next(iter(t.values())).dtype if t else self.cfg.dtype
-        self.weights = {
-            (l, e): ExpertFFN(
-                *(t.pop(f"model.layers.{l}.block_sparse_moe.experts.{e}.{w}.weight") for w in ("w1", "w2", "w3"))
-            )
-            for l, e in pairs
-        }
+        self.local = LocalExperts(self.cfg, t)  # the one way experts are held in a process
+        self.weights = self.local.experts  # (layer, expert) -> ExpertFFN
         self.stats = ExpertStats()
         self._lock = threading.Lock()
         # Loading churns the heap (read, fuse, pack, free); serving then trims every TRIM_INTERVAL_S.
@@ -105,7 +101,7 @@ class ExpertWorker:
         self._trimmed_at = time.monotonic()
 
     def weight_bytes(self) -> int:
-        return sum(f.nbytes for f in self.weights.values())
+        return self.local.nbytes()
 
     @torch.inference_mode()
     def run(self, layer: int, batches: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:

@@ -33,7 +33,7 @@ from ray.serve.exceptions import RequestCancelledError
 from cluster.config import ExpertsConfig
 from cluster.runtime.autoscaling import QUEUED, RATE
 from cluster.runtime.channel import ChannelClient, ChannelError, ChannelServer, FrameLimits
-from model.moe import ExpertRequest
+from router.dispatch import ExpertRequest
 from router.experts import ExpertUnavailable, split_by_group
 from workers.expert import ExpertWorker
 

@@ -40,7 +40,7 @@ from cluster.runtime.channel import (
     new_secret,
 )
 from cluster.runtime.experts import Endpoint, ExpertClient
-from model.moe import ExpertRequest
+from router.dispatch import ExpertRequest
 from workers.expert import ExpertWorker
 
 SECRET = new_secret()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.moe import ExpertRequest
+from router.dispatch import ExpertRequest
 from router.experts import InProcessExperts, expert_groups, split_by_group
 
 
@@ -68,3 +68,26 @@ def test_the_directory_takes_only_records_signed_with_the_data_planes_secret(mon
     assert not d.register(*nxt)  # once
     assert d.deregister(*signed(secret, "deregister", "r1", seq=2))
     assert d.view() == {}
+
+
+def test_dispatch_and_combine_equal_the_reference_moe(tiny_dir):
+    """router/'s dispatch -> expert workers -> combine gives the layer's MoE output that model/'s
+    reference (each expert on the rows that chose it, weighted and summed) gives."""
+    from model.checkpoint import Checkpoint, all_expert_pairs
+    from model.moe import LocalExperts, MoEInput, route
+    from router.dispatch import combine, dispatch
+
+    ckpt = Checkpoint(tiny_dir)
+    c = ckpt.config
+    reference = LocalExperts.from_checkpoint(ckpt, all_expert_pairs(c), "float32")
+    workers = InProcessExperts(tiny_dir, expert_groups(c.num_local_experts, 3), "float32")
+    g = torch.Generator().manual_seed(3)
+    for rows in (1, 7, 40):
+        x = torch.randn(rows, c.hidden_size, generator=g)
+        w, ids = route(torch.randn(rows, c.num_local_experts, generator=g), c.num_experts_per_tok)
+        m = MoEInput(1, x, w, ids)
+        req, plan = dispatch(m, c.num_local_experts)
+        assert set(req.batches) == set(ids.unique().tolist())  # only experts with rows are called
+        assert sum(b.shape[0] for b in req.batches.values()) == rows * c.num_experts_per_tok
+        got = combine(x, plan, workers.submit(req).result())
+        torch.testing.assert_close(got, reference(m), rtol=1e-5, atol=1e-6)
