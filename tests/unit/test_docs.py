@@ -16,9 +16,10 @@ ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 TOP = ("model", "router", "workers", "cluster", "configs", "k8s", "tests", "benchmarks", "docs")
 # A path ends where no path character follows: `bench-<preset>.json` or `x.{json,md}` are patterns, not paths.
-PATH = re.compile(r"(?<![\w./~-])((?:%s)/[\w./*-]*\w/?)(?![\w/*{<-]|\.\w|\.\{)(?:::(\w+))?" % "|".join(TOP))
+TOPS = "|".join(TOP)
+PATH = re.compile(r"(?<![\w./~-])((?:" + TOPS + r")/[\w./*-]*\w/?)(?![\w/*{<-]|\.\w|\.\{)(?:::(\w+))?")
 SECTIONS = ("engine", "attention", "experts", "server")
-KEY = re.compile(r"`((?:%s)\.[\w.*]+)" % "|".join(SECTIONS))
+KEY = re.compile(r"`((?:" + "|".join(SECTIONS) + r")\.[\w.*]+)")
 LINK = re.compile(r"\]\(((?:docs/)?[\w-]+\.md)(?:#([\w-]+))?\)")
 
 
