@@ -137,6 +137,17 @@ def _stop_reason(out: RequestOutput) -> dict:
     return {}
 
 
+def replica_counts(app_name: str) -> dict[str, int]:
+    """RUNNING replicas per deployment of an application, as the Serve controller sees them."""
+    app = serve.status().applications.get(app_name)
+    return {
+        name: sum(n for st, n in d.replica_states.items() if str(st).endswith("RUNNING"))
+        for name, d in (app.deployments.items() if app else [])
+    }
+
+
+# Everything the ingress's methods use is defined above it: Serve serialises the class by value
+# when it is decorated, with the module globals that exist at that point.
 # ---------------------------------------------------------------- the ingress
 
 
@@ -499,12 +510,3 @@ class OpenAIIngress:
         except APIError as e:
             grpc_context.set_code(GRPC_CODES.get(e.status, grpc.StatusCode.INTERNAL))
             grpc_context.set_details(e.message)
-
-
-def replica_counts(app_name: str) -> dict[str, int]:
-    """RUNNING replicas per deployment of an application, as the Serve controller sees them."""
-    app = serve.status().applications.get(app_name)
-    return {
-        name: sum(n for st, n in d.replica_states.items() if str(st).endswith("RUNNING"))
-        for name, d in (app.deployments.items() if app else [])
-    }
