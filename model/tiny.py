@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from .checkpoint import INDEX_FILE, all_expert_pairs, dense_names, expert_names
 from .config import MixtralConfig
+from .hf_tokenizer import write_tokenizer_files
 from .presets import PRESETS, cache_root, default_model_dir, preset_of  # noqa: F401 - re-exported
 from .tokenizer import DEFAULT_TOKENIZER
 
@@ -67,7 +68,8 @@ def skew_routing(weights: dict[str, torch.Tensor], cfg: MixtralConfig, hot_exper
 def write_checkpoint(
     path: str | Path, cfg: MixtralConfig, seed: int = 0, shards: int = 1, hot_expert: int | None = None
 ) -> Path:
-    """Write config.json, safetensors (one file, or `shards` files plus the index) and tokenizer.model.
+    """Write config.json, safetensors (one file, or `shards` files plus the index), tokenizer.model, and
+    the Hugging Face tokenizer files and generation_config.json a Mixtral repo has.
     `hot_expert`: a checkpoint whose router sends most tokens to that expert (see `skew_routing`)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -90,6 +92,10 @@ def write_checkpoint(
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     shutil.copyfile(DEFAULT_TOKENIZER, path / "tokenizer.model")
+    # The rest of a Hugging Face repo: AutoTokenizer gives mixserve's ids, generate() its BOS/EOS.
+    write_tokenizer_files(path, DEFAULT_TOKENIZER, cfg.max_position_embeddings)
+    gen = {"_from_model_config": True, "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
+    (path / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     log.info("wrote checkpoint", extra={"path": str(path), "params": cfg.total_params()})
     return path
 
@@ -104,7 +110,8 @@ def init_preset(path: str | Path, preset: str = "tiny") -> Path:
     path = Path(path)
     cfg = preset_config(preset)
     cj = path / "config.json"
-    if cj.is_file() and (path / "model.safetensors").is_file():
+    # A copy written before the Hugging Face tokenizer files were is written again, whole.
+    if cj.is_file() and (path / "model.safetensors").is_file() and (path / "tokenizer.json").is_file():
         try:
             if MixtralConfig.from_file(cj) == cfg:
                 return path

@@ -103,3 +103,34 @@ def test_padded_config_vocab_is_fine(tmp_path):
 
     d = write_checkpoint(tmp_path / "padded", preset_config("tiny", num_hidden_layers=1, vocab_size=32768))
     assert Tokenizer.for_model(d).vocab_size == 32000
+
+
+def test_autotokenizer_on_a_written_checkpoint_gives_mixserves_ids(tiny_dir, tok):
+    """The checkpoint is a whole Hugging Face repo: transformers' AutoTokenizer on the folder (what
+    lm-eval, benchmark clients and guidellm load) gives exactly mixserve's ids, BOS included, and decodes
+    them to the same text, on texts at the edges of SentencePiece's rules; generation_config.json names
+    the config's BOS and EOS."""
+    import json
+    import random
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(tiny_dir)
+    assert (hf.bos_token_id, hf.eos_token_id) == (tok.bos_id, tok.eos_id)
+    gen = json.loads((Path(tiny_dir) / "generation_config.json").read_text())
+    assert (gen["bos_token_id"], gen["eos_token_id"]) == (1, 2)
+    rng = random.Random(7)
+    alphabet = list(" \n\t  abcXYZ019.,;:!?'\"()[]<>/\\-_=+*&^%$#@~`éüßøñç你好世界🤖🎉\u2581\u00a0\u200b") + [
+        "</s>",
+        "<s>",
+        "<unk>",
+        "[INST]",
+        " [/INST]",
+    ]
+    texts = ["", " ", "Hello world", " leading space", "  two", "trailing ", "a\n\n\tb", "</s> in text"]
+    texts += ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 48))) for _ in range(1500)]
+    for text in texts:
+        ids = tok.encode(text)
+        assert hf(text)["input_ids"] == ids, repr(text)
+        assert hf.decode(ids, skip_special_tokens=True) == tok.decode(ids), repr(text)
