@@ -47,6 +47,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # top alternatives to return per token (0 = only the chosen one)
+    prompt_logprobs: int | None = None  # the same for each prompt token (vLLM's prompt_logprobs; echo + logprobs)
     presence_penalty: float = 0.0  # OpenAI: subtracted once from every token already generated
     frequency_penalty: float = 0.0  # OpenAI: subtracted per occurrence in the generated tokens
     repetition_penalty: float = 1.0  # vLLM/CTRL: prompt and generated tokens, logit / p if > 0 else * p
@@ -87,6 +88,8 @@ class SamplingParams:
             raise InvalidParam("stop_token_ids", f"stop_token_ids: at most {MAX_STOP_TOKEN_IDS}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise InvalidParam("logprobs", f"logprobs={self.logprobs} must be in [0, 20]")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
+            raise InvalidParam("prompt_logprobs", f"prompt_logprobs={self.prompt_logprobs} must be in [0, 20]")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise InvalidParam(name, f"{name}={getattr(self, name)} must be in [-2, 2]")
@@ -248,7 +251,7 @@ def bad_rows(logits: torch.Tensor) -> list[int]:
 
 def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[tuple[float, list[tuple[int, float]]]]:
     """Per row: (logprob of the chosen token, top alternatives [(id, logprob)])."""
-    lp = torch.log_softmax(logits, dim=-1)
+    lp = torch.log_softmax(logits.float(), dim=-1)
     chosen = lp.gather(1, tokens[:, None])[:, 0].tolist()
     if top:
         v, i = lp.topk(top, dim=-1)
@@ -256,6 +259,20 @@ def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[tu
     else:
         alts = [[] for _ in chosen]
     return list(zip(chosen, alts))
+
+
+def ranked_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[tuple[int, float, int, list]]:
+    """Per row: (token, its logprob, its rank (1 = the most likely), top alternatives [(id, logprob)])
+    in float32, as vLLM's prompt logprobs report them."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp.gather(1, tokens[:, None])
+    ranks = ((lp > chosen).sum(dim=-1) + 1).tolist()
+    if top:
+        v, i = lp.topk(top, dim=-1)
+        alts = [list(zip(ii, vv)) for ii, vv in zip(i.tolist(), v.tolist())]
+    else:
+        alts = [[] for _ in ranks]
+    return list(zip(tokens.tolist(), chosen[:, 0].tolist(), ranks, alts))
 
 
 def first_stop(text: str, stops: list[str], start: int) -> tuple[int, str | None]:

@@ -31,6 +31,7 @@ from model.sampling import (
     first_stop,
     logprobs_of,
     process_logits,
+    ranked_logprobs,
     sample,
 )
 from model.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -72,6 +73,9 @@ class RequestOutput:
     # on the first output.
     routed_experts: list | None = None
     prompt_routed_experts: list | None = None
+    # With prompt_logprobs asked, on the first output: per prompt token, None for the first, else
+    # (token, logprob, rank, [(alternative, logprob)]).
+    prompt_logprobs: list | None = None
 
     def merge(self, later: RequestOutput) -> RequestOutput:
         """This output followed by `later` (same request) as one: what a stream sends when it has
@@ -100,6 +104,7 @@ class RequestOutput:
             last.stop_reason,
             routed,
             next((o.prompt_routed_experts for o in outs if o.prompt_routed_experts is not None), None),
+            next((o.prompt_logprobs for o in outs if o.prompt_logprobs is not None), None),
         )
 
 
@@ -256,19 +261,49 @@ class LLMEngine:
             groups.append(cur)
         return groups
 
+    @staticmethod
+    def _prompt_rows(s: Scheduled) -> range:
+        """Positions of this step whose logits give a prompt token's logprob (position p predicts
+        token p + 1): the prompt's, once (not again after a preemption, nor for a resumed sequence,
+        whose client has them), none when not asked. A forked choice computes no prompt position but
+        its last, so it has none: the serving layer asks for them on a prompt's first choice only."""
+        seq = s.seq
+        if seq.params.prompt_logprobs is None or seq.output_ids:
+            return range(0)
+        start = max(seq.num_computed, len(seq.prompt_logprobs) - 1)
+        return range(start, min(seq.num_computed + s.num_new, len(seq.prompt_ids) - 1))
+
     def _forward(self, mb: list[Scheduled]):
         ids, seqs, logit_rows, row = [], [], [], 0
+        prompt_rows: list[tuple[Sequence, range, int]] = []  # (seq, positions, index of the first in the logits)
         for s in mb:
             seq, n = s.seq, s.num_new
             ids.extend(seq.tokens[seq.num_computed : seq.num_computed + n])
             seqs.append((seq.table.slots[: seq.num_computed + n], n))
+            pos = self._prompt_rows(s)
+            if pos:
+                prompt_rows.append((seq, pos, len(logit_rows)))
+                logit_rows.extend(row + p - seq.num_computed for p in pos)
             row += n
             if s.samples:
                 logit_rows.append(row - 1)
         meta = build_attn_meta(seqs, self.dense.cfg.sliding_window)
         routes = [] if any(s.seq.params.wants_routes for s in mb) else None
         gen = self.dense.forward(torch.tensor(ids), meta, self.kv, torch.tensor(logit_rows, dtype=torch.long), routes)
-        return gen, routes
+        return gen, routes, prompt_rows
+
+    @staticmethod
+    def _keep_prompt_logprobs(lg: torch.Tensor, prompt_rows: list) -> torch.Tensor:
+        """Record each asking sequence's prompt logprobs from its rows of `lg`; the sampling rows are returned."""
+        keep = torch.ones(lg.shape[0], dtype=torch.bool)
+        for seq, pos, at in prompt_rows:
+            rows = slice(at, at + len(pos))
+            keep[rows] = False
+            nxt = torch.tensor(seq.prompt_ids[pos.start + 1 : pos.stop + 1])
+            if not seq.prompt_logprobs:
+                seq.prompt_logprobs.append(None)
+            seq.prompt_logprobs += ranked_logprobs(lg[rows], nxt, seq.params.prompt_logprobs)
+        return lg[keep]
 
     @staticmethod
     def _keep_routes(mb: list[Scheduled], routes: list) -> None:
@@ -299,16 +334,18 @@ class LLMEngine:
         mbs = self._microbatches(sched)
         try:
             fwd = [self._forward(mb) for mb in mbs]
-            logits = run_pipelined([g for g, _ in fwd], self.experts, self.dense.cfg.num_local_experts)
+            logits = run_pipelined([g for g, _, _ in fwd], self.experts, self.dense.cfg.num_local_experts)
         except Exception as e:  # noqa: BLE001 - not one sequence's fault: fail this step's sequences
             log.warning("engine step failed", extra={"error": f"{type(e).__name__}: {e}"[:500]})
             msg = f"the engine step failed: {type(e).__name__}: {e}"
             return [self._fail(s.seq, msg) for s in sched if s.seq.req_id in self.seqs]
         self.steps += 1
         outputs = []
-        for mb, lg, (_, routes) in zip(mbs, logits, fwd):
+        for mb, lg, (_, routes, prompt_rows) in zip(mbs, logits, fwd):
             if routes is not None:
                 self._keep_routes(mb, routes)
+            if prompt_rows:
+                lg = self._keep_prompt_logprobs(lg, prompt_rows)
             sampling = [s.seq for s in mb if s.samples]
             for s in mb:
                 s.seq.num_computed += s.num_new
@@ -459,6 +496,8 @@ class LLMEngine:
                 out.routed_experts = seq.routes[P - 1 + first : P - 1 + first + len(new)]
             if p.return_prompt_routed_experts and first == 0:  # the sequence's first output
                 out.prompt_routed_experts = seq.routes[:P]
+        if p.prompt_logprobs is not None and seq.prompt_logprobs and len(seq.output_ids) == len(new):
+            out.prompt_logprobs = seq.prompt_logprobs  # the first output (none for a resumed or forked one)
         return out
 
     # ------------------------------------------------------------ convenience

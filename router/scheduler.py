@@ -73,6 +73,9 @@ class Sequence:
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
     routes: list = field(default_factory=list)  # position -> [layer][k] expert ids (when asked)
+    # With params.prompt_logprobs: position i -> (token, logprob, rank, alternatives) of prompt token i
+    # given the ones before it; None for position 0 (nothing before it).
+    prompt_logprobs: list = field(default_factory=list)
     detok: IncrementalDetokenizer | None = None
     text: str = ""  # detokenised output (cut at a stop string once one is found)
     emitted_chars: int = 0

@@ -357,7 +357,26 @@ class OpenAIIngress:
                     "object": "model",
                     "created": self.created,
                     "owned_by": "mixserve",
+                    # vLLM's card: `root` is the checkpoint (vLLM's benchmark loads its tokenizer from it)
+                    "root": self.cfg.model,
+                    "parent": None,
                     "max_model_len": self.limits.max_model_len,
+                    "permission": [
+                        {
+                            "id": f"modelperm-{self.created}",
+                            "object": "model_permission",
+                            "created": self.created,
+                            "allow_create_engine": False,
+                            "allow_sampling": True,
+                            "allow_logprobs": True,
+                            "allow_search_indices": False,
+                            "allow_view": True,
+                            "allow_fine_tuning": False,
+                            "organization": "*",
+                            "group": None,
+                            "is_blocking": False,
+                        }
+                    ],
                     "num_experts": self.mc.num_local_experts,  # extensions, for routed-expert tools
                     "num_experts_per_tok": self.mc.num_experts_per_tok,
                 }

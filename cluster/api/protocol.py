@@ -234,6 +234,9 @@ class _Common(BaseModel):
     # vLLM's routed experts, opt-in per request: top-k expert ids per layer for every token
     return_routed_experts: bool = False
     return_prompt_routed_experts: bool = False
+    # vLLM's prompt logprobs: each prompt token's logprob given the ones before it, with this many
+    # alternatives (the first token has none: null)
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)
     # OpenAI fields that change nothing here, accepted as vLLM accepts them; a value that would ask
     # for something this server cannot do is refused by `unsupported` (a 400 that says so)
     store: bool | None = Field(None, description="Only false or null: this server stores nothing.")
@@ -263,7 +266,8 @@ class CompletionRequest(_Common):
         | Annotated[list[str], Field(max_length=MAX_CHOICES)]
         | Annotated[list[list[int]], Field(max_length=MAX_CHOICES)]
     )
-    logprobs: int | None = Field(None, ge=0, le=20)
+    max_tokens: int | None = Field(None, ge=0, le=MAX_TOKENS_LIMIT, description="0 only with echo: the prompt alone.")
+    logprobs: int | None = Field(None, ge=0, le=20, description="With echo: the prompt tokens' too (the first null).")
     echo: bool = False
     best_of: int | None = Field(None, ge=1, le=MAX_CHOICES, description="Only equal to n (no extra candidates).")
     suffix: str | None = Field(None, max_length=65536, description="Not supported: only null or empty.")
@@ -433,7 +437,14 @@ class ModelLimits:
         return list(ids)
 
     def sampling_params(
-        self, req, prompt_len: int, max_tokens: int | None, logprobs: int | None, param: str, seed_offset: int = 0
+        self,
+        req,
+        prompt_len: int,
+        max_tokens: int | None,
+        logprobs: int | None,
+        param: str,
+        seed_offset: int = 0,
+        prompt_logprobs: int | None = None,
     ) -> SamplingParams:
         """The request's sampling parameters for a prompt of `prompt_len` tokens: context length,
         token ranges and every value checked; choice `seed_offset` of n gets seed + offset (vLLM's
@@ -476,6 +487,7 @@ class ModelLimits:
                 stop_token_ids=req.stop_token_ids,
                 ignore_eos=req.ignore_eos,
                 logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs,
                 presence_penalty=req.presence_penalty,
                 frequency_penalty=req.frequency_penalty,
                 repetition_penalty=req.repetition_penalty,

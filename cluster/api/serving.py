@@ -33,7 +33,7 @@ from cluster.api.protocol import (
 )
 from model.sampling import SamplingParams
 from model.tokenizer import ChatFormatError, TokenizeError, Tokenizer
-from router.engine import RequestOutput
+from router.engine import FinishReason, RequestOutput
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +136,19 @@ class OpenAIServing:
         except ChatFormatError as e:
             raise APIError(400, str(e), param="messages") from None
 
+    @staticmethod
+    def _check_prompt_logprobs(req) -> None:
+        if req.stream and req.prompt_logprobs is not None:  # vLLM's rule too
+            raise APIError(400, "prompt_logprobs are not available with stream=true", param="prompt_logprobs")
+
     def _choices(
-        self, req, prompts: list[Prompt], max_tokens: int | None, logprobs: int | None, param: str
+        self,
+        req,
+        prompts: list[Prompt],
+        max_tokens: int | None,
+        logprobs: int | None,
+        param: str,
+        prompt_logprobs: int | None = None,
     ) -> list[SamplingParams]:
         """One SamplingParams per choice, index i * n + j: every value checked before any starts."""
         if len(prompts) * req.n > MAX_CHOICES:
@@ -149,14 +160,15 @@ class OpenAIServing:
         if req.user:
             log.debug("request", extra={"user": req.user, "choices": len(prompts) * req.n})
         params = [
-            self.limits.sampling_params(req, len(p.ids), max_tokens, logprobs, param, seed_offset=j)
+            self.limits.sampling_params(req, len(p.ids), max_tokens, logprobs, param, j, prompt_logprobs)
             for p in prompts
             for j in range(req.n)
         ]
         self.limits.budget.check(req, [len(p.ids) for p in prompts], params)
-        for k, sp in enumerate(params):  # a prompt's routes are the same for each of its choices: sent once
+        for k, sp in enumerate(params):  # a prompt's routes and logprobs are each of its choices': computed once
             if k % req.n:
                 sp.return_prompt_routed_experts = False
+                sp.prompt_logprobs = None
         return params
 
     async def _start(self, req, prompts: list[Prompt], params: list[SamplingParams], n: int) -> Batches:
@@ -177,18 +189,31 @@ class OpenAIServing:
             raise APIError(
                 400, f"best_of={req.best_of} must equal n={req.n} (no extra candidates are generated)", param="best_of"
             )
-        if req.echo and req.logprobs is not None:
-            raise APIError(400, "echo with logprobs (the prompt's logprobs) is not supported", param="echo")
+        self._check_prompt_logprobs(req)
+        zero = req.max_tokens == 0
+        if zero and not req.echo:
+            raise APIError(400, "max_tokens=0 only with echo (the prompt alone, scored)", param="max_tokens")
+        echo_lps = req.echo and req.logprobs is not None  # the prompt tokens' logprobs lead the choice's
+        wanted = [x for x in (req.logprobs if echo_lps else None, req.prompt_logprobs) if x is not None]
         prompts = await self.prompts_of(req)
-        params = self._choices(req, prompts, req.max_tokens, req.logprobs, "prompt")
+        # max_tokens=0: one token is computed (the prompt's last logits) and not returned
+        params = self._choices(
+            req, prompts, 1 if zero else req.max_tokens, req.logprobs, "prompt", max(wanted, default=None)
+        )
         streams = await self._start(req, prompts, params, req.n)
+        if zero:
+            streams = _no_generation(streams)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "text_completion", "created": created, "model": self.limits.name}
         prompt_tokens = sum(len(p.ids) for p in prompts)
         echo = [prompts[k // req.n].text if req.echo else "" for k in range(len(params))]
         if req.stream:
-            return self._stream(req, head, streams, len(params), prompt_tokens, self._completion_chunk(req), echo)
+            ids = [prompts[k // req.n].ids for k in range(len(params))]
+            chunk = self._completion_chunk(req, (echo, ids) if echo_lps else None, req.n)
+            return self._stream(req, head, streams, len(params), prompt_tokens, chunk, None if echo_lps else echo)
         outs = await self._collect(streams, len(params))
+        for k, o in enumerate(outs):  # a prompt's logprobs were computed for its first choice
+            o.prompt_logprobs = outs[k - k % req.n].prompt_logprobs
         choices = [
             with_routes(
                 {
@@ -196,8 +221,13 @@ class OpenAIServing:
                     "text": echo[k] + o.text,
                     "finish_reason": o.finish_reason,
                     "stop_reason": o.stop_reason,
-                    "logprobs": self._completion_logprobs(o.logprobs) if req.logprobs is not None else None,
-                },
+                    "logprobs": self._completion_logprobs(
+                        o.logprobs, prompts[k // req.n].ids, o.prompt_logprobs if echo_lps else None, req.logprobs or 0
+                    )
+                    if req.logprobs is not None
+                    else None,
+                }
+                | self._prompt_logprobs_field(req, o),
                 req,
                 o,
             )
@@ -208,17 +238,33 @@ class OpenAIServing:
             body["prompt_routed_experts"] = outs[0].prompt_routed_experts
         return body
 
-    def _completion_chunk(self, req):
+    def _completion_chunk(self, req, echo: tuple[list[str], list[list[int]]] | None = None, n: int = 1):
+        """Each output as a chunk's choice. With `echo` (echo + logprobs), a choice's first chunk leads
+        with the prompt and its tokens' logprobs, which arrive with the first output; the choices of a
+        prompt after its first take the first one's."""
+        prompt_lps: dict[int, list] = {}
+        started: set[int] = set()
+
         def choice_of(k: int, out: RequestOutput) -> dict | None:
-            if not (out.text or out.finished or out.routed_experts or out.prompt_routed_experts):
+            if out.prompt_logprobs is not None:
+                prompt_lps[k - k % n] = out.prompt_logprobs
+            first = k not in started
+            started.add(k)
+            out.prompt_logprobs = prompt_lps.get(k - k % n) if first and echo is not None else None
+            lead = echo[0][k] if echo is not None and first else ""
+            if not (lead or out.text or out.finished or out.routed_experts or out.prompt_routed_experts):
                 return None
+            lps = None
+            if req.logprobs is not None:
+                lead_lps = out.prompt_logprobs if echo is not None and first else None
+                lps = self._completion_logprobs(out.logprobs, echo[1][k] if lead_lps else None, lead_lps, req.logprobs)
             return with_routes(
                 {
                     "index": k,
-                    "text": out.text,
+                    "text": lead + out.text,
                     "finish_reason": out.finish_reason if out.finished else None,
                     "stop_reason": out.stop_reason if out.finished else None,
-                    "logprobs": self._completion_logprobs(out.logprobs) if req.logprobs is not None else None,
+                    "logprobs": lps,
                 },
                 req,
                 out,
@@ -238,9 +284,12 @@ class OpenAIServing:
                 "decoding); only {'type': 'text'}",
                 param="response_format",
             )
+        self._check_prompt_logprobs(req)
         prompt = await self.chat_prompt_of(req)
         top = (req.top_logprobs or 0) if req.logprobs else None
-        params = self._choices(req, [prompt], req.max_completion_tokens or req.max_tokens, top, "messages")
+        params = self._choices(
+            req, [prompt], req.max_completion_tokens or req.max_tokens, top, "messages", req.prompt_logprobs
+        )
         streams = await self._start(req, [prompt], params, req.n)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "chat.completion", "created": created, "model": self.limits.name}
@@ -269,6 +318,8 @@ class OpenAIServing:
         body = head | {"choices": choices, "usage": usage(len(prompt.ids), sum(o.completion_tokens for o in outs))}
         if req.return_prompt_routed_experts:
             body["prompt_routed_experts"] = outs[0].prompt_routed_experts
+        if req.prompt_logprobs is not None:  # vLLM's place in chat: the response's
+            body["prompt_logprobs"] = self.prompt_logprobs(outs[0].prompt_logprobs, req.prompt_logprobs)
         return body
 
     def _chat_chunk(self, req):
@@ -399,16 +450,71 @@ class OpenAIServing:
         entry = lambda t, lp: {"token": piece(t), "logprob": lp, "bytes": list(piece(t).encode())}
         return {"content": [entry(t, lp) | {"top_logprobs": [entry(a, v) for a, v in alts]} for t, lp, alts in lps]}
 
-    def _completion_logprobs(self, lps) -> dict:
+    def _completion_logprobs(self, lps, prompt_ids: list[int] | None = None, prompt_lps=None, top: int = 0) -> dict:
+        """OpenAI's legacy format. With the prompt (echo + logprobs): its tokens lead, the first with
+        null logprobs (nothing comes before it), each other with its `top` most likely alternatives."""
         piece = self.tokenizer.piece
-        tokens = [piece(t) for t, _, _ in lps]
+        ids = list(prompt_ids or []) if prompt_lps else []
+        head = (prompt_lps or [])[: len(ids)]
+        tokens = [piece(t) for t in ids] + [piece(t) for t, _, _ in lps]
         offsets, at = [], 0
         for s in tokens:
             offsets.append(at)
             at += len(s)
         return {
             "tokens": tokens,
-            "token_logprobs": [lp for _, lp, _ in lps],
-            "top_logprobs": [{piece(a): v for a, v in alts} for _, _, alts in lps],
+            "token_logprobs": [h[1] if h else None for h in head] + [lp for _, lp, _ in lps],
+            "top_logprobs": [{piece(a): v for a, v in h[3][:top]} if h else None for h in head]
+            + [{piece(a): v for a, v in alts} for _, _, alts in lps],
             "text_offset": offsets,
         }
+
+    def _prompt_logprobs_field(self, req, out: RequestOutput) -> dict:
+        """vLLM's `prompt_logprobs` when asked: per prompt token, null for the first, else
+        {token id: {logprob, rank, decoded_token}} for the token and its top alternatives."""
+        if req.prompt_logprobs is None:
+            return {}
+        return {"prompt_logprobs": self.prompt_logprobs(out.prompt_logprobs, req.prompt_logprobs)}
+
+    def prompt_logprobs(self, lps: list | None, top: int) -> list | None:
+        if lps is None:
+            return None
+        piece = self.tokenizer.piece
+        out: list = []
+        for h in lps:
+            if h is None:
+                out.append(None)
+                continue
+            t, lp, rank, alts = h
+            entry = {str(t): {"logprob": lp, "rank": rank, "decoded_token": piece(t)}}
+            for r, (a, v) in enumerate(alts[:top], start=1):
+                entry.setdefault(str(a), {"logprob": v, "rank": r, "decoded_token": piece(a)})
+            out.append(entry)
+        return out
+
+
+async def _no_generation(batches: Batches):
+    """max_tokens=0: the one token computed for the prompt's last position is not the client's: every
+    output without it (no text, tokens or logprobs; 0 completion tokens; finished by length)."""
+    import dataclasses
+
+    try:
+        async for batch in batches:
+            yield [
+                (
+                    k,
+                    dataclasses.replace(
+                        o,
+                        new_token_ids=[],
+                        text="",
+                        logprobs=[],
+                        completion_tokens=0,
+                        routed_experts=[] if o.routed_experts is not None else None,
+                        finish_reason=FinishReason.LENGTH if o.finished and o.error is None else o.finish_reason,
+                        stop_reason=None,
+                    ),
+                )
+                for k, o in batch
+            ]
+    finally:
+        await batches.aclose()

@@ -225,6 +225,26 @@ def test_echo(client, local):
     assert r.choices[0].text == local.tokenizer.decode(ids) + want
 
 
+def test_echo_with_logprobs_scores_the_prompt_through_http(client, local):
+    """What lm-evaluation-harness's local-completions sends for a loglikelihood task, through Serve: the
+    prompt tokens' logprobs (the first null) equal the in-process engine's, then the generated one's."""
+    ids = local.tokenizer.encode("Score this prompt, please")
+    r = client.completions.create(model=M, prompt=ids, max_tokens=1, temperature=0, echo=True, logprobs=1)
+    lp = r.choices[0].logprobs
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and len(lp.token_logprobs) == len(ids) + 1
+    want = local.generate([ids], SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=1))[0]
+    assert lp.token_logprobs[1 : len(ids)] == pytest.approx([w[1] for w in want.prompt_logprobs[1:]], abs=1e-5)
+    alone = client.completions.create(model=M, prompt="Hi", max_tokens=0, echo=True, logprobs=0)
+    assert alone.choices[0].text == "Hi" and alone.usage.completion_tokens == 0
+    vllm = client.completions.create(
+        model=M, prompt=ids, max_tokens=2, temperature=0, extra_body={"prompt_logprobs": 0}
+    )
+    plp = vllm.choices[0].model_extra["prompt_logprobs"]
+    assert plp[0] is None and [e[str(t)]["logprob"] for e, t in zip(plp[1:], ids[1:])] == pytest.approx(
+        [w[1] for w in want.prompt_logprobs[1:]], abs=1e-5
+    )
+
+
 # ---------------------------------------------------------------- the rest of the surface
 
 

@@ -54,8 +54,13 @@ def local(tiny_dir):
     return local_engine(tiny_dir, "float32")
 
 
-def test_models(client):
-    assert [m.id for m in client.models.list().data] == ["tiny-test"]
+def test_models(client, tiny_dir):
+    (card,) = client.models.list().data
+    assert card.id == "tiny-test" and card.object == "model"
+    extra = card.model_extra  # vLLM's fields: root (the checkpoint its benchmark loads a tokenizer from), ...
+    assert extra["root"] == tiny_dir and extra["parent"] is None and extra["max_model_len"] > 0
+    (perm,) = extra["permission"]
+    assert perm["object"] == "model_permission" and perm["allow_sampling"] and perm["allow_logprobs"]
 
 
 def test_completion_equals_in_process_and_stream_equals_non_stream(client, local):

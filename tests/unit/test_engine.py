@@ -286,3 +286,29 @@ def test_routed_experts_are_each_positions_routing_whatever_the_batch(tiny_dir):
         want = reference_routes(tiny_dir, p + a.new_token_ids)
         assert a.prompt_routed_experts == want[: len(p)]
         assert a.routed_experts == want[len(p) - 1 : len(p) - 1 + len(a.new_token_ids)]
+
+
+def test_prompt_logprobs_equal_the_whole_models_whatever_the_chunking_company_and_preemption(tiny_dir, model):
+    """Each prompt token's logprob given the ones before it, computed on the prompt rows of the batched
+    forward: equal to the whole model's log-softmax, with prefill chunked into pieces of 7 tokens, in a
+    batch with other requests (which ask for none and are unchanged), and under KV pressure."""
+    asks = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True, prompt_logprobs=2)
+    for cfg in (
+        EngineConfig(),
+        EngineConfig(max_num_batched_tokens=7),
+        EngineConfig(kv_cache_tokens=96, block_size=8, max_num_batched_tokens=16),
+    ):
+        eng = local_engine(tiny_dir, "float32", cfg)
+        ps = prompts(eng.tokenizer)
+        outs = eng.generate(ps, [asks, GREEDY] * 2 + [asks])
+        for ids, out, sp in zip(ps, outs, [asks, GREEDY] * 2 + [asks]):
+            if sp.prompt_logprobs is None:
+                assert out.prompt_logprobs is None
+                assert out.new_token_ids == local_engine(tiny_dir, "float32").generate([ids], GREEDY)[0].new_token_ids
+                continue
+            ref = torch.log_softmax(model.logits(ids), dim=-1)
+            assert len(out.prompt_logprobs) == len(ids) and out.prompt_logprobs[0] is None
+            for i, (t, lp, rank, alts) in enumerate(out.prompt_logprobs[1:], start=1):
+                assert t == ids[i] and abs(lp - ref[i - 1, t].item()) < 1e-4
+                assert rank == int((ref[i - 1] > ref[i - 1, t]).sum()) + 1 and len(alts) == 2
+                assert alts[0][0] == int(ref[i - 1].argmax())

@@ -8,6 +8,7 @@ import asyncio
 import json
 
 import pytest
+import torch
 
 from cluster.api.protocol import APIError, ChatRequest, CompletionRequest, ModelLimits, RequestBudget, validate
 from cluster.api.serving import OpenAIServing
@@ -169,3 +170,75 @@ def test_bad_requests_are_refused_before_the_engine_and_name_the_field(serving, 
         complete(serving, **{"model": MODEL, **body})
     assert e.value.status in (400, 404) and e.value.param == param, (e.value.status, e.value.param, str(e.value))
     assert not eng.has_unfinished()  # nothing reached the engine
+
+
+# ---------------------------------------------------------------- prompt logprobs (lm-eval's loglikelihood)
+
+
+def reference_logprobs(tiny_dir, ids: list[int]) -> torch.Tensor:
+    """log_softmax of the whole model's logits in one process (model/, which equals transformers)."""
+    from model.model import Transformer
+
+    return torch.log_softmax(Transformer.from_pretrained(tiny_dir, "float32").logits(ids), dim=-1)
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_lm_eval_reads_it(serving, eng, tiny_dir):
+    """lm-eval's local-completions: token ids of context + continuation, echo, logprobs=1, max_tokens=1;
+    the continuation's loglikelihood is the sum of token_logprobs[ctxlen:-1], greedy if each top token
+    is the continuation's."""
+    ctx, cont = eng.tokenizer.encode("The answer to the question is"), eng.tokenizer.encode(" four", bos=False)
+    ids = ctx + cont
+    body = complete(serving, prompt=ids, max_tokens=1, echo=True, logprobs=1, temperature=0)
+    lp = body["choices"][0]["logprobs"]
+    assert len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["tokens"]) == len(ids) + 1
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    ref = reference_logprobs(tiny_dir, ids)
+    want = [ref[i - 1, ids[i]].item() for i in range(1, len(ids))]
+    torch.testing.assert_close(torch.tensor(lp["token_logprobs"][1 : len(ids)]), torch.tensor(want), atol=1e-4, rtol=0)
+    got_ll = sum(lp["token_logprobs"][len(ctx) : -1])
+    assert abs(got_ll - sum(want[len(ctx) - 1 :])) < 1e-3
+    for i, top in enumerate(lp["top_logprobs"][1 : len(ids)], start=1):  # the model's most likely next token
+        (piece, value), best = next(iter(top.items())), int(ref[i - 1].argmax())
+        assert piece == eng.tokenizer.piece(best) and abs(value - ref[i - 1, best].item()) < 1e-4
+    assert body["usage"]["completion_tokens"] == 1 and body["choices"][0]["text"].startswith(eng.tokenizer.decode(ids))
+
+
+def test_max_tokens_zero_with_echo_is_the_prompt_alone(serving, eng):
+    body = complete(serving, prompt="Hi there", max_tokens=0, echo=True, logprobs=0, n=2)
+    for c in body["choices"]:
+        assert (c["text"], c["finish_reason"]) == ("Hi there", "length")
+        assert len(c["logprobs"]["tokens"]) == len(eng.tokenizer.encode("Hi there"))
+    assert body["choices"][0]["logprobs"] == body["choices"][1]["logprobs"]  # computed once, for both
+    assert body["usage"]["completion_tokens"] == 0
+    with pytest.raises(APIError) as e:
+        complete(serving, prompt="Hi", max_tokens=0)
+    assert e.value.param == "max_tokens"
+
+
+def test_the_streamed_echo_carries_the_same_prompt_logprobs(serving):
+    kw = dict(prompt="Once upon a time", max_tokens=4, echo=True, logprobs=2, temperature=0)
+    whole = complete(serving, **kw)["choices"][0]
+    chunks = [e["choices"][0] for e in stream(serving, "completions", **kw)[:-1] if e["choices"]]
+    assert "".join(c["text"] for c in chunks) == whole["text"]
+    for key in ("tokens", "token_logprobs", "top_logprobs"):
+        assert [x for c in chunks for x in c["logprobs"][key]] == whole["logprobs"][key], key
+
+
+def test_vllms_prompt_logprobs_on_both_routes(serving, eng, tiny_dir):
+    ids = eng.tokenizer.encode("A short prompt")
+    (c,) = complete(serving, prompt=ids, max_tokens=2, prompt_logprobs=2, temperature=0)["choices"]
+    plp = c["prompt_logprobs"]
+    ref = reference_logprobs(tiny_dir, ids)
+    assert len(plp) == len(ids) and plp[0] is None
+    for i, entry in enumerate(plp[1:], start=1):
+        mine = entry[str(ids[i])]
+        rank = int((ref[i - 1] > ref[i - 1, ids[i]]).sum()) + 1
+        assert abs(mine["logprob"] - ref[i - 1, ids[i]].item()) < 1e-4 and mine["rank"] == rank
+        assert 1 <= len(entry) <= 3 and any(v["rank"] == 1 for v in entry.values())
+    msgs = [{"role": "user", "content": "Hello"}]
+    req = validate(ChatRequest, {"model": MODEL, "messages": msgs, "max_tokens": 2, "prompt_logprobs": 0})
+    body = run(serving.chat(req))
+    assert len(body["prompt_logprobs"]) == len(eng.tokenizer.encode_chat(msgs)) and body["prompt_logprobs"][0] is None
+    with pytest.raises(APIError) as e:
+        stream(serving, "chat", messages=msgs, prompt_logprobs=1)
+    assert e.value.param == "prompt_logprobs"
