@@ -28,9 +28,9 @@ def expert_calls(base_url: str) -> tuple[float, float]:
     got = {}
     for line in text.splitlines():
         name, _, value = line.partition(" ")
-        if name in ("mixserve_expert_layer_calls", "mixserve_expert_layer_call_seconds"):
+        if name in ("mixserve_expert_layer_calls_total", "mixserve_expert_layer_call_seconds_total"):
             got[name] = float(value)
-    return got["mixserve_expert_layer_calls"], got["mixserve_expert_layer_call_seconds"]
+    return got["mixserve_expert_layer_calls_total"], got["mixserve_expert_layer_call_seconds_total"]
 
 
 def measure(base_url: str, model: str, concurrency: int, requests: int, max_tokens: int) -> dict:

@@ -173,7 +173,7 @@ class OpenAIIngress:
         # loopback server.host the ingress answers gRPC calls from this host only.
         self.loopback_only = is_loopback(s.host)
         self.created = int(time.time())
-        self.metrics = Metrics()
+        self.metrics = Metrics(self.limits.name, self.limits.max_model_len)
         x = self.cfg.experts
         groups = expert_groups(mc.num_local_experts, x.experts_per_worker)
         bounds = [x.autoscaling.bounds(g) if x.autoscaling else (x.replicas, x.replicas) for g in range(len(groups))]
@@ -211,28 +211,32 @@ class OpenAIIngress:
             await outs.aclose()
             raise output_error(refused)
         m = self.metrics
-        m.prompt_tokens.inc(sum(len(p) for p in prompts))
+        m_prompt = sum(len(p) for p in prompts)
+        m.admitted(m_prompt)
         if any(o.new_token_ids for _, o in first):
-            m.ttft.observe(time.perf_counter() - t0)
+            m.first_token(time.perf_counter() - t0)
 
         async def rest():
             left, last = set(range(len(prompts))), time.perf_counter()
+            reasons: dict[int, str] = {}
+            generated = 0
             try:
                 batch = first
                 while True:
                     now = time.perf_counter()
                     for k, out in batch:
                         n = len(out.new_token_ids)
-                        m.generated_tokens.inc(n)
-                        if batch is not first and n:
-                            m.itl.observe((now - last) / n)
+                        generated += n
+                        m.tokens(n, (now - last) / n if batch is not first and n else None)
                         if out.finished:
                             left.discard(k)
+                            reasons[k] = str(out.finish_reason)
                         if out.error is not None:
                             raise output_error(out)
                     last = now
                     yield batch
                     if not left:
+                        m.finished(list(reasons.values()), time.perf_counter() - t0, m_prompt, generated)
                         return
                     batch = await outs.__anext__()
             finally:
@@ -326,7 +330,7 @@ class OpenAIIngress:
             del self._reports[key]
         experts = {d.removeprefix("expert-group-"): c for d, c in self._counts.items() if d.startswith("expert-group-")}
         if self._reports:
-            self.metrics.update_from(AttentionStats.summed([st for _, st in self._reports.values()]), experts)
+            self.metrics.update_from({key: st for key, (_, st) in self._reports.items()}, experts)
         self._metrics_at = now
 
     @api.get("/openapi.json")

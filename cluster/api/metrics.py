@@ -12,7 +12,6 @@ to Ray's metrics endpoint (mixserve_expert_replica_*).
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field, fields
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -71,8 +70,53 @@ class AttentionStats:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+# vLLM's buckets (vllm/v1/metrics/loggers.py), so that its dashboards' and tools' queries read the same
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+TTFT_BUCKETS += (20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+TPOT_BUCKETS = (
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0)
+E2E_BUCKETS += (480.0, 960.0, 1920.0, 7680.0)
+
+
+def buckets_1_2_5(top: int) -> list[int]:
+    """1, 2, 5, 10, 20, 50, ... up to `top` (vLLM's token-count buckets)."""
+    out, x = [], 1
+    while True:
+        for m in (1, 2, 5):
+            if m * x > top:
+                return out
+            out.append(m * x)
+        x *= 10
+
+
 class Metrics:
-    def __init__(self):
+    """mixserve's series (`mixserve_*`, the expert-level ones vLLM has no counterpart for) and vLLM's
+    (`vllm:*`, same names, types, labels and buckets), so that the Gateway API inference extension's
+    endpoint picker, inference-perf, KEDA rules and vLLM's dashboards read this server unchanged.
+    Counters are counters (rates are PromQL's), also where the figure comes from the attention
+    replicas: each replica's report is added by its increase since its previous report."""
+
+    def __init__(self, model_name: str = "", max_model_len: int = 4096):
         r = self.registry = CollectorRegistry()
         self.requests = Counter(
             "mixserve_requests_total", "HTTP requests by route and status", ["route", "status"], registry=r
@@ -88,33 +132,27 @@ class Metrics:
         self.running = Gauge("mixserve_running_sequences", "Sequences in the running batch", registry=r)
         self.waiting = Gauge("mixserve_waiting_sequences", "Sequences waiting for admission", registry=r)
         self.kv_usage = Gauge("mixserve_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use", registry=r)
-        self.preemptions = Gauge("mixserve_preemptions", "Sequences preempted for KV space so far", registry=r)
-        self.routed = Gauge(
-            "mixserve_expert_routed_tokens",
-            "Tokens routed to an expert in a layer so far",
+        self.preemptions = Counter("mixserve_preemptions_total", "Sequences preempted for KV space", registry=r)
+        self.routed = Counter(
+            "mixserve_expert_routed_tokens_total",
+            "Tokens routed to an expert in a layer",
             ["layer", "expert"],
             registry=r,
         )
-        self.expert_calls = Gauge("mixserve_expert_layer_calls", "Layer fan-outs to the experts so far", registry=r)
-        self.expert_seconds = Gauge(
-            "mixserve_expert_layer_call_seconds", "Summed layer fan-out round-trip time", registry=r
-        )
-        self.retries = Gauge("mixserve_expert_retries", "Expert calls re-sent after a failure so far", registry=r)
-        self.replicas = Gauge("mixserve_expert_replicas", "Running replicas per expert group", ["group"], registry=r)
-        self.load = Gauge(
-            "mixserve_expert_load_tokens_per_second",
-            "Tokens routed per second to an expert since the previous scrape (layer=all: summed)",
-            ["layer", "expert"],
-            registry=r,
-        )
-        self.queued = Gauge(
-            "mixserve_expert_queued_tokens", "Tokens sent to an expert and not yet returned", ["expert"], registry=r
-        )
-        self.group_load = Gauge(
-            "mixserve_expert_group_load_tokens_per_second",
-            "Tokens routed per second to an expert group's experts since the previous scrape",
+        self.group_routed = Counter(
+            "mixserve_expert_group_routed_tokens_total",
+            "Tokens routed to an expert group's experts, summed over layers",
             ["group"],
             registry=r,
+        )
+        self.expert_calls = Counter("mixserve_expert_layer_calls_total", "Layer fan-outs to the experts", registry=r)
+        self.expert_seconds = Counter(
+            "mixserve_expert_layer_call_seconds_total", "Summed layer fan-out round-trip time", registry=r
+        )
+        self.retries = Counter("mixserve_expert_retries_total", "Expert calls re-sent after a failure", registry=r)
+        self.replicas = Gauge("mixserve_expert_replicas", "Running replicas per expert group", ["group"], registry=r)
+        self.queued = Gauge(
+            "mixserve_expert_queued_tokens", "Tokens sent to an expert and not yet returned", ["expert"], registry=r
         )
         self.replicas_min = Gauge(
             "mixserve_expert_replicas_min", "Lower replica bound of an expert group", ["group"], registry=r
@@ -127,8 +165,65 @@ class Metrics:
             "Requests re-submitted to another attention replica after theirs died",
             registry=r,
         )
-        self._last: tuple[float, dict] | None = None
+        # vLLM's names. One engine as vLLM counts it: the attention replicas summed (engine="0").
+        labels, self._v = ["model_name", "engine"], (model_name, "0")
+
+        def vllm(kind, name: str, doc: str, **kw):
+            return kind(f"vllm:{name}", doc, labels + kw.pop("extra", []), registry=r, **kw)
+
+        self.v_running = vllm(Gauge, "num_requests_running", "Number of requests in model execution batches.")
+        self.v_waiting = vllm(Gauge, "num_requests_waiting", "Number of requests waiting to be processed.")
+        self.v_kv = vllm(Gauge, "kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.")
+        self.v_kv_old = vllm(Gauge, "gpu_cache_usage_perc", "KV-cache usage (vLLM's older name).")
+        self.v_preemptions = vllm(Counter, "num_preemptions", "Cumulative number of preemption from the engine.")
+        self.v_prompt = vllm(Counter, "prompt_tokens", "Number of prefill tokens processed.")
+        self.v_generation = vllm(Counter, "generation_tokens", "Number of generation tokens processed.")
+        self.v_success = vllm(
+            Counter, "request_success", "Count of successfully processed requests.", extra=["finished_reason"]
+        )
+        self.v_ttft = vllm(Histogram, "time_to_first_token_seconds", "Time to first token.", buckets=TTFT_BUCKETS)
+        self.v_itl = vllm(Histogram, "inter_token_latency_seconds", "Inter-token latency.", buckets=TPOT_BUCKETS)
+        self.v_tpot = vllm(
+            Histogram,
+            "time_per_output_token_seconds",
+            "Time per output token (vLLM's older name).",
+            buckets=TPOT_BUCKETS,
+        )
+        self.v_e2e = vllm(Histogram, "e2e_request_latency_seconds", "End-to-end request latency.", buckets=E2E_BUCKETS)
+        tokens = buckets_1_2_5(max_model_len)
+        self.v_req_prompt = vllm(Histogram, "request_prompt_tokens", "Prompt tokens per request.", buckets=tokens)
+        self.v_req_gen = vllm(Histogram, "request_generation_tokens", "Generated tokens per request.", buckets=tokens)
+        self._seen: dict[tuple, dict] = {}  # attention replica -> its counters at its previous report
         self.groups: list[list[int]] = []
+
+    # ------------------------------------------------------------ request side (the ingress counts)
+
+    def admitted(self, prompt_tokens: int) -> None:
+        self.prompt_tokens.inc(prompt_tokens)
+        self.v_prompt.labels(*self._v).inc(prompt_tokens)
+
+    def first_token(self, seconds: float) -> None:
+        self.ttft.observe(seconds)
+        self.v_ttft.labels(*self._v).observe(seconds)
+
+    def tokens(self, n: int, per_token_s: float | None) -> None:
+        """`n` tokens generated; `per_token_s`: the time since the previous ones, per token."""
+        self.generated_tokens.inc(n)
+        self.v_generation.labels(*self._v).inc(n)
+        if per_token_s is not None:
+            self.itl.observe(per_token_s)
+            self.v_itl.labels(*self._v).observe(per_token_s)
+            self.v_tpot.labels(*self._v).observe(per_token_s)
+
+    def finished(self, reasons: list[str], seconds: float, prompt_tokens: int, generated: int) -> None:
+        """A request has ended: its choices' finish reasons, its latency and token counts."""
+        for reason in reasons:
+            self.v_success.labels(*self._v, reason).inc()
+        self.v_e2e.labels(*self._v).observe(seconds)
+        self.v_req_prompt.labels(*self._v).observe(prompt_tokens)
+        self.v_req_gen.labels(*self._v).observe(generated)
+
+    # ------------------------------------------------------------ engine side (the attention replicas report)
 
     def set_bounds(self, groups: list[list[int]], bounds: list[tuple[int, int]]) -> None:
         """The expert groups (expert ids of each) and their replica bounds, from the config."""
@@ -137,31 +232,46 @@ class Metrics:
             self.replicas_min.labels(str(g)).set(lo)
             self.replicas_max.labels(str(g)).set(hi)
 
-    def update_from(self, stats: AttentionStats, replicas: dict[str, int], now: float | None = None) -> None:
-        now = time.monotonic() if now is None else now
-        totals: dict[tuple[str, str], int] = {}
-        for l, e, n in stats.routed_tokens:
-            totals[(str(l), str(e))] = n
-            totals[("all", str(e))] = totals.get(("all", str(e)), 0) + n
-        if self._last is not None and now > self._last[0]:
-            t0, before = self._last
-            for key, n in totals.items():
-                self.load.labels(*key).set((n - before.get(key, 0)) / (now - t0))
-            for g, experts in enumerate(self.groups):
-                got = sum(totals.get(("all", str(e)), 0) - before.get(("all", str(e)), 0) for e in experts)
-                self.group_load.labels(str(g)).set(got / (now - t0))
-        self._last = (now, totals)
-        for e, n in stats.expert_in_flight_tokens.items():
+    def update_from(self, reports: dict[tuple, AttentionStats], replicas: dict[str, int]) -> None:
+        """The attention replicas' latest reports (by replica): gauges from their sum, counters by each
+        replica's increase since its previous report (a new replica counts from zero)."""
+        s = AttentionStats.summed(list(reports.values()))
+        for mine, theirs, value in (
+            (self.running, self.v_running, s.running),
+            (self.waiting, self.v_waiting, s.waiting),
+            (self.kv_usage, self.v_kv, s.kv_usage),
+        ):
+            mine.set(value)
+            theirs.labels(*self._v).set(value)
+        self.v_kv_old.labels(*self._v).set(s.kv_usage)
+        self.queued.clear()
+        for e, n in s.expert_in_flight_tokens.items():
             self.queued.labels(str(e)).set(n)
-        self.running.set(stats.running)
-        self.waiting.set(stats.waiting)
-        self.kv_usage.set(stats.kv_usage)
-        self.preemptions.set(stats.preemptions)
-        for l, e, n in stats.routed_tokens:
-            self.routed.labels(str(l), str(e)).set(n)
-        self.expert_calls.set(stats.expert_calls)
-        self.expert_seconds.set(stats.expert_call_seconds)
-        self.retries.set(stats.expert_retries)
+        group_of = {e: g for g, es in enumerate(self.groups) for e in es}
+        for key, st in reports.items():
+            now = {
+                "preemptions": st.preemptions,
+                "calls": st.expert_calls,
+                "seconds": st.expert_call_seconds,
+                "retries": st.expert_retries,
+                "routed": {(l, e): n for l, e, n in st.routed_tokens},
+            }
+            before = self._seen.get(key, {"preemptions": 0, "calls": 0, "seconds": 0.0, "retries": 0, "routed": {}})
+            grew = {k: max(0, now[k] - before[k]) for k in ("preemptions", "calls", "seconds", "retries")}
+            self.preemptions.inc(grew["preemptions"])
+            self.v_preemptions.labels(*self._v).inc(grew["preemptions"])
+            self.expert_calls.inc(grew["calls"])
+            self.expert_seconds.inc(grew["seconds"])
+            self.retries.inc(grew["retries"])
+            for (l, e), n in now["routed"].items():
+                d = n - before["routed"].get((l, e), 0)
+                if d > 0:
+                    self.routed.labels(str(l), str(e)).inc(d)
+                    if e in group_of:
+                        self.group_routed.labels(str(group_of[e])).inc(d)
+            self._seen[key] = now
+        for key in [k for k in self._seen if k not in reports]:
+            del self._seen[key]
         for g, n in replicas.items():
             self.replicas.labels(g).set(n)
 

@@ -214,10 +214,24 @@ def test_metrics_parse_and_move_with_traffic(server, client):
     assert after[("mixserve_time_to_first_token_seconds_count", ())] > before.get(
         ("mixserve_time_to_first_token_seconds_count", ()), 0
     )
-    routed = sum(v for (n, _), v in after.items() if n == "mixserve_expert_routed_tokens")
-    assert routed > sum(v for (n, _), v in before.items() if n == "mixserve_expert_routed_tokens")
+    routed = sum(v for (n, _), v in after.items() if n == "mixserve_expert_routed_tokens_total")
+    assert routed > sum(v for (n, _), v in before.items() if n == "mixserve_expert_routed_tokens_total")
     assert after[("mixserve_running_sequences", ())] == 0
     assert after[("mixserve_expert_replicas", (("group", "0"),))] == 1
+    # vLLM's names and labels, moving with the same traffic (the endpoint picker, inference-perf read them)
+    v = (("engine", "0"), ("model_name", "tiny-test"))
+    for name in ("vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:time_to_first_token_seconds_count"):
+        assert after[(name, v)] > before.get((name, v), 0), name
+    assert (
+        after[("vllm:e2e_request_latency_seconds_count", v)]
+        - before.get(("vllm:e2e_request_latency_seconds_count", v), 0)
+        == 2
+    )
+    done = (("engine", "0"), ("finished_reason", "length"), ("model_name", "tiny-test"))
+    assert after[("vllm:request_success_total", done)] - before.get(("vllm:request_success_total", done), 0) == 2
+    for gauge in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"):
+        assert (gauge, v) in after, gauge
+    assert after[("vllm:inter_token_latency_seconds_count", v)] > 0
 
 
 def test_api_key_is_enforced(server, tiny_dir):
