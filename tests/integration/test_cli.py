@@ -47,7 +47,15 @@ def test_init_tiny_writes_a_loadable_checkpoint(tmp_path):
         [sys.executable, "-m", "cluster", "init-tiny", str(tmp_path / "t")], capture_output=True, text=True, timeout=120
     )
     assert r.returncode == 0, r.stderr
-    assert {p.name for p in (tmp_path / "t").iterdir()} == {"config.json", "model.safetensors", "tokenizer.model"}
+    assert {p.name for p in (tmp_path / "t").iterdir()} == {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.model",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "generation_config.json",
+    }
     from model.checkpoint import Checkpoint
 
     Checkpoint(tmp_path / "t").check_names()
