@@ -16,7 +16,7 @@ from pathlib import Path
 from ray.serve import Application
 
 from cluster.api.ingress import OpenAIIngress
-from cluster.config import AppConfig, load_config
+from cluster.config import SERVE_ENV, AppConfig, load_config
 from cluster.serve.attention import AttentionWorker
 from cluster.serve.directory import ExpertDirectory
 from cluster.serve.experts import ExpertDeployment
@@ -25,13 +25,18 @@ from model.tiny import resolve_model
 from router.experts import expert_groups
 
 
+def serve_env(extra: dict[str, str] | None = None) -> dict:
+    """A replica's runtime_env: the Serve mode mixserve runs in (config.SERVE_ENV) and `extra`."""
+    return {"env_vars": {**SERVE_ENV, **(extra or {})}}
+
+
 def build_app(cfg: AppConfig | dict) -> Application:
     """The whole application: OpenAI ingress -> AttentionWorker -> expert groups."""
     cfg = AppConfig.model_validate(cfg) if isinstance(cfg, dict) else cfg
     s = cfg.server
     return OpenAIIngress.options(
         num_replicas=s.replicas,
-        ray_actor_options={"num_cpus": s.num_cpus, "resources": dict(s.resources)},
+        ray_actor_options={"num_cpus": s.num_cpus, "resources": dict(s.resources), "runtime_env": serve_env()},
         max_ongoing_requests=s.max_ongoing_requests,
     ).bind(cfg, build_attention(cfg))
 
@@ -48,14 +53,13 @@ def build_attention(cfg: AppConfig | dict) -> Application:
     num_experts = MixtralConfig.from_file(resolve_model(cfg.model)).num_local_experts
     x = cfg.experts
     expert_actor = {"num_cpus": x.num_cpus, "num_gpus": x.num_gpus, "resources": dict(x.resources)}
-    if x.num_threads:
-        expert_actor["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(x.num_threads)}}
+    expert_actor["runtime_env"] = serve_env({"OMP_NUM_THREADS": str(x.num_threads)} if x.num_threads else {})
     # The directory exists for the data plane; with `transport: ray` the handles carry every call.
     # It sits with the ingress (the head node where `server.resources` says so): soft state, one replica.
     directory = (
         ExpertDirectory.options(
             name="expert-directory",
-            ray_actor_options={"num_cpus": 0, "resources": dict(cfg.server.resources)},
+            ray_actor_options={"num_cpus": 0, "resources": dict(cfg.server.resources), "runtime_env": serve_env()},
             logging_config=QUIET,
         ).bind()
         if x.transport == "channel"
@@ -85,6 +89,7 @@ def build_attention(cfg: AppConfig | dict) -> Application:
         )
     a = cfg.attention
     attn_actor = {"num_cpus": a.num_cpus, "num_gpus": a.num_gpus, "resources": dict(a.resources)}
+    attn_actor["runtime_env"] = serve_env()
     scale = (
         {"num_replicas": a.replicas}
         if a.autoscaling is None

@@ -628,3 +628,17 @@ def test_the_expert_data_plane_port_range_is_configured_named_and_open_between_r
     )
     open_ports, restricted = exposure(pol)
     assert not any(first <= p <= last for p in open_ports | set().union(*restricted.values()))
+
+
+@pytest.mark.parametrize("path", RAYSERVICES, ids=lambda p: p.name)
+def test_every_ray_container_runs_serve_in_mixserves_mode(path):
+    """The Serve mode `mixserve serve` sets for its own Ray (cluster.config.SERVE_ENV) is in the
+    environment of every Ray container, so the proxies and controller on KubeRay run in it too."""
+    from cluster.config import SERVE_ENV
+
+    spec = rayservice(path)["spec"]["rayClusterConfig"]
+    groups = [spec["headGroupSpec"], *spec.get("workerGroupSpecs", [])]
+    for g in groups:
+        for c in g["template"]["spec"]["containers"]:
+            env = {e["name"]: e.get("value") for e in c.get("env", [])}
+            assert {k: env.get(k) for k in SERVE_ENV} == SERVE_ENV, (path.name, c["name"])
