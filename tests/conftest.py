@@ -32,3 +32,11 @@ def small_cfg() -> MixtralConfig:
         num_experts_per_tok=2,
         torch_dtype="float32",
     )
+
+
+@pytest.fixture(scope="module")
+def grpc_port() -> int:
+    """A free port for a module's Serve gRPC proxy (picked when the module's server starts, not at import)."""
+    from tests.support import free_port
+
+    return free_port()

@@ -17,17 +17,12 @@ import pytest
 from cluster.build import local_engine
 from cluster.config import load_config
 from model.sampling import SamplingParams
-from tests.support import free_port, post, running_sequences, serve_app
+from tests.support import post, running_sequences, serve_app
 
 pytestmark = pytest.mark.ray
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 M = "tiny-api"
 REPEATS = "Un deux trois " * 12  # the tiny model repeats itself after this prompt: penalties show
-
-
-@pytest.fixture(scope="module")
-def grpc_port() -> int:
-    return free_port()
 
 
 @pytest.fixture(scope="module")

@@ -22,18 +22,13 @@ from cluster.build import local_engine
 from cluster.config import AppConfig
 from model.sampling import SamplingParams
 from model.tokenizer import Tokenizer
-from tests.support import free_port, serve_app
+from tests.support import serve_app
 
 pytestmark = pytest.mark.ray
 MODEL = "tiny-cost"
 PROMPTS = ["Once upon a time", "The capital of France is", "1 2 3 4", "Résumé: naïve café"]
 CONTEXT = 1024
 VICTIM_TOKENS = 24
-
-
-@pytest.fixture(scope="module")
-def grpc_port() -> int:
-    return free_port()
 
 
 @pytest.fixture(scope="module")

@@ -23,18 +23,13 @@ from cluster.config import AppConfig
 from cluster.proto import mixserve_pb2 as pb
 from cluster.proto.mixserve_pb2_grpc import MixServeStub
 from model.sampling import SamplingParams
-from tests.support import free_port, serve_app
+from tests.support import serve_app
 
 pytestmark = pytest.mark.ray
 KEY = "isolation-key"
 MODEL = "tiny-iso"
 PROMPTS = ["Once upon a time", "The capital of France is", "1 2 3 4", "Résumé: naïve café"]
 MAX_REQUEST_BYTES = 64 << 10
-
-
-@pytest.fixture(scope="module")
-def grpc_port() -> int:
-    return free_port()
 
 
 @pytest.fixture(scope="module")

@@ -17,15 +17,10 @@ from cluster.config import load_config
 from cluster.serve.app import build_app
 from model.config import MixtralConfig
 from model.sampling import SamplingParams
-from tests.support import free_port, post, running_sequences, serve_app
+from tests.support import post, running_sequences, serve_app
 
 pytestmark = pytest.mark.ray
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
-
-
-@pytest.fixture(scope="module")
-def grpc_port() -> int:
-    return free_port()
 
 
 @pytest.fixture(scope="module")
