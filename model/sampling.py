@@ -249,29 +249,29 @@ def bad_rows(logits: torch.Tensor) -> list[int]:
     return [] if bool(ok.all()) else (~ok).nonzero()[:, 0].tolist()
 
 
-def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[tuple[float, list[tuple[int, float]]]]:
-    """Per row: (logprob of the chosen token, top alternatives [(id, logprob)])."""
+def _chosen_and_top(logits: torch.Tensor, tokens: torch.Tensor, top: int):
+    """log-softmax in float32, each row's chosen logprob [T, 1], and its top alternatives [(id, logprob)]."""
     lp = torch.log_softmax(logits.float(), dim=-1)
-    chosen = lp.gather(1, tokens[:, None])[:, 0].tolist()
+    chosen = lp.gather(1, tokens[:, None])
     if top:
         v, i = lp.topk(top, dim=-1)
         alts = [list(zip(ii, vv)) for ii, vv in zip(i.tolist(), v.tolist())]
     else:
-        alts = [[] for _ in chosen]
-    return list(zip(chosen, alts))
+        alts = [[] for _ in range(lp.shape[0])]
+    return lp, chosen, alts
+
+
+def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[tuple[float, list[tuple[int, float]]]]:
+    """Per row: (logprob of the chosen token, top alternatives [(id, logprob)])."""
+    _, chosen, alts = _chosen_and_top(logits, tokens, top)
+    return list(zip(chosen[:, 0].tolist(), alts))
 
 
 def ranked_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[tuple[int, float, int, list]]:
     """Per row: (token, its logprob, its rank (1 = the most likely), top alternatives [(id, logprob)])
     in float32, as vLLM's prompt logprobs report them."""
-    lp = torch.log_softmax(logits.float(), dim=-1)
-    chosen = lp.gather(1, tokens[:, None])
+    lp, chosen, alts = _chosen_and_top(logits, tokens, top)
     ranks = ((lp > chosen).sum(dim=-1) + 1).tolist()
-    if top:
-        v, i = lp.topk(top, dim=-1)
-        alts = [list(zip(ii, vv)) for ii, vv in zip(i.tolist(), v.tolist())]
-    else:
-        alts = [[] for _ in ranks]
     return list(zip(tokens.tolist(), chosen[:, 0].tolist(), ranks, alts))
 
 
