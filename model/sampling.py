@@ -16,8 +16,12 @@ seeds are 64-bit, and a row whose logits are not finite fails only its own seque
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from .grammar import StructuredOutput
 
 MAX_STOP_STRINGS = 16
 GREEDY_EPS = 1e-5  # temperatures below this are greedy (vLLM's _SAMPLING_EPS)
@@ -58,6 +62,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False  # keep the matched stop string (or stop token's text)
     return_routed_experts: bool = False  # each generated token's top-k expert ids per layer
     return_prompt_routed_experts: bool = False  # and each prompt token's
+    structured: StructuredOutput | None = None  # a grammar the output must follow (model/grammar.py)
 
     @property
     def wants_routes(self) -> bool:

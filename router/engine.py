@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from model.attention import KVPool, build_attn_meta
+from model.grammar import GrammarBatch, GrammarCompiler, GrammarError, apply_mask, compiler_for
 from model.model import MixtralDense
 from model.moe import MoEInput
 from model.sampling import (
@@ -157,6 +158,14 @@ class LLMEngine:
         self._ids = itertools.count()
         self.eos = set(mc.eos_ids) | ({tokenizer.eos_id} if tokenizer else set())
         self.steps = 0
+        self._masks: GrammarBatch | None = None
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        """Structured outputs' compiler for this model's tokenizer (built on first use, shared in the process)."""
+        if self.tokenizer is None:
+            raise EngineError("structured outputs need the model's tokenizer")
+        return compiler_for(self.tokenizer, self.dense.cfg.vocab_size)
 
     # ------------------------------------------------------------ requests
 
@@ -210,6 +219,13 @@ class LLMEngine:
             seq.detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
         if params.processes_logits:
             seq.logits_state = LogitsState.of(params, prompt_ids, done, V)
+        if params.structured is not None:
+            try:
+                seq.grammar = self.grammars.matcher(params.structured)
+            except GrammarError as e:
+                raise EngineError(str(e)) from None
+            if not seq.grammar.replay(done):
+                raise EngineError("resume: the tokens so far do not follow the request's structured output")
         if resume:
             seq.output_ids = done
             seq.emitted_tokens = len(done)
@@ -359,9 +375,20 @@ class LLMEngine:
             lg = lg.clone()
             lg[sorted(bad)] = 0.0
         params = [q.params for q in seqs]
+        ended: dict[int, str | None] = {}  # constrained rows that cannot sample: None = their grammar is complete
+        constrained = [j for j, q in enumerate(seqs) if q.grammar is not None and j not in bad]
+        if constrained:  # vLLM's order: the grammar's mask, then logprobs and processing see it
+            if self._masks is None:
+                self._masks = GrammarBatch(lg.shape[-1])
+            lg = apply_mask(lg, constrained, self._masks.mask([seqs[j].grammar for j in constrained]))
         raw = lg
         if any(p.processes_logits for p in params):
             lg = process_logits(lg, params, [q.logits_state for q in seqs], [self._stop_ids(q.params) for q in seqs])
+        if constrained:
+            ended = self._unsampleable(seqs, constrained, lg)
+            if ended:
+                lg = lg.clone()
+                lg[sorted(ended)] = 0.0
         try:
             toks = sample(lg, params, [q.generator for q in seqs]).tolist()
         except Exception:  # noqa: BLE001 - cannot happen for validated params; find the row that fails
@@ -382,6 +409,12 @@ class LLMEngine:
             if j in bad:
                 outputs.append(self._fail(seq, "this request's logits are not finite (numerical overflow)"))
                 continue
+            if j in ended:  # its grammar allows no token that its other settings allow
+                msg = ended[j]
+                if msg is None and seq.detok is not None:
+                    seq.text += seq.detok.flush()
+                outputs.append(self._fail(seq, msg) if msg else self._finish(seq, FinishReason.STOP))
+                continue
             try:
                 out = self._append(seq, t, lps[j] if lps else None)
             except Exception as e:  # noqa: BLE001 - this sequence's output handling failed: it alone ends
@@ -390,6 +423,22 @@ class LLMEngine:
             if out is not None:
                 outputs.append(out)
         return outputs
+
+    @staticmethod
+    def _unsampleable(seqs: list[Sequence], rows: list[int], lg: torch.Tensor) -> dict[int, str | None]:
+        """Constrained rows with no token left to sample: a grammar in error (its message), or one
+        whose only tokens are banned (min_tokens bans EOS when the grammar allows nothing else): that
+        output is complete (None) if the grammar accepts it, else an error."""
+        live = torch.isfinite(lg[torch.tensor(rows)]).any(dim=-1).tolist()
+        out: dict[int, str | None] = {}
+        for j, ok in zip(rows, live):
+            g = seqs[j].grammar
+            err = g.error()
+            if err is not None:
+                out[j] = f"structured output: {err}"
+            elif not ok:
+                out[j] = None if g.accepting else "structured output: no token follows the grammar"
+        return out
 
     def _fail(self, seq: Sequence, message: str) -> RequestOutput:
         """Finish one sequence with an error; its KV blocks are freed, nothing else is touched."""
@@ -403,6 +452,8 @@ class LLMEngine:
         if seq.req_id not in self.seqs:  # aborted during the step
             return None
         p = seq.params
+        if seq.grammar is not None and not seq.grammar.consume(t):
+            return self._fail(seq, f"structured output: token {t} does not follow the grammar")
         seq.output_ids.append(t)
         if seq.logits_state is not None:
             seq.logits_state.append(t)
@@ -423,10 +474,13 @@ class LLMEngine:
             seq.text += seq.detok.add([t])
             if p.stop and checks:
                 reason = self._cut_at_stop(seq, before)
-        if reason is None and (len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self._cap(seq)):
+        complete = reason is None and seq.grammar is not None and seq.grammar.done
+        if complete:  # the grammar allows nothing more: the answer is whole (vLLM would sample EOS next)
+            reason = FinishReason.STOP
+        elif reason is None and (len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self._cap(seq)):
             reason = FinishReason.LENGTH
         if reason is not None:
-            if reason == FinishReason.LENGTH and seq.detok is not None:
+            if (reason == FinishReason.LENGTH or complete) and seq.detok is not None:
                 before = len(seq.text)
                 seq.text += seq.detok.flush()
                 if p.stop:  # the flushed tail may complete a stop string

@@ -31,6 +31,7 @@ from enum import Enum, StrEnum
 
 import torch
 
+from model.grammar import Grammar
 from model.sampling import LogitsState, SamplingParams, make_generator
 from model.tokenizer import IncrementalDetokenizer
 
@@ -85,6 +86,7 @@ class Sequence:
     first_token_at: float | None = None
     generator: torch.Generator | None = None
     logits_state: LogitsState | None = None  # penalties, bias, min_tokens: kept across steps
+    grammar: Grammar | None = None  # structured outputs: the matcher of its constraint
     fork_of: Sequence | None = None  # another choice of the same prompt whose prefill this one copies
     table: BlockTable = None  # type: ignore[assignment]
 

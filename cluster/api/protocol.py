@@ -18,6 +18,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cluster.config import ServerConfig
+from model.grammar import GrammarError, StructuredOutput
 from model.sampling import (
     MAX_LOGIT_BIAS,
     MAX_STOP_STRINGS,
@@ -190,11 +191,43 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool = Field(False, description="Extension (vLLM): usage on every chunk.")
 
 
+MAX_GRAMMAR_CHARS = 65536  # a regex, grammar or whitespace pattern; a schema is bounded by the body
+MAX_CHOICE_STRINGS = 1024
+
+
+class JsonSchemaFormat(BaseModel):
+    """OpenAI's response_format.json_schema. The output always follows the schema: `strict` is
+    accepted either way (a keyword the grammar engine cannot enforce is a 400, never ignored)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(..., max_length=64)
+    description: str | None = Field(None, max_length=4096)
+    json_schema: dict | bool | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict | None = None
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's structured_outputs: one constraint (json, regex, choice, grammar or json_object)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    json_: dict | bool | str | None = Field(None, alias="json", description="A JSON schema.")
+    regex: str | None = Field(None, max_length=MAX_GRAMMAR_CHARS)
+    choice: Annotated[list[str], Field(min_length=1, max_length=MAX_CHOICE_STRINGS)] | None = None
+    grammar: str | None = Field(None, max_length=MAX_GRAMMAR_CHARS, description="Lark or GBNF (EBNF).")
+    json_object: bool | None = None
+    disable_any_whitespace: bool = Field(False, description="JSON has no optional whitespace either way here.")
+    disable_additional_properties: bool = False
+    whitespace_pattern: str | None = Field(None, max_length=1024, description="Whitespace JSON may have.")
+    structural_tag: str | None = Field(None, description="Not supported: only null.")
 
 
 Bias = Annotated[float, Field(ge=-100.0, le=100.0)]
@@ -237,6 +270,9 @@ class _Common(BaseModel):
     # vLLM's prompt logprobs: each prompt token's logprob given the ones before it, with this many
     # alternatives (the first token has none: null)
     prompt_logprobs: int | None = Field(None, ge=0, le=20)
+    # Structured outputs: OpenAI's response_format, vLLM's structured_outputs (response_format wins)
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
     # OpenAI fields that change nothing here, accepted as vLLM accepts them; a value that would ask
     # for something this server cannot do is refused by `unsupported` (a 400 that says so)
     store: bool | None = Field(None, description="Only false or null: this server stores nothing.")
@@ -257,6 +293,58 @@ def unsupported(req) -> None:
         raise APIError(400, f"tool_choice={choice!r} is not supported: there are no tools", param="tool_choice")
     if getattr(req, "modalities", None) not in (None, ["text"]):
         raise APIError(400, "modalities: only ['text'] is supported", param="modalities")
+
+
+def structured_output(req) -> StructuredOutput | None:
+    """The request's constraint, vLLM's way: response_format json_object / json_schema replaces
+    the kind that structured_outputs names (its options stay); a 400 names a field that asks for
+    two kinds, or for what is not supported. Whether it compiles is checked by `GrammarCompiler`."""
+    so, rf = req.structured_outputs, req.response_format
+    kinds: dict[str, object] = {}
+    if so is not None:
+        if so.structural_tag is not None:
+            raise APIError(400, "structured_outputs.structural_tag is not supported", param="structured_outputs")
+        for k in ("json_", "regex", "choice", "grammar"):
+            if getattr(so, k) is not None:
+                kinds[k.rstrip("_")] = getattr(so, k)
+        if so.json_object:
+            kinds["json_object"] = True
+        if len(kinds) > 1:
+            raise APIError(
+                400,
+                f"structured_outputs: one constraint at a time, not {' and '.join(kinds)}",
+                param="structured_outputs",
+            )
+    param = "structured_outputs"
+    if rf is not None and rf.type != "text":
+        param = "response_format"
+        if rf.type == "json_object":
+            kinds = {"json_object": True}
+        else:
+            if rf.json_schema is None or rf.json_schema.json_schema is None:
+                raise APIError(
+                    400, "response_format: type json_schema needs json_schema.schema", param="response_format"
+                )
+            kinds = {"json": rf.json_schema.json_schema}
+    if not kinds:
+        return None
+    ((kind, spec),) = kinds.items()
+    options = {}
+    if so is not None:
+        options = {
+            "whitespace_pattern": so.whitespace_pattern,
+            "disable_additional_properties": so.disable_additional_properties,
+        }
+    try:
+        if kind == "json":
+            return StructuredOutput.json_schema(spec, param, **options)
+        if kind == "choice":
+            return StructuredOutput.choice(spec, param)
+        if kind == "json_object":
+            return StructuredOutput("json_object", "", param=param, **options)
+        return StructuredOutput(kind, spec, param=param)
+    except GrammarError as e:
+        raise APIError(400, str(e), param=e.param) from None
 
 
 class CompletionRequest(_Common):
@@ -287,7 +375,6 @@ class ChatRequest(_Common):
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    response_format: ResponseFormat | None = None
     tools: Annotated[list[dict], Field(max_length=128)] | None = Field(None, description="Only empty or null.")
     tool_choice: str | dict | None = Field(None, description="Only 'none', 'auto' or null (there are no tools).")
     parallel_tool_calls: bool | None = None

@@ -29,8 +29,10 @@ from cluster.api.protocol import (
     ModelLimits,
     TokenizeChat,
     TokenizeCompletion,
+    structured_output,
     unsupported,
 )
+from model.grammar import GrammarError, StructuredOutput, compiler_for
 from model.sampling import SamplingParams
 from model.tokenizer import ChatFormatError, TokenizeError, Tokenizer
 from router.engine import FinishReason, RequestOutput
@@ -136,6 +138,18 @@ class OpenAIServing:
         except ChatFormatError as e:
             raise APIError(400, str(e), param="messages") from None
 
+    async def _structured(self, req) -> StructuredOutput | None:
+        """The request's constraint, compiled once here (off the event loop; cached) so that a bad
+        schema, regex or grammar is a 400 that names its field before anything starts."""
+        c = structured_output(req)
+        if c is None:
+            return None
+        try:
+            await asyncio.to_thread(lambda: compiler_for(self.tokenizer, self.limits.vocab).check(c))
+        except GrammarError as e:
+            raise APIError(400, str(e), param=e.param) from None
+        return c
+
     @staticmethod
     def _check_prompt_logprobs(req) -> None:
         if req.stream and req.prompt_logprobs is not None:  # vLLM's rule too
@@ -149,6 +163,7 @@ class OpenAIServing:
         logprobs: int | None,
         param: str,
         prompt_logprobs: int | None = None,
+        structured: StructuredOutput | None = None,
     ) -> list[SamplingParams]:
         """One SamplingParams per choice, index i * n + j: every value checked before any starts."""
         if len(prompts) * req.n > MAX_CHOICES:
@@ -166,6 +181,7 @@ class OpenAIServing:
         ]
         self.limits.budget.check(req, [len(p.ids) for p in prompts], params)
         for k, sp in enumerate(params):  # a prompt's routes and logprobs are each of its choices': computed once
+            sp.structured = structured
             if k % req.n:
                 sp.return_prompt_routed_experts = False
                 sp.prompt_logprobs = None
@@ -195,10 +211,11 @@ class OpenAIServing:
             raise APIError(400, "max_tokens=0 only with echo (the prompt alone, scored)", param="max_tokens")
         echo_lps = req.echo and req.logprobs is not None  # the prompt tokens' logprobs lead the choice's
         wanted = [x for x in (req.logprobs if echo_lps else None, req.prompt_logprobs) if x is not None]
+        structured = await self._structured(req)
         prompts = await self.prompts_of(req)
         # max_tokens=0: one token is computed (the prompt's last logits) and not returned
         params = self._choices(
-            req, prompts, 1 if zero else req.max_tokens, req.logprobs, "prompt", max(wanted, default=None)
+            req, prompts, 1 if zero else req.max_tokens, req.logprobs, "prompt", max(wanted, default=None), structured
         )
         streams = await self._start(req, prompts, params, req.n)
         if zero:
@@ -277,18 +294,12 @@ class OpenAIServing:
     async def chat(self, req: ChatRequest):
         self.limits.check_model(req.model)
         unsupported(req)
-        if req.response_format is not None and req.response_format.type != "text":
-            raise APIError(
-                400,
-                f"response_format {req.response_format.type!r} is not supported (no constrained "
-                "decoding); only {'type': 'text'}",
-                param="response_format",
-            )
         self._check_prompt_logprobs(req)
+        structured = await self._structured(req)
         prompt = await self.chat_prompt_of(req)
         top = (req.top_logprobs or 0) if req.logprobs else None
         params = self._choices(
-            req, [prompt], req.max_completion_tokens or req.max_tokens, top, "messages", req.prompt_logprobs
+            req, [prompt], req.max_completion_tokens or req.max_tokens, top, "messages", req.prompt_logprobs, structured
         )
         streams = await self._start(req, [prompt], params, req.n)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

@@ -176,6 +176,12 @@ class AttentionWorker:
         later choice of the same prompt shares the first one's prefill (`LLMEngine.add_request`'s
         fork). `group`: whose fair share they run in. A stream closed early (client gone) aborts
         every unfinished choice."""
+        for c in {p.structured for p in params if p.structured is not None}:
+            # compiled here, off the engine thread (the engine's add_request then finds it cached)
+            try:
+                await asyncio.to_thread(self.engine.grammars.check, c)
+            except ValueError:  # a grammar that does not compile: the engine refuses the request with why
+                pass
         q: asyncio.Queue = asyncio.Queue()
         base = f"{os.getpid()}-{next(self._ids)}"
         rids = [f"{base}.{k}" for k in range(len(prompts))]

@@ -286,14 +286,48 @@ def test_chat_content_parts_token_limits_user_and_response_format(client, local)
     )
     assert dev.usage.prompt_tokens > len(local.tokenizer.encode_chat(text))
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model=M, messages=text, response_format={"type": "json_object"})
-    assert e.value.body["param"] == "response_format"
-    with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(
             model=M,
             messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}],
         )
     assert e.value.body["param"] == "messages" and "text" in e.value.body["message"]
+
+
+def test_structured_outputs_through_the_openai_client(client):
+    """The client's own structured-output helper (a pydantic model as a strict json_schema), json_object,
+    and vLLM's structured_outputs on a stream: the random-weight model's answers always parse."""
+    from typing import Literal
+
+    import pydantic
+
+    class Answer(pydantic.BaseModel):
+        colour: Literal["red", "green", "dark blue"]
+        ok: bool
+        n: int = pydantic.Field(ge=0, le=99)
+
+    msgs = [{"role": "user", "content": "Answer in JSON."}]
+    r = client.chat.completions.parse(model=M, messages=msgs, response_format=Answer, max_tokens=64, n=3, seed=2)
+    assert all(isinstance(c.message.parsed, Answer) and c.finish_reason == "stop" for c in r.choices)
+    r = client.chat.completions.create(
+        model=M, messages=msgs, response_format={"type": "json_object"}, max_tokens=48, n=4, seed=1
+    )
+    assert all(c.message.content.startswith("{") for c in r.choices)
+    assert all(isinstance(json.loads(c.message.content), dict) for c in r.choices if c.finish_reason == "stop")
+    s = client.completions.create(
+        model=M,
+        prompt="Date:",
+        max_tokens=32,
+        stream=True,
+        extra_body={"structured_outputs": {"regex": "20[0-9]{2}-(0[1-9]|1[0-2])-[0-2][0-9]"}},
+    )
+    chunks = list(s)
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert len(text) == 10 and text[:2] == "20" and chunks[-1].choices[0].finish_reason == "stop", text
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(
+            model=M, messages=msgs, extra_body={"structured_outputs": {"regex": "[unclosed"}}, max_tokens=4
+        )
+    assert e.value.body["param"] == "structured_outputs" and "regex" in e.value.body["message"]
 
 
 def test_tokenize_and_detokenize(server, local):
