@@ -97,6 +97,10 @@ def grammar_text(c: StructuredOutput) -> str:
     """The llguidance grammar of a constraint (not yet checked: `GrammarCompiler.check` does)."""
     if c.kind in ("json", "json_object"):
         schema = json.loads(c.spec) if c.kind == "json" else {"type": "object"}
+        if schema is False:
+            raise GrammarError(c.param, f"{c.param}: the schema false allows no value")
+        if schema is True:  # any JSON value
+            schema = {}
         if c.disable_additional_properties:
             schema = _no_additional_properties(schema)
         options: dict = {"whitespace_flexible": False}
@@ -171,7 +175,10 @@ class GrammarCompiler:
         grammar = grammar_text(c)
         m = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)  # drops the GIL while it compiles
         if m.is_error():
-            raise GrammarError(c.param, f"{c.param}: {m.get_error()}")
+            raise GrammarError(c.param, f"{c.param}: {_first_line(m.get_error())}")
+        m.compute_bitmask()  # some grammars fail only at their first step (a rule that derives nothing)
+        if m.is_error():
+            raise GrammarError(c.param, f"{c.param}: the grammar allows no output ({_first_line(m.get_error())})")
         with self.lock:
             self.compiled += 1
             self.cache[key] = m
@@ -184,6 +191,11 @@ class GrammarCompiler:
 
     def matcher(self, c: StructuredOutput) -> Grammar:
         return Grammar(self._compiled(c).deep_copy())
+
+
+def _first_line(message: str, limit: int = 300) -> str:
+    """llguidance's error on one line, without its parser dump."""
+    return " ".join(message.split("<state>")[0].split())[:limit]
 
 
 @lru_cache(maxsize=8)

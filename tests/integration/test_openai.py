@@ -290,6 +290,19 @@ def test_fuzzed_requests_never_get_a_5xx(server):
             "stop_token_ids": st.lists(st.integers(-3, 40000), max_size=3) | value,
             "stream_options": st.fixed_dictionaries({}, optional={"include_usage": st.booleans() | value}) | value,
             "response_format": st.fixed_dictionaries({"type": st.sampled_from(["text", "json_object", "x"])}) | value,
+            "structured_outputs": st.fixed_dictionaries(
+                {},
+                optional={
+                    "regex": st.text(max_size=6) | value,
+                    "choice": st.lists(st.text(max_size=3), max_size=3) | value,
+                    "grammar": st.text(max_size=12) | value,
+                    "json": st.sampled_from([{}, {"type": "nope"}, {"enum": []}, False, "{", {"maxLength": -1}])
+                    | value,
+                    "json_object": st.booleans() | value,
+                    "whitespace_pattern": st.text(max_size=4) | value,
+                },
+            )
+            | value,
             "include_stop_str_in_output": st.booleans() | value,
             "skip_special_tokens": st.booleans() | value,
         },
