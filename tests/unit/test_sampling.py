@@ -37,6 +37,34 @@ def test_top_k_and_top_p_restrict_support():
     assert seen == {0, 1}
 
 
+def test_draws_follow_the_distribution_and_depend_on_their_row_alone():
+    """The batched inverse-CDF draw: frequencies match softmax(logits / T) (within 4 standard
+    deviations), a -inf token is never drawn, and a seeded row draws the same tokens alone or among
+    others (greedy, top-k, top-p and unseeded rows beside it)."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, float("-inf"), 0.5]])
+    p = SamplingParams(temperature=0.8)
+    want = torch.softmax(logits[0] / 0.8, -1)
+    g = make_generator(3)
+    n = 4000
+    counts = torch.bincount(torch.cat([sample(logits, [p], [g]) for _ in range(n)]), minlength=6).double()
+    assert counts[4] == 0
+    sd = (n * want * (1 - want)).sqrt()
+    assert ((counts - n * want).abs() <= 4 * sd + 1).all(), (counts / n, want)
+    V = 500
+    x = torch.randn(5, V, generator=torch.Generator().manual_seed(1)) * 3
+    mine = SamplingParams(temperature=1.0, seed=11)
+    others = [SamplingParams(temperature=0), SamplingParams(temperature=0.7, top_k=5), SamplingParams(top_p=0.5)]
+    g_alone, g_mixed = make_generator(11), make_generator(11)
+    alone = [int(sample(x[:1], [mine], [g_alone])[0]) for _ in range(30)]
+    mixed = []
+    for _ in range(30):
+        gens = [make_generator(None) for _ in others]
+        mixed.append(
+            int(sample(x[[1, 0, 2, 3]], [others[0], mine, others[1], others[2]], [gens[0], g_mixed, *gens[1:]])[1])
+        )
+    assert alone == mixed
+
+
 def test_find_stop():
     assert find_stop("hello world", ["wor", "xyz"], 0) == 6
     assert find_stop("hello world", ["lo w", "o"], 0) == 3
