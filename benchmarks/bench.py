@@ -28,6 +28,7 @@ import http.client
 import json
 import os
 import platform
+import re
 import shutil
 import socket
 import subprocess
@@ -35,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -534,9 +536,16 @@ def run(a) -> dict:
         kv_cache_tokens=max(65536, 2 * max(a.concurrency) * (a.prompt_len[1] + a.output_len[1])),
     )
 
+    engines: dict = {}  # system -> its LLMEngine in this process, whose step profile is read per level
+
     def record(system: str, c: int, fn) -> None:
+        eng = engines.get(system)
+        before = eng.profile.snapshot() if eng is not None else None
         timings, wall = fn(reqs, c, f"{system} c={c}")
-        result["systems"].setdefault(system, []).append({"concurrency": c, **summarize(timings, wall)})
+        row = {"concurrency": c, **summarize(timings, wall)}
+        if eng is not None:
+            row["profile"] = per_token_profile(before, eng.profile.snapshot(), wall)
+        result["systems"].setdefault(system, []).append(row)
 
     vpy = vllm_python(a)
     client = a.client or ("vllm" if vpy else "own")
@@ -547,14 +556,22 @@ def run(a) -> dict:
     result["http_client"] = "vllm bench serve" if client == "vllm" else "mixserve bench (streaming, token-id prompts)"
 
     def record_http(system: str, c: int, port: int) -> None:
-        """One level of an HTTP server, with the chosen client (a short warm-up first, not counted)."""
+        """One level of an HTTP server, with the chosen client (a short warm-up first, not counted).
+        For mixserve's server, its engine's step profile over the level comes from /metrics."""
         if client == "vllm":
             run_vllm_client(vpy, port, "bench", model_dir, min(c, 4), min(c, 4), a, f"{system} c={c} warm-up")
+            before, t0 = served_profile(port), time.perf_counter()
             row = run_vllm_client(vpy, port, "bench", model_dir, max(8, c * a.rounds), c, a, f"{system} c={c}")
-            result["systems"].setdefault(system, []).append({"concurrency": c, **row})
+            row = {"concurrency": c, **row}
+            result["systems"].setdefault(system, []).append(row)
         else:
             run_http(port, "bench", reqs[: min(c, 4)], min(c, 4), f"{system} c={c} warm-up")
+            before, t0 = served_profile(port), time.perf_counter()
             record(system, c, lambda r, c, lbl: run_http(port, "bench", r, c, lbl))
+            row = result["systems"][system][-1]
+        after = served_profile(port)
+        if before is not None and after is not None:
+            row["profile"] = per_token_profile(before, after, time.perf_counter() - t0)
 
     # The in-process systems (HF, in-process, disaggregated: this process drives them all) run
     # interleaved, level by level, so that the ratios at one concurrency compare runs minutes, not
@@ -570,6 +587,7 @@ def run(a) -> dict:
         local = local_engine(model_dir, dname, ecfg)
         local.generate([reqs[0].prompt], SamplingParams(max_tokens=2, temperature=0.0))  # warm-up
         runners["inprocess"] = lambda r, c, lbl: drive_engine(local, r, c, lbl)
+        engines["inprocess"] = local
     if {"disaggregated", "http"} & set(a.systems):
         import ray
 
@@ -579,7 +597,9 @@ def run(a) -> dict:
         ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     try:
         finish = (
-            disaggregated(result, model_dir, dname, ecfg, reqs, a, runners) if "disaggregated" in a.systems else None
+            disaggregated(result, model_dir, dname, ecfg, reqs, a, runners, engines)
+            if "disaggregated" in a.systems
+            else None
         )
         try:
             for c in a.concurrency:
@@ -601,11 +621,53 @@ def run(a) -> dict:
     return result
 
 
+def served_profile(port: int) -> dict | None:
+    """mixserve's engine step profile summed over its attention replicas, from /metrics
+    (`mixserve_engine_seconds_total` by phase; tokens: `vllm:generation_tokens_total`); None for a
+    server that has no such series (vLLM's)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    out = dict.fromkeys(("schedule", "dense", "dispatch", "wait", "combine", "sample", "output"), 0.0)
+    out |= {"steps": 0, "layers": 0, "tokens": 0.0}
+    seen = False
+    for line in text.splitlines():
+        m = re.match(r'mixserve_engine_seconds_total\{phase="(\w+)"\} ([0-9.e+-]+)$', line)
+        if m and m.group(1) in out:
+            out[m.group(1)] += float(m.group(2))
+            seen = True
+        m = re.match(r"vllm:generation_tokens_total\{[^}]*\} ([0-9.e+-]+)$", line)
+        if m:
+            out["tokens"] += float(m.group(1))
+        m = re.match(r"mixserve_expert_layer_calls_total ([0-9.e+-]+)$", line)
+        if m:
+            out["layers"] += float(m.group(1))
+    return out if seen else None
+
+
+def per_token_profile(before: dict, after: dict, wall: float) -> dict:
+    """The engine's step profile over one level (router/engine.py `StepProfile`), as ms per sampled
+    token, plus per layer fan-out; `other` is the wall time the engine thread spent elsewhere
+    (the benchmark's own loop, idle)."""
+    d = {k: after[k] - before[k] for k in after}
+    tokens = max(1, d["tokens"])
+    out = {
+        k: round(1e3 * d[k] / tokens, 3)
+        for k in ("schedule", "dense", "dispatch", "wait", "combine", "sample", "output")
+    }
+    out["other"] = round(1e3 * wall / tokens - sum(out.values()), 3)
+    out["steps_per_token"] = round(d["steps"] / tokens, 4)
+    out["fanout_ms_per_layer"] = round(1e3 * (d["dispatch"] + d["wait"]) / max(1, d["layers"]), 3)
+    return out
+
+
 def disaggregated_name(experts_per_worker: int) -> str:
     return "disaggregated" if experts_per_worker == 1 else f"disaggregated-epw{experts_per_worker}"
 
 
-def disaggregated(result, model_dir, dname, ecfg, reqs, a, runners: dict):
+def disaggregated(result, model_dir, dname, ecfg, reqs, a, runners: dict, engines: dict):
     """Start the engine with its experts as Ray actors (direct TCP data plane), once per
     --experts-per-worker, and add each to `runners`; returns `finish()`, which records the dispatch
     time and each expert worker's memory after the runs and stops the actors."""
@@ -637,6 +699,7 @@ def disaggregated(result, model_dir, dname, ecfg, reqs, a, runners: dict):
         ex = runtime.experts
         started.append((name, ex, ex.calls, ex.call_seconds))  # the warm-up's calls are not counted
         runners[name] = lambda r, c, lbl, engine=engine: drive_engine(engine, r, c, lbl)
+        engines[name] = engine
 
     def finish() -> None:
         for name, ex, calls0, secs0 in started:
@@ -681,7 +744,7 @@ def serve_http(model_dir, dname, ecfg, record, a) -> None:
             "experts_per_worker": a.served_experts_per_worker,
             "num_threads": a.served_expert_threads,
         },
-        server={"served_model_name": "bench"},
+        server={"served_model_name": "bench", "metrics_refresh_s": 0},
     )
     serve.run(build_app(cfg), name="bench", route_prefix="/")
     try:
@@ -785,6 +848,24 @@ def markdown(res: dict) -> str:
             )
     for name, ms in res["dispatch_ms_per_layer"].items():
         lines += ["", f"{name}: {ms} ms per layer fan-out to the experts (mean, submit to last result)."]
+    prof = [(n, r) for n, rows in res["systems"].items() for r in rows if "profile" in r]
+    if prof:
+        lines += [
+            "",
+            "Where a token's time goes in the engine thread (ms per output token; router/engine.py StepProfile: "
+            "dispatch = grouping rows and sending, the whole FFN for in-process experts; wait = the experts' "
+            "round trip; other = outside the step, the harness's loop and idle):",
+            "",
+            "| system | concurrency | schedule | dense (attention, gate, head) | dispatch | wait | combine | sample "
+            "| output | other | fan-out ms/layer |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for n, r in prof:
+            p = r["profile"]
+            lines.append(
+                f"| {n} | {r['concurrency']} | {p['schedule']} | {p['dense']} | {p['dispatch']} | {p['wait']} | "
+                f"{p['combine']} | {p['sample']} | {p['output']} | {p['other']} | {p['fanout_ms_per_layer']} |"
+            )
     if res["ffn_vs_gemm"]:
         lines += ["", "| expert FFN tokens | FFN GFLOP/s | dense GEMM GFLOP/s | ratio |", "|---:|---:|---:|---:|"]
         lines += [

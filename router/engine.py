@@ -120,25 +120,78 @@ class Resume:
     emitted_chars: int
 
 
-def run_pipelined(gens: list, backend: ExpertBackend, num_experts: int) -> list[torch.Tensor]:
+@dataclass
+class StepProfile:
+    """Where the engine thread's time goes, summed over steps (seconds; counters only grow):
+
+    schedule   choosing the step's sequences and their KV blocks
+    dense      the dense path: embedding, attention + gate of each layer, norm and LM head
+    dispatch   grouping a layer's rows by expert and handing them to the backend (the send)
+    wait       waiting for a layer's expert results (the wire, the experts' queue and FFN)
+    combine    the top-k weighted sum of the expert outputs
+    sample     logits processing, masks, sampling, logprobs
+    output     detokenising, stop checks, building outputs
+
+    `layers` counts layer fan-outs; `tokens` the tokens sampled. Read by `mixserve bench`."""
+
+    schedule: float = 0.0
+    dense: float = 0.0
+    dispatch: float = 0.0
+    wait: float = 0.0
+    combine: float = 0.0
+    sample: float = 0.0
+    output: float = 0.0
+    steps: int = 0
+    layers: int = 0
+    tokens: int = 0
+
+    PHASES = ("schedule", "dense", "dispatch", "wait", "combine", "sample", "output")
+
+    def snapshot(self) -> dict:
+        return {k: getattr(self, k) for k in (*self.PHASES, "steps", "layers", "tokens")}
+
+
+def run_pipelined(
+    gens: list, backend: ExpertBackend, num_experts: int, prof: StepProfile | None = None
+) -> list[torch.Tensor]:
     """Drive forward generators round-robin so that each one's expert call is in flight while
     the next one computes its attention: each layer's MoE input is dispatched to the backend, and
-    the experts' outputs combined and sent back. Returns each generator's logits."""
+    the experts' outputs combined and sent back. Returns each generator's logits. With `prof`, the
+    time of each part is added to it."""
+    prof = prof if prof is not None else StepProfile()
+    clock = time.perf_counter
     results: list = [None] * len(gens)
     pending = deque()
 
     def submit(i: int, g, m: MoEInput) -> None:
+        t = clock()
         req, plan = dispatch(m, num_experts)
         pending.append((i, g, m.x, plan, backend.submit(req)))
+        prof.dispatch += clock() - t
+        prof.layers += 1
 
     for i, g in enumerate(gens):
-        submit(i, g, next(g))
+        t = clock()
+        m = next(g)
+        prof.dense += clock() - t
+        submit(i, g, m)
     while pending:
         i, g, x, plan, fut = pending.popleft()
+        t0 = clock()
+        y = fut.result()
+        t1 = clock()
+        h = combine(x, plan, y)
+        t2 = clock()
+        prof.wait += t1 - t0
+        prof.combine += t2 - t1
         try:
-            submit(i, g, g.send(combine(x, plan, fut.result())))
+            m = g.send(h)
         except StopIteration as stop:
+            prof.dense += clock() - t2
             results[i] = stop.value
+            continue
+        prof.dense += clock() - t2
+        submit(i, g, m)
     return results
 
 
@@ -158,6 +211,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self.eos = set(mc.eos_ids) | ({tokenizer.eos_id} if tokenizer else set())
         self.steps = 0
+        self.profile = StepProfile()
         self._masks: GrammarBatch | None = None
 
     @property
@@ -341,6 +395,8 @@ class LLMEngine:
         batch goes on. If the forward itself fails (an expert group unreachable after all retries),
         the sequences of this step are failed with that error; earlier steps' outputs were already
         returned, and requests outside this step are untouched."""
+        prof, clock = self.profile, time.perf_counter
+        t0 = clock()
         sched = self.scheduler.schedule()
         if not sched:
             return []
@@ -348,14 +404,18 @@ class LLMEngine:
             if s.copy is not None:
                 self.kv.copy_slots(*s.copy)
         mbs = self._microbatches(sched)
+        prof.schedule += clock() - t0
         try:
+            t0 = clock()
             fwd = [self._forward(mb) for mb in mbs]
-            logits = run_pipelined([g for g, _, _ in fwd], self.experts, self.dense.cfg.num_local_experts)
+            prof.dense += clock() - t0
+            logits = run_pipelined([g for g, _, _ in fwd], self.experts, self.dense.cfg.num_local_experts, prof)
         except Exception as e:  # noqa: BLE001 - not one sequence's fault: fail this step's sequences
             log.warning("engine step failed", extra={"error": f"{type(e).__name__}: {e}"[:500]})
             msg = f"the engine step failed: {type(e).__name__}: {e}"
             return [self._fail(s.seq, msg) for s in sched if s.seq.req_id in self.seqs]
         self.steps += 1
+        prof.steps += 1
         outputs = []
         for mb, lg, (_, routes, prompt_rows) in zip(mbs, logits, fwd):
             if routes is not None:
@@ -370,6 +430,7 @@ class LLMEngine:
         return outputs
 
     def _sample_and_append(self, seqs: list[Sequence], lg: torch.Tensor) -> list[RequestOutput]:
+        t_sample = time.perf_counter()
         bad = set(bad_rows(lg))
         if bad:  # a row that overflowed fails its sequence; the others sample from clean rows
             lg = lg.clone()
@@ -402,6 +463,9 @@ class LLMEngine:
                     toks.append(0)
         want = [p.logprobs for p in params if p.logprobs is not None]
         lps = logprobs_of(raw, torch.tensor(toks), max(want)) if want else None  # the model's, as vLLM returns
+        t_out = time.perf_counter()
+        self.profile.sample += t_out - t_sample
+        self.profile.tokens += len(seqs)
         outputs = []
         for j, (seq, t) in enumerate(zip(seqs, toks)):
             if seq.req_id not in self.seqs:  # aborted during the step
@@ -422,6 +486,7 @@ class LLMEngine:
                 out = self._fail(seq, f"output handling failed: {type(e).__name__}: {e}")
             if out is not None:
                 outputs.append(out)
+        self.profile.output += time.perf_counter() - t_out
         return outputs
 
     @staticmethod

@@ -31,6 +31,7 @@ class AttentionStats:
     preemptions: int = 0
     kv_bytes: int = 0  # the KV cache's fixed size
     dense_bytes: int = 0  # the dense weights' size
+    engine_seconds: dict[str, float] = field(default_factory=dict)  # StepProfile: engine-thread seconds by phase
     # the expert client
     routed_tokens: list[list[int]] = field(default_factory=list)  # [layer, expert, tokens routed so far]
     expert_in_flight_tokens: dict[int, int] = field(default_factory=dict)  # expert -> tokens sent, not back yet
@@ -150,6 +151,12 @@ class Metrics:
             "mixserve_expert_layer_call_seconds_total", "Summed layer fan-out round-trip time", registry=r
         )
         self.retries = Counter("mixserve_expert_retries_total", "Expert calls re-sent after a failure", registry=r)
+        self.engine_seconds = Counter(
+            "mixserve_engine_seconds_total",
+            "Engine-thread time by phase of a step (schedule, dense, dispatch, wait, combine, sample, output)",
+            ["phase"],
+            registry=r,
+        )
         self.replicas = Gauge("mixserve_expert_replicas", "Running replicas per expert group", ["group"], registry=r)
         self.queued = Gauge(
             "mixserve_expert_queued_tokens", "Tokens sent to an expert and not yet returned", ["expert"], registry=r
@@ -255,14 +262,21 @@ class Metrics:
                 "seconds": st.expert_call_seconds,
                 "retries": st.expert_retries,
                 "routed": {(l, e): n for l, e, n in st.routed_tokens},
+                "phases": dict(st.engine_seconds),
             }
-            before = self._seen.get(key, {"preemptions": 0, "calls": 0, "seconds": 0.0, "retries": 0, "routed": {}})
+            before = self._seen.get(
+                key, {"preemptions": 0, "calls": 0, "seconds": 0.0, "retries": 0, "routed": {}, "phases": {}}
+            )
             grew = {k: max(0, now[k] - before[k]) for k in ("preemptions", "calls", "seconds", "retries")}
             self.preemptions.inc(grew["preemptions"])
             self.v_preemptions.labels(*self._v).inc(grew["preemptions"])
             self.expert_calls.inc(grew["calls"])
             self.expert_seconds.inc(grew["seconds"])
             self.retries.inc(grew["retries"])
+            for phase, v in now["phases"].items():
+                d = v - before["phases"].get(phase, 0.0)
+                if d > 0:
+                    self.engine_seconds.labels(phase).inc(d)
             for (l, e), n in now["routed"].items():
                 d = n - before["routed"].get((l, e), 0)
                 if d > 0:

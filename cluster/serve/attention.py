@@ -133,6 +133,7 @@ class AttentionWorker:
             preemptions=e.scheduler.num_preemptions,
             kv_bytes=e.kv.nbytes(),
             dense_bytes=e.dense.nbytes(),
+            engine_seconds={k: getattr(e.profile, k) for k in e.profile.PHASES},
             routed_tokens=[[l, x, n] for (l, x), n in sorted(b.routed.items())],
             expert_in_flight_tokens=dict(b.in_flight),
             expert_calls=b.calls,

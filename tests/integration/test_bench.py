@@ -69,6 +69,13 @@ def test_quick_bench_runs_all_systems_and_writes_json_and_table(tmp_path):
         "disaggregated",
     }
     assert 0 < res["params"]["active_fraction"] < 1
+    for system in ("inprocess", "disaggregated", "http"):  # the engine's step profile, per output token
+        for row in res["systems"][system]:
+            prof = row["profile"]
+            assert prof["dense"] > 0 and prof["sample"] > 0
+            assert min(prof[k] for k in ("schedule", "dispatch", "combine")) >= 0
+    assert all(r["profile"]["wait"] > 0 for r in res["systems"]["disaggregated"])
+    assert "Where a token's time goes" in (tmp_path / "bench-tiny-quick.md").read_text()
     md = (tmp_path / "bench-tiny-quick.md").read_text()
     assert "| system | concurrency | output tok/s" in md and "| http | 4 |" in md
     assert "[bench]" in p.stderr  # progress is shown
