@@ -48,7 +48,7 @@ from model.kernels import linear, prepare_weight
 from model.moe import ExpertFFN
 from model.sampling import SamplingParams
 from model.tiny import preset_config, write_checkpoint
-from router.engine import EngineConfig, LLMEngine
+from router.engine import EngineConfig, LLMEngine, StepProfile
 
 SYSTEMS = ("hf", "inprocess", "disaggregated", "http", "vllm")
 SERVING_ALLOWANCE = 64 << 20  # fixed, independent of the weights: part of the reported runtime baseline
@@ -630,7 +630,7 @@ def served_profile(port: int) -> dict | None:
             text = r.read().decode()
     except OSError:
         return None
-    out = dict.fromkeys(("schedule", "dense", "dispatch", "wait", "combine", "sample", "output"), 0.0)
+    out = dict.fromkeys(StepProfile.PHASES, 0.0)
     out |= {"steps": 0, "layers": 0, "tokens": 0.0}
     seen = False
     for line in text.splitlines():
@@ -653,10 +653,7 @@ def per_token_profile(before: dict, after: dict, wall: float) -> dict:
     (the benchmark's own loop, idle)."""
     d = {k: after[k] - before[k] for k in after}
     tokens = max(1, d["tokens"])
-    out = {
-        k: round(1e3 * d[k] / tokens, 3)
-        for k in ("schedule", "dense", "dispatch", "wait", "combine", "sample", "output")
-    }
+    out = {k: round(1e3 * d[k] / tokens, 3) for k in StepProfile.PHASES}
     out["other"] = round(1e3 * wall / tokens - sum(out.values()), 3)
     out["steps_per_token"] = round(d["steps"] / tokens, 4)
     out["fanout_ms_per_layer"] = round(1e3 * (d["dispatch"] + d["wait"]) / max(1, d["layers"]), 3)

@@ -232,6 +232,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], gens: list[torch.
     if not rows:
         return out
     x = logits[rows] / torch.tensor([params[i].temperature for i in rows], dtype=logits.dtype)[:, None]
+    tempered = x  # the filters below replace x; min_p reads the tempered distribution before them
     V = x.shape[-1]
     ninf = float("-inf")
     ks = [min(params[i].top_k, V) for i in rows]
@@ -243,7 +244,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], gens: list[torch.
         x = x.masked_fill(x < thr, ninf)
     min_p = torch.tensor([params[i].min_p for i in rows], dtype=logits.dtype)
     if bool((min_p > 0).any()):  # vLLM: on the tempered distribution, before top-k / top-p
-        full = torch.softmax(logits[rows] / torch.tensor([params[i].temperature for i in rows])[:, None], dim=-1)
+        full = torch.softmax(tempered, dim=-1)
         x = x.masked_fill(full < min_p[:, None] * full.max(dim=-1, keepdim=True).values, ninf)
     nucleus = [j for j, i in enumerate(rows) if params[i].top_p < 1.0]
     if nucleus:  # top-p: the smallest prefix (by probability) whose mass reaches top_p, on those rows only
@@ -260,33 +261,36 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], gens: list[torch.
 NUCLEUS_CANDIDATES = 1024  # top-p looks among this many most likely tokens first (a full sort costs ~6x)
 
 
+def _outside_nucleus(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """For probabilities sorted in descending order: True past the smallest prefix whose mass reaches
+    top_p. The first token always stays (a top_p that rounds to 0 in float32 still leaves one)."""
+    drop = (probs.cumsum(-1) - probs) >= top_p[:, None]
+    drop[:, 0] = False
+    return drop
+
+
 def _top_p(x: torch.Tensor, rows: list[int], top_p: torch.Tensor) -> torch.Tensor:
     """`x` with the tokens outside each row's nucleus at -inf. The nucleus is found among the row's
     NUCLEUS_CANDIDATES most likely tokens (`topk`), which holds it whenever their mass reaches top_p;
-    a row where it does not is sorted whole. The first token always stays (a top_p that rounds to 0
-    in float32 still leaves one token)."""
+    a row where it does not is sorted whole."""
     ninf = float("-inf")
     idx = torch.tensor(rows)
     xs = x[idx]
     V = xs.shape[-1]
     sx, si = torch.topk(xs, min(V, NUCLEUS_CANDIDATES), dim=-1)  # descending
     probs = torch.exp(sx - torch.logsumexp(xs, dim=-1, keepdim=True))  # of the whole row
-    short = (probs.sum(-1) < top_p).nonzero()[:, 0].tolist()
-    if short:  # the candidates do not hold the nucleus: those rows sorted whole
+    held = probs.sum(-1) >= top_p
+    short = (~held).nonzero()[:, 0]
+    if len(short):  # the candidates do not hold the nucleus: those rows sorted whole
         full_sx, full_si = torch.sort(xs[short], dim=-1, descending=True)
-        full = torch.softmax(full_sx, dim=-1)
-        drop = (full.cumsum(-1) - full) >= top_p[short][:, None]
-        drop[:, 0] = False
+        drop = _outside_nucleus(torch.softmax(full_sx, dim=-1), top_p[short])
         xs[short] = torch.empty_like(full_sx).scatter_(1, full_si, full_sx.masked_fill(drop, ninf))
-    ok = [j for j in range(len(rows)) if j not in set(short)]
-    if ok:
-        o = torch.tensor(ok)
-        p = probs[o]
-        drop = (p.cumsum(-1) - p) >= top_p[o][:, None]
-        drop[:, 0] = False
-        kept = torch.full_like(xs[o], ninf)
-        kept.scatter_(1, si[o], sx[o].masked_fill(drop, ninf))
-        xs[o] = kept
+    ok = held.nonzero()[:, 0]
+    if len(ok):
+        drop = _outside_nucleus(probs[ok], top_p[ok])
+        kept = torch.full_like(xs[ok], ninf)
+        kept.scatter_(1, si[ok], sx[ok].masked_fill(drop, ninf))
+        xs[ok] = kept
     x[idx] = xs
     return x
 
