@@ -28,6 +28,7 @@ import http.client
 import json
 import os
 import platform
+import random
 import re
 import shutil
 import socket
@@ -468,10 +469,28 @@ def ffn_vs_gemm(cfg: MixtralConfig, dtype: torch.dtype, tokens: list[int], reps:
 # ---------------------------------------------------------------- the run
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port free now, outside the kernel's ephemeral range (where any outgoing connection,
+    Ray's own included, may take it before the server binds: a port from bind(0) is in that range)
+    and above Ray's worker ports (10002-19999), never the same one twice in a process."""
+    try:
+        lo, hi = map(int, open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+    except (OSError, ValueError):
+        lo, hi = 32768, 60999
+    candidates = [p for p in range(20000, 65535) if not lo <= p <= hi and p not in _HANDED_OUT]
+    random.shuffle(candidates)
+    for port in candidates:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError("no free loopback port outside the ephemeral range")
 
 
 def preset_for(name: str, layers: int | None) -> MixtralConfig:

@@ -8,6 +8,8 @@ import os
 
 import torch
 
+from benchmarks.bench import free_port  # noqa: F401 - the tests' free ports are the bench's
+
 
 def hf_checkpoint(
     path, *, kv_heads=2, experts=4, top_k=2, dtype=torch.float32, shard=False, layers=2, seed=0, old_form=False
@@ -45,14 +47,6 @@ def hf_checkpoint(
         d["torch_dtype"] = d.pop("dtype")
         cfgp.write_text(json.dumps(d))
     return m
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
