@@ -63,6 +63,10 @@ class SamplingParams:
     return_routed_experts: bool = False  # each generated token's top-k expert ids per layer
     return_prompt_routed_experts: bool = False  # and each prompt token's
     structured: StructuredOutput | None = None  # a grammar the output must follow (model/grammar.py)
+    # Prefix caching (router/kv_cache.py): only requests with the same salt share cached blocks
+    # (vLLM's cache_salt); skip_reading_prefix_cache computes the whole prompt (its blocks are still cached).
+    cache_salt: str | None = None
+    skip_reading_prefix_cache: bool = False
 
     @property
     def wants_routes(self) -> bool:
@@ -106,6 +110,8 @@ class SamplingParams:
             raise InvalidParam(
                 "min_tokens", f"min_tokens={self.min_tokens} must be in [0, max_tokens={self.max_tokens}]"
             )
+        if self.cache_salt is not None and not (isinstance(self.cache_salt, str) and 0 < len(self.cache_salt) <= 1024):
+            raise InvalidParam("cache_salt", "cache_salt: a non-empty string of at most 1024 characters")
         self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
         if len(self.logit_bias) > MAX_LOGIT_BIAS:
             raise InvalidParam("logit_bias", f"logit_bias: at most {MAX_LOGIT_BIAS} entries")

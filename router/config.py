@@ -20,6 +20,9 @@ class EngineConfig(BaseModel):
         description="Micro-batches in flight per step: one's expert round trip overlaps another's attention.",
     )
     max_waiting: int = Field(256, ge=1, description="Requests queued beyond the running ones before refusing.")
+    enable_prefix_caching: bool = Field(
+        True, description="Keep computed full KV blocks and reuse them for prompts that start with the same tokens."
+    )
 
     def context_len(self, max_position_embeddings: int) -> int:
         """Tokens one sequence may hold (prompt + output): `max_model_len`, at most the model's own."""

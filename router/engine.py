@@ -77,6 +77,7 @@ class RequestOutput:
     # With prompt_logprobs asked, on the first output: per prompt token, None for the first, else
     # (token, logprob, rank, [(alternative, logprob)]).
     prompt_logprobs: list | None = None
+    cached_tokens: int | None = None  # on the first output: prompt tokens taken from the prefix cache
 
     def merge(self, later: RequestOutput) -> RequestOutput:
         """This output followed by `later` (same request) as one: what a stream sends when it has
@@ -106,6 +107,7 @@ class RequestOutput:
             routed,
             next((o.prompt_routed_experts for o in outs if o.prompt_routed_experts is not None), None),
             next((o.prompt_logprobs for o in outs if o.prompt_logprobs is not None), None),
+            next((o.cached_tokens for o in outs if o.cached_tokens is not None), None),
         )
 
 
@@ -204,8 +206,11 @@ class LLMEngine:
         mc = dense.cfg
         self.max_model_len = self.cfg.context_len(mc.max_position_embeddings)
         num_blocks = max(1, self.cfg.kv_cache_tokens // self.cfg.block_size)
-        self.kv = KVPool(mc, num_blocks * self.cfg.block_size, dense.dtype)
-        self.blocks = BlockManager(num_blocks, self.cfg.block_size)
+        # One slot past the blocks: where a position whose K/V sit in a shared cached block writes
+        # when it is computed again for its logits (nothing reads it).
+        self.scratch_slot = num_blocks * self.cfg.block_size
+        self.kv = KVPool(mc, self.scratch_slot + 1, dense.dtype)
+        self.blocks = BlockManager(num_blocks, self.cfg.block_size, caching=self.cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, self.cfg.max_num_seqs, self.cfg.max_num_batched_tokens)
         self.seqs: dict[str, Sequence] = {}
         self._ids = itertools.count()
@@ -358,6 +363,12 @@ class LLMEngine:
             if s.samples:
                 logit_rows.append(row - 1)
         meta = build_attn_meta(seqs, self.dense.cfg.sliding_window)
+        row = 0
+        for s in mb:  # positions in shared cached blocks, computed again: their writes go to the scratch slot
+            seq = s.seq
+            if seq.num_computed < seq.table.read_only:
+                meta.slots[row : row + min(s.num_new, seq.table.read_only - seq.num_computed)] = self.scratch_slot
+            row += s.num_new
         routes = [] if any(s.seq.params.wants_routes for s in mb) else None
         gen = self.dense.forward(torch.tensor(ids), meta, self.kv, torch.tensor(logit_rows, dtype=torch.long), routes)
         return gen, routes, prompt_rows
@@ -424,7 +435,12 @@ class LLMEngine:
                 lg = self._keep_prompt_logprobs(lg, prompt_rows)
             sampling = [s.seq for s in mb if s.samples]
             for s in mb:
-                s.seq.num_computed += s.num_new
+                seq = s.seq
+                seq.num_computed += s.num_new
+                if self.blocks.caching and seq.num_computed // self.blocks.block_size > seq.table.registered:
+                    self.blocks.register(
+                        seq.table, seq.hashes()[: seq.num_computed // self.blocks.block_size], seq.extras
+                    )
             if sampling:
                 outputs += self._sample_and_append(sampling, lg)
         return outputs
@@ -615,8 +631,10 @@ class LLMEngine:
                 out.routed_experts = seq.routes[P - 1 + first : P - 1 + first + len(new)]
             if p.return_prompt_routed_experts and first == 0:  # the sequence's first output
                 out.prompt_routed_experts = seq.routes[:P]
-        if p.prompt_logprobs is not None and seq.prompt_logprobs and len(seq.output_ids) == len(new):
-            out.prompt_logprobs = seq.prompt_logprobs  # the first output (none for a resumed or forked one)
+        if len(seq.output_ids) == len(new):  # the sequence's first output
+            out.cached_tokens = seq.cached_tokens or 0
+            if p.prompt_logprobs is not None and seq.prompt_logprobs:
+                out.prompt_logprobs = seq.prompt_logprobs  # (none for a resumed or forked one)
         return out
 
     # ------------------------------------------------------------ convenience

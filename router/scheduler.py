@@ -10,9 +10,12 @@ Every step, within the token budget and the sequence limit:
    is the next chunk of its running prompts, then its waiting sequences (admission, in arrival
    order). So a request with n=128 long prompts gets its share of each step, not the whole step,
    and a new request's first chunk runs in the next step whatever is queued before it.
-3. Admission waits for KV blocks (admission control). When the sequence limit or the KV cache is
-   full, a waiting group that holds at least two sequences fewer than the largest group takes a slot
-   from it: that group's most recently admitted sequence is preempted (fair share).
+3. Admission waits for KV blocks (admission control). A sequence admitted with its first blocks in
+   the prefix cache takes them and starts after them (router/kv_cache.py): at most all its tokens
+   but the last, whose logits it needs; when every block is cached, the last position is computed
+   again with its K/V written nowhere (the cached block is shared and never written). When the
+   sequence limit or the KV cache is full, a waiting group that holds at least two sequences fewer
+   than the largest group takes a slot from it: that group's most recently admitted sequence is preempted (fair share).
 
 When a running sequence cannot grow its KV blocks, a sequence is preempted: the most recently
 admitted one of the group holding the most running sequences (with one sequence per group, simply
@@ -35,7 +38,7 @@ from model.grammar import Grammar
 from model.sampling import LogitsState, SamplingParams, make_generator
 from model.tokenizer import IncrementalDetokenizer
 
-from .kv_cache import BlockManager, BlockTable
+from .kv_cache import BlockExtras, BlockManager, BlockTable, block_hashes
 
 _WAIT = object()  # a forked choice whose prompt is still being prefilled
 
@@ -89,6 +92,8 @@ class Sequence:
     grammar: Grammar | None = None  # structured outputs: the matcher of its constraint
     fork_of: Sequence | None = None  # another choice of the same prompt whose prefill this one copies
     table: BlockTable = None  # type: ignore[assignment]
+    block_hashes: list[bytes] = field(default_factory=list)  # chained hash of each full block of `tokens`
+    cached_tokens: int | None = None  # prompt positions its first admission took from the prefix cache
 
     def __post_init__(self):
         self.group = self.group if self.group is not None else self.req_id
@@ -103,6 +108,25 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def salt(self) -> bytes:
+        return self.params.cache_salt.encode() if self.params.cache_salt else b""
+
+    def hashes(self) -> list[bytes]:
+        """The chained hash of every full block of its tokens so far (kept, extended as it grows)."""
+        return block_hashes(self.tokens, self.block_size, self.block_hashes, self.salt)
+
+    def extras(self, i: int) -> BlockExtras | None:
+        """What block i keeps for later requests beyond K/V: its positions' prompt logprobs and routed
+        experts, where this sequence computed them; None when it has neither."""
+        bs = self.block_size
+        lo, hi = i * bs, (i + 1) * bs
+        lps = self.prompt_logprobs[lo:hi] if len(self.prompt_logprobs) >= hi else None
+        routes = self.routes[lo:hi] if len(self.routes) >= hi and None not in self.routes[lo:hi] else None
+        if lps is None and routes is None:
+            return None
+        return BlockExtras(lps, self.params.prompt_logprobs if lps is not None else -1, routes)
 
 
 @dataclass
@@ -241,33 +265,89 @@ class Scheduler:
                 if copy is _WAIT:  # its prompt is being prefilled by another choice: it copies that
                     advance(g)
                     continue
-                if copy is not None:
-                    n = min(seq.num_tokens - copy, budget)
+                hits = self._cached_prefix(seq)
+                cached = len(hits) * self.blocks.block_size
+                start = max(self._start_after(seq, cached), copy or 0)
+                n = min(seq.num_tokens - start, budget, quantum if copy is None else budget)
                 ok = (
                     not memory
                     and len(self.running) < self.max_num_seqs
-                    and self.blocks.can_grow(seq.table, (copy or seq.num_computed) + n)
+                    and self.blocks.can_grow(seq.table, start + n, hits)
                 )
                 if not ok:  # in arrival order within a group: its later ones wait too
                     continue
                 self._unwait(seq)
                 seq.status = Status.RUNNING
                 self.running.append(seq)
-                if copy is not None:
+                self._take_cached(seq, hits)
+                if copy is not None and copy > cached:  # the rest of the prompt from the other choice
                     self.blocks.grow(seq.table, copy)
                     parent = seq.fork_of
-                    seq.num_computed = copy
-                    pending_copy[id(seq)] = (parent.table.slots[:copy], seq.table.slots[:copy])
+                    pending_copy[id(seq)] = (parent.table.slots[cached:copy], seq.table.slots[cached:copy])
                     if seq.params.wants_routes:  # the prompt's routes are the other choice's
                         routes = parent.routes[:copy]
-                        seq.routes = routes + [None] * (copy - len(routes))
-                    self.num_forked_tokens += copy
+                        seq.routes = seq.routes[:cached] + routes[cached:] + [None] * (copy - len(routes))
+                    self.num_forked_tokens += copy - cached
+                seq.num_computed = start
+                self.blocks.stats.queries += seq.num_tokens if self.blocks.caching else 0
+                self.blocks.stats.hits += min(cached, start)
+                if seq.cached_tokens is None:
+                    seq.cached_tokens = min(cached, start, len(seq.prompt_ids))
                 seq.fork_of = None
             if ok:
                 run(seq, n)
                 budget -= n
             advance(g)
         return out
+
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """The cached blocks a waiting sequence can start from: its longest registered prefix of
+        full blocks; for a request that asks for prompt logprobs or routed experts, only blocks
+        that kept them (BlockExtras, enough alternatives)."""
+        p = seq.params
+        if not self.blocks.caching or p.skip_reading_prefix_cache or seq.num_computed:
+            return []
+        bs = self.blocks.block_size
+        hits = self.blocks.lookup(seq.hashes(), seq.num_tokens // bs)
+        logprobs = p.prompt_logprobs is not None and not seq.output_ids
+        if logprobs or p.wants_routes:
+            keep = 0
+            for b in hits:
+                x = self.blocks.extras.get(b)
+                if (
+                    x is None
+                    or (logprobs and x.logprobs_k < p.prompt_logprobs)
+                    or (p.wants_routes and x.routes is None)
+                ):
+                    break
+                keep += 1
+            hits = hits[:keep]
+        return hits
+
+    @staticmethod
+    def _start_after(seq: Sequence, cached: int) -> int:
+        """The first position a sequence with `cached` positions from the cache computes: the one
+        after them, or the last cached one again where its logits are needed (the sequence's last
+        token samples; prompt logprobs read the logits before the first computed position)."""
+        if not cached:
+            return 0
+        if cached >= seq.num_tokens or (seq.params.prompt_logprobs is not None and not seq.output_ids):
+            return cached - 1
+        return cached
+
+    def _take_cached(self, seq: Sequence, hits: list[int]) -> None:
+        """The sequence takes the cached blocks `hits`, and what they kept that it asks for."""
+        if not hits:
+            return
+        self.blocks.share(seq.table, hits)
+        p = seq.params
+        xs = [self.blocks.extras[b] for b in hits] if p.wants_routes or p.prompt_logprobs is not None else []
+        if p.wants_routes:
+            seq.routes = [r for x in xs for r in x.routes]
+        if p.prompt_logprobs is not None and not seq.output_ids:
+            k = p.prompt_logprobs
+            lps = [e if e is None or len(e[3]) <= k else (*e[:3], e[3][:k]) for x in xs for e in x.logprobs]
+            seq.prompt_logprobs = lps
 
     @staticmethod
     def _fork_point(seq: Sequence):

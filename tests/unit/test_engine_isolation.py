@@ -262,8 +262,10 @@ def run_ids(eng, rids):
 def test_choices_of_one_prompt_share_its_prefill_and_give_their_solo_tokens(tiny_dir):
     """n choices of a prompt: the later ones copy the first one's prompt K/V (all but the last
     position) instead of computing it, and each gives exactly the tokens it gives alone (greedy and
-    seeded); with the other gone before they start, a choice computes its prompt itself."""
-    eng = local_engine(tiny_dir, "float32", EngineConfig(max_num_batched_tokens=32, num_microbatches=2))
+    seeded); with the other gone before they start, a choice computes its prompt itself. (Prefix
+    caching off: with it, the solo runs' blocks would be found instead: tests/unit/test_prefix_cache.py.)"""
+    cfg = EngineConfig(max_num_batched_tokens=32, num_microbatches=2, enable_prefix_caching=False)
+    eng = local_engine(tiny_dir, "float32", cfg)
     p = eng.tokenizer.encode("Shared prefill: " + "one two three four five six seven " * 6)
     params = [SamplingParams(max_tokens=6, temperature=0.9, seed=10 + k, ignore_eos=True) for k in range(4)]
     params.append(SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, return_routed_experts=True))

@@ -120,7 +120,7 @@ def test_blocks_are_freed_exactly_once():
     assert sched.blocks.num_free == 8 - 4
     for s in seqs[1:]:
         finish(sched, s)
-    assert sorted(sched.blocks.free) == list(range(8))  # every block back, none twice
+    assert sorted(sched.blocks.free_blocks()) == list(range(8))  # every block back, none twice
 
 
 def test_preempted_blocks_come_back_once_and_nothing_leaks_under_pressure():
@@ -133,10 +133,10 @@ def test_preempted_blocks_come_back_once_and_nothing_leaks_under_pressure():
                 finish(sched, s)
         used = sum(len(s.table.blocks) for s in sched.running)
         assert used + sched.blocks.num_free == 6  # the free list and the tables partition the pool
-        assert len(set(sched.blocks.free)) == len(sched.blocks.free)
+        assert len(set(sched.blocks.free_blocks())) == len(sched.blocks.free_blocks())
     assert all(s.status is Status.FINISHED for s in seqs)
     assert sched.num_preemptions > 0
-    assert sorted(sched.blocks.free) == list(range(6))
+    assert sorted(sched.blocks.free_blocks()) == list(range(6))
 
 
 def make_group(sched: Scheduler, group: str, count: int, prompt_len: int) -> list[Sequence]:
