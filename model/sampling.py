@@ -29,6 +29,7 @@ SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed tak
 MAX_TOKENS_LIMIT = 2**31 - 1
 MAX_LOGIT_BIAS = 1024  # entries in one request's logit_bias
 MAX_STOP_TOKEN_IDS = 64
+MAX_CACHE_SALT = 128  # vLLM's bound (and its forbidden characters)
 LOGIT_CAP = 1e6  # processed logits stay below this (finite after a temperature of GREEDY_EPS)
 
 
@@ -110,8 +111,15 @@ class SamplingParams:
             raise InvalidParam(
                 "min_tokens", f"min_tokens={self.min_tokens} must be in [0, max_tokens={self.max_tokens}]"
             )
-        if self.cache_salt is not None and not (isinstance(self.cache_salt, str) and 0 < len(self.cache_salt) <= 1024):
-            raise InvalidParam("cache_salt", "cache_salt: a non-empty string of at most 1024 characters")
+        if self.cache_salt is not None and not (
+            isinstance(self.cache_salt, str)
+            and 0 < len(self.cache_salt) <= MAX_CACHE_SALT
+            and not any(c in self.cache_salt for c in "@/\\\0")
+        ):
+            raise InvalidParam(
+                "cache_salt",
+                f"cache_salt: a non-empty string of at most {MAX_CACHE_SALT} characters, without @ / \\ or NUL",
+            )
         self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
         if len(self.logit_bias) > MAX_LOGIT_BIAS:
             raise InvalidParam("logit_bias", f"logit_bias: at most {MAX_LOGIT_BIAS} entries")

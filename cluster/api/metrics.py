@@ -32,6 +32,10 @@ class AttentionStats:
     kv_bytes: int = 0  # the KV cache's fixed size
     dense_bytes: int = 0  # the dense weights' size
     engine_seconds: dict[str, float] = field(default_factory=dict)  # StepProfile: engine-thread seconds by phase
+    prefix_queries: int = 0  # prompt tokens looked up in the prefix cache at admission
+    prefix_hits: int = 0  # of those, found (not computed)
+    prefix_evictions: int = 0  # cached blocks whose memory was taken for new ones
+    prefix_cached_blocks: int = 0  # blocks registered in the prefix cache now (held or free)
     # the expert client
     routed_tokens: list[list[int]] = field(default_factory=list)  # [layer, expert, tokens routed so far]
     expert_in_flight_tokens: dict[int, int] = field(default_factory=dict)  # expert -> tokens sent, not back yet
@@ -51,6 +55,7 @@ class AttentionStats:
 
     # Summed over replicas; the rest are one process's figures, not added up.
     SUMMED = ("running", "waiting", "preemptions", "expert_calls", "expert_call_seconds", "expert_retries")
+    SUMMED += ("prefix_queries", "prefix_hits", "prefix_evictions", "prefix_cached_blocks")
 
     @classmethod
     def summed(cls, reports: list[AttentionStats]) -> AttentionStats:
@@ -167,6 +172,23 @@ class Metrics:
         self.replicas_max = Gauge(
             "mixserve_expert_replicas_max", "Upper replica bound of an expert group", ["group"], registry=r
         )
+        self.prefix_queries = Counter(
+            "mixserve_prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache", registry=r
+        )
+        self.prefix_hits = Counter(
+            "mixserve_prefix_cache_hits_total", "Prompt tokens found in the prefix cache (not computed)", registry=r
+        )
+        self.prefix_evictions = Counter(
+            "mixserve_prefix_cache_evictions_total", "Cached KV blocks evicted for new ones", registry=r
+        )
+        self.prefix_blocks = Gauge(
+            "mixserve_prefix_cache_blocks", "KV blocks in the prefix cache (held or free)", registry=r
+        )
+        self.prefix_ratio = Gauge(
+            "mixserve_prefix_cache_hit_ratio",
+            "Prompt tokens found over tokens looked up, since the replicas started (rates: the counters)",
+            registry=r,
+        )
         self.resubmits = Counter(
             "mixserve_attention_resubmits_total",
             "Requests re-submitted to another attention replica after theirs died",
@@ -183,6 +205,8 @@ class Metrics:
         self.v_kv = vllm(Gauge, "kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.")
         self.v_kv_old = vllm(Gauge, "gpu_cache_usage_perc", "KV-cache usage (vLLM's older name).")
         self.v_preemptions = vllm(Counter, "num_preemptions", "Cumulative number of preemption from the engine.")
+        self.v_prefix_queries = vllm(Counter, "prefix_cache_queries", "Prefix cache queries, in terms of tokens.")
+        self.v_prefix_hits = vllm(Counter, "prefix_cache_hits", "Prefix cache hits, in terms of tokens.")
         self.v_prompt = vllm(Counter, "prompt_tokens", "Number of prefill tokens processed.")
         self.v_generation = vllm(Counter, "generation_tokens", "Number of generation tokens processed.")
         self.v_success = vllm(
@@ -251,6 +275,8 @@ class Metrics:
             mine.set(value)
             theirs.labels(*self._v).set(value)
         self.v_kv_old.labels(*self._v).set(s.kv_usage)
+        self.prefix_blocks.set(s.prefix_cached_blocks)
+        self.prefix_ratio.set(s.prefix_hits / s.prefix_queries if s.prefix_queries else 0.0)
         self.queued.clear()
         for e, n in s.expert_in_flight_tokens.items():
             self.queued.labels(str(e)).set(n)
@@ -261,13 +287,20 @@ class Metrics:
                 "calls": st.expert_calls,
                 "seconds": st.expert_call_seconds,
                 "retries": st.expert_retries,
+                "prefix_queries": st.prefix_queries,
+                "prefix_hits": st.prefix_hits,
+                "prefix_evictions": st.prefix_evictions,
                 "routed": {(l, e): n for l, e, n in st.routed_tokens},
                 "phases": dict(st.engine_seconds),
             }
-            before = self._seen.get(
-                key, {"preemptions": 0, "calls": 0, "seconds": 0.0, "retries": 0, "routed": {}, "phases": {}}
-            )
-            grew = {k: max(0, now[k] - before[k]) for k in ("preemptions", "calls", "seconds", "retries")}
+            counts = ("preemptions", "calls", "seconds", "retries", "prefix_queries", "prefix_hits", "prefix_evictions")
+            before = self._seen.get(key, {**dict.fromkeys(counts, 0), "routed": {}, "phases": {}})
+            grew = {k: max(0, now[k] - before[k]) for k in counts}
+            self.prefix_queries.inc(grew["prefix_queries"])
+            self.v_prefix_queries.labels(*self._v).inc(grew["prefix_queries"])
+            self.prefix_hits.inc(grew["prefix_hits"])
+            self.v_prefix_hits.labels(*self._v).inc(grew["prefix_hits"])
+            self.prefix_evictions.inc(grew["prefix_evictions"])
             self.preemptions.inc(grew["preemptions"])
             self.v_preemptions.labels(*self._v).inc(grew["preemptions"])
             self.expert_calls.inc(grew["calls"])

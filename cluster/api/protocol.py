@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from cluster.config import ServerConfig
 from model.grammar import GrammarError, StructuredOutput
 from model.sampling import (
+    MAX_CACHE_SALT,
     MAX_LOGIT_BIAS,
     MAX_STOP_STRINGS,
     MAX_STOP_TOKEN_IDS,
@@ -270,6 +271,10 @@ class _Common(BaseModel):
     # vLLM's prompt logprobs: each prompt token's logprob given the ones before it, with this many
     # alternatives (the first token has none: null)
     prompt_logprobs: int | None = Field(None, ge=0, le=20)
+    # Prefix caching: only requests with the same salt share cached KV blocks (vLLM's cache_salt);
+    # skip_reading_prefix_cache computes the whole prompt (mixserve's per-request opt-out)
+    cache_salt: str | None = Field(None, min_length=1, max_length=MAX_CACHE_SALT)
+    skip_reading_prefix_cache: bool = False
     # Structured outputs: OpenAI's response_format, vLLM's structured_outputs (response_format wins)
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
@@ -585,6 +590,8 @@ class ModelLimits:
                 include_stop_str_in_output=req.include_stop_str_in_output,
                 return_routed_experts=req.return_routed_experts,
                 return_prompt_routed_experts=req.return_prompt_routed_experts,
+                cache_salt=req.cache_salt,
+                skip_reading_prefix_cache=req.skip_reading_prefix_cache,
             )
         except InvalidParam as e:
             raise APIError(400, str(e), param=e.param) from None

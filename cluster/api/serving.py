@@ -73,12 +73,21 @@ def _chat_chars(messages) -> int:
     return sum(len(m.content) if isinstance(m.content, str) else 64 * len(m.content) for m in messages)
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> dict:
+    """OpenAI's usage; with `cached_tokens`, its prompt_tokens_details (prompt tokens found in the prefix cache)."""
+    u = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
+    if cached_tokens is not None:
+        u["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    return u
+
+
+def cached_of(outs, n: int) -> int:
+    """The prompt tokens found in the prefix cache, each prompt counted once (by its first choice)."""
+    return sum(o.cached_tokens or 0 for k, o in enumerate(outs) if k % n == 0)
 
 
 def sse(data: dict) -> str:
@@ -227,7 +236,9 @@ class OpenAIServing:
         if req.stream:
             ids = [prompts[k // req.n].ids for k in range(len(params))]
             chunk = self._completion_chunk(req, (echo, ids) if echo_lps else None, req.n)
-            return self._stream(req, head, streams, len(params), prompt_tokens, chunk, None if echo_lps else echo)
+            return self._stream(
+                req, head, streams, len(params), prompt_tokens, chunk, None if echo_lps else echo, n=req.n
+            )
         outs = await self._collect(streams, len(params))
         for k, o in enumerate(outs):  # a prompt's logprobs were computed for its first choice
             o.prompt_logprobs = outs[k - k % req.n].prompt_logprobs
@@ -250,7 +261,8 @@ class OpenAIServing:
             )
             for k, o in enumerate(outs)
         ]
-        body = head | {"choices": choices, "usage": usage(prompt_tokens, sum(o.completion_tokens for o in outs))}
+        done = sum(o.completion_tokens for o in outs)
+        body = head | {"choices": choices, "usage": usage(prompt_tokens, done, cached_of(outs, req.n))}
         if req.return_prompt_routed_experts and len(prompts) == 1:  # vLLM's place for one prompt
             body["prompt_routed_experts"] = outs[0].prompt_routed_experts
         return body
@@ -310,7 +322,8 @@ class OpenAIServing:
                 {"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
                 for k in range(len(params))
             ]
-            return self._stream(req, head, streams, len(params), len(prompt.ids), self._chat_chunk(req), first=first)
+            chunk = self._chat_chunk(req)
+            return self._stream(req, head, streams, len(params), len(prompt.ids), chunk, first=first, n=req.n)
         outs = await self._collect(streams, len(params))
         choices = [
             with_routes(
@@ -326,7 +339,8 @@ class OpenAIServing:
             )
             for k, o in enumerate(outs)
         ]
-        body = head | {"choices": choices, "usage": usage(len(prompt.ids), sum(o.completion_tokens for o in outs))}
+        done = sum(o.completion_tokens for o in outs)
+        body = head | {"choices": choices, "usage": usage(len(prompt.ids), done, cached_of(outs, req.n))}
         if req.return_prompt_routed_experts:
             body["prompt_routed_experts"] = outs[0].prompt_routed_experts
         if req.prompt_logprobs is not None:  # vLLM's place in chat: the response's
@@ -382,6 +396,7 @@ class OpenAIServing:
         choice_of,
         echo: list[str] | None = None,
         first: list[dict] | None = None,
+        n: int = 1,
     ) -> AsyncIterator[str]:
         """SSE framing for both routes: opening chunks (chat's role, completions' echoed prompt), a
         chunk per output that `choice_of` turns into a choice, then, when asked, a last chunk whose
@@ -392,11 +407,12 @@ class OpenAIServing:
         include_usage = bool(opts and opts.include_usage)
         continuous = bool(opts and opts.continuous_usage_stats)
         done_tokens = [0] * count
+        cached = [0] * count  # each choice's prompt tokens from the prefix cache (its first output says)
 
         def chunk(choices: list[dict]) -> str:
             c = head | {"choices": choices}
             if continuous:
-                c["usage"] = usage(prompt_tokens, sum(done_tokens))
+                c["usage"] = usage(prompt_tokens, sum(done_tokens), sum(cached[::n]))
             return sse(c)
 
         try:
@@ -411,13 +427,15 @@ class OpenAIServing:
                 events = []
                 for k, out in batch:
                     done_tokens[k] = out.completion_tokens
+                    if out.cached_tokens is not None:
+                        cached[k] = out.cached_tokens
                     choice = choice_of(k, out)
                     if choice is not None:
                         events.append(chunk([choice]))
                 if events:
                     yield "".join(events)
             if include_usage:
-                yield sse(head | {"choices": [], "usage": usage(prompt_tokens, sum(done_tokens))})
+                yield sse(head | {"choices": [], "usage": usage(prompt_tokens, sum(done_tokens), sum(cached[::n]))})
         except APIError as e:  # after the first byte a status can no longer change: an error event
             yield sse(e.body())
         except Exception as e:  # noqa: BLE001 - whatever ended the stream, the client gets an error and [DONE]

@@ -73,3 +73,21 @@ def test_request_side_series_with_vllms_labels_and_buckets():
     )  # vLLM's bucket bounds
     assert got[("vllm:request_prompt_tokens_bucket", tuple(sorted((*v, ("le", "10.0")))))] == 1
     assert buckets_1_2_5(100) == [1, 2, 5, 10, 20, 50, 100]
+
+
+def test_prefix_cache_series_count_each_replicas_increase():
+    m = Metrics("tiny", 64)
+    a, b = ("node", 1), ("node", 2)
+
+    def st(q, h, ev, blocks):
+        return AttentionStats(prefix_queries=q, prefix_hits=h, prefix_evictions=ev, prefix_cached_blocks=blocks)
+
+    m.update_from({a: st(100, 40, 1, 5), b: st(50, 10, 0, 3)}, {})
+    m.update_from({a: st(160, 88, 2, 6), b: st(50, 10, 0, 3)}, {})
+    got = samples(m)
+    v = (("engine", "0"), ("model_name", "tiny"))
+    assert got[("mixserve_prefix_cache_queries_total", ())] == got[("vllm:prefix_cache_queries_total", v)] == 210
+    assert got[("mixserve_prefix_cache_hits_total", ())] == got[("vllm:prefix_cache_hits_total", v)] == 98
+    assert got[("mixserve_prefix_cache_evictions_total", ())] == 2
+    assert got[("mixserve_prefix_cache_blocks", ())] == 9
+    assert abs(got[("mixserve_prefix_cache_hit_ratio", ())] - 98 / 210) < 1e-9

@@ -92,11 +92,33 @@ def test_a_completion_is_the_engines_generation(serving, eng):
     (c,) = body["choices"]
     assert (c["index"], c["text"], c["finish_reason"]) == (0, want.text, want.finish_reason)
     assert body["object"] == "text_completion" and body["model"] == MODEL
+    cached = body["usage"].pop("prompt_tokens_details")["cached_tokens"]
     assert body["usage"] == {
         "prompt_tokens": want.prompt_tokens,
         "completion_tokens": want.completion_tokens,
         "total_tokens": want.prompt_tokens + want.completion_tokens,
     }
+    assert 0 <= cached < want.prompt_tokens
+
+
+def test_usage_counts_the_prompt_tokens_found_in_the_prefix_cache(serving):
+    prompt = "A prompt sent twice, long enough to fill more than one block of sixteen tokens: " * 2
+    first = complete(serving, prompt=prompt, max_tokens=2, temperature=0, cache_salt="usage-test")
+    again = complete(serving, prompt=prompt, max_tokens=2, temperature=0, n=3, cache_salt="usage-test")
+    n = first["usage"]["prompt_tokens"]
+    assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0  # a salt nobody used before
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == n // 16 * 16 - (n % 16 == 0)  # once, not n times
+    assert [c["text"] for c in again["choices"]] == [first["choices"][0]["text"]] * 3
+    events = stream(
+        serving,
+        "completions",
+        prompt=prompt,
+        max_tokens=2,
+        temperature=0,
+        cache_salt="usage-test",
+        stream_options={"include_usage": True},
+    )
+    assert events[-2]["usage"] == again["usage"] | {"completion_tokens": 2, "total_tokens": n + 2}
 
 
 def test_the_stream_adds_up_to_the_response_and_ends_with_usage_then_done(serving):
