@@ -217,6 +217,17 @@ class AttentionConfig(BaseModel):
         ge=0,
         description="Times the ingress re-submits a request (prompt + tokens so far) whose attention replica died.",
     )
+    prefix_affinity: bool = Field(
+        True,
+        description="Route a request to the replica its first KV blocks hash to (their prefix cache), "
+        "load permitting; false = Serve's power of two choices.",
+    )
+    affinity_tokens: int = Field(
+        2048, ge=1, description="Leading prompt tokens whose full blocks the router remembers per replica."
+    )
+    affinity_imbalance: int = Field(
+        4, ge=0, description="Requests in flight beyond the least loaded replica's before load wins over affinity."
+    )
 
 
 class ServerConfig(BaseModel):

@@ -14,12 +14,14 @@ import os
 from pathlib import Path
 
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
 from cluster.api.ingress import OpenAIIngress
 from cluster.config import SERVE_ENV, AppConfig, load_config
 from cluster.serve.attention import AttentionWorker
 from cluster.serve.directory import ExpertDirectory
 from cluster.serve.experts import ExpertDeployment
+from cluster.serve.routing import PrefixAffinityRouter
 from model.config import MixtralConfig
 from model.tiny import resolve_model
 from router.experts import expert_groups
@@ -99,6 +101,15 @@ def build_attention(cfg: AppConfig | dict) -> Application:
     # Serve's per-replica cap sits above it, so excess requests reach the engine and get a prompt 503
     # instead of waiting in Serve's queue; Serve's default (5) would cap continuous batching at 5 streams.
     admit = cfg.engine.max_num_seqs + cfg.engine.max_waiting + ADMISSION_HEADROOM
+    if a.prefix_affinity and cfg.engine.enable_prefix_caching:  # cluster/serve/routing.py
+        scale["request_router_config"] = RequestRouterConfig(
+            request_router_class=PrefixAffinityRouter,
+            request_router_kwargs={
+                "block_size": cfg.engine.block_size,
+                "affinity_tokens": a.affinity_tokens,
+                "imbalance": a.affinity_imbalance,
+            },
+        )
     return AttentionWorker.options(ray_actor_options=attn_actor, max_ongoing_requests=admit, **scale).bind(
         cfg, directory, *experts
     )

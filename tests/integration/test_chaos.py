@@ -62,6 +62,32 @@ def chaos(tiny_dir):
     c.shutdown()
 
 
+def test_a_prefix_comes_back_to_the_attention_replica_that_cached_it(chaos):
+    """Two attention replicas, each with its own prefix cache: a prompt's next turn (the prompt and
+    more) is routed to the replica that computed the prompt, so its full blocks are found there."""
+    import json
+    import random
+
+    _, _, url = chaos
+    g = random.Random(3)
+
+    def complete(prompt: list[int]) -> dict:
+        body = json.dumps({"model": "tiny", "prompt": prompt, "max_tokens": 2, "temperature": 0}).encode()
+        req = urllib.request.Request(url + "/completions", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return json.loads(r.read())
+
+    found, possible = 0, 0
+    for _ in range(8):
+        first = [g.randrange(3, 32000) for _ in range(g.randrange(40, 90))]
+        complete(first)
+        usage = complete(first + [g.randrange(3, 32000) for _ in range(8)])["usage"]
+        found += usage["prompt_tokens_details"]["cached_tokens"]
+        possible += len(first) // 16 * 16
+    print(f"\nprefix affinity, 2 attention replicas: {found}/{possible} prompt tokens found in the cache")
+    assert found == possible  # by chance (no affinity) about half would be
+
+
 def test_requests_survive_replica_and_node_failures(chaos, tiny_dir):
     c, nodes, url = chaos
     want = expected(tiny_dir, PROMPTS)
