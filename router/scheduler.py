@@ -15,7 +15,8 @@ Every step, within the token budget and the sequence limit:
    but the last, whose logits it needs; when every block is cached, the last position is computed
    again with its K/V written nowhere (the cached block is shared and never written). When the
    sequence limit or the KV cache is full, a waiting group that holds at least two sequences fewer
-   than the largest group takes a slot from it: that group's most recently admitted sequence is preempted (fair share).
+   than the largest group takes a slot from it: that group's most recently admitted sequence is
+   preempted (fair share).
 
 When a running sequence cannot grow its KV blocks, a sequence is preempted: the most recently
 admitted one of the group holding the most running sequences (with one sequence per group, simply
@@ -114,8 +115,11 @@ class Sequence:
         return self.params.cache_salt.encode() if self.params.cache_salt else b""
 
     def hashes(self) -> list[bytes]:
-        """The chained hash of every full block of its tokens so far (kept, extended as it grows)."""
-        return block_hashes(self.tokens, self.block_size, self.block_hashes, self.salt)
+        """The chained hash of every full block of its tokens so far (kept, extended as it grows; the
+        token list is only built when a block has been completed since)."""
+        if self.num_tokens // self.block_size > len(self.block_hashes):
+            block_hashes(self.tokens, self.block_size, self.block_hashes, self.salt)
+        return self.block_hashes
 
     def extras(self, i: int) -> BlockExtras | None:
         """What block i keeps for later requests beyond K/V: its positions' prompt logprobs and routed

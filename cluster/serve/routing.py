@@ -102,8 +102,16 @@ class PrefixAffinityRouter(FIFOMixin, RequestRouter):
         self.index = PrefixIndex()
 
     def _hashes(self, pending: PendingRequest | None) -> list[bytes]:
-        got = prompt_of(pending)
-        return prefix_hashes(got[0], got[1], self.block_size, self.affinity_tokens) if got else []
+        """The request's block hashes, computed once per request (routing may try several times, and
+        `on_request_routed` records them): kept on the pending request."""
+        if pending is None:
+            return []
+        hashes = getattr(pending, "_mixserve_hashes", None)
+        if hashes is None:
+            got = prompt_of(pending)
+            hashes = prefix_hashes(got[0], got[1], self.block_size, self.affinity_tokens) if got else []
+            pending._mixserve_hashes = hashes
+        return hashes
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
