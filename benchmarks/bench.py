@@ -912,13 +912,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--systems",
         nargs="+",
-        choices=SYSTEMS,
-        help="default: all; vllm only when --vllm-python (or MIXSERVE_VLLM_PYTHON) is given",
+        help=f"random: {' '.join(SYSTEMS)}; prefix workloads: inprocess[-nocache] http[-nocache] "
+        "vllm[-nocache]; default: all (vllm-nocache named only) and vllm only with --vllm-python",
     )
-    p.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32, 64])
+    p.add_argument(
+        "--workload",
+        default="random",
+        choices=["random", "shared-prefix", "multi-turn"],
+        help="random: the systems above; shared-prefix, multi-turn: prefix caching on vs off vs vLLM "
+        "(benchmarks/prefix.py)",
+    )
+    p.add_argument("--concurrency", nargs="+", type=int, help="default: 1 8 32 64 (random), 16 (prefix workloads)")
     p.add_argument("--rounds", type=int, default=2, help="requests per level = max concurrency x rounds")
     p.add_argument("--prompt-len", nargs=2, type=int, default=[16, 128], metavar=("MIN", "MAX"))
-    p.add_argument("--output-len", nargs=2, type=int, default=[16, 64], metavar=("MIN", "MAX"))
+    p.add_argument(
+        "--output-len", nargs=2, type=int, metavar=("MIN", "MAX"), help="default: 16 64 (random), 32 32 (prefix)"
+    )
+    p.add_argument("--prefix-len", type=int, default=1024, help="prefix workloads: the shared prefix's tokens")
+    p.add_argument("--suffix-len", type=int, default=64, help="prefix workloads: unique tokens per request / turn")
+    p.add_argument("--turns", type=int, default=4, help="multi-turn: turns per conversation")
+    p.add_argument("--conversations", type=int, default=16, help="multi-turn: conversations replayed")
     p.add_argument("--max-batched-tokens", type=int, default=2048)
     p.add_argument(
         "--experts-per-worker",
@@ -966,16 +979,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(a: argparse.Namespace) -> int:
-    if a.quick:
-        a.preset, a.concurrency, a.rounds, a.layers = "tiny", [1, 4], 2, None
-        a.prompt_len, a.output_len, a.ffn_tokens, a.experts_per_worker = [8, 32], [4, 12], [256], [1]
-    a.systems = a.systems or [s for s in SYSTEMS if s != "vllm" or vllm_python(a)]
-    res = run(a)
+    prefix = a.workload != "random"
+    if prefix:
+        from benchmarks import prefix as wl
+
+        a.concurrency = a.concurrency or [16]
+        a.output_len = a.output_len or [32, 32]
+        if a.quick:
+            a.preset, a.concurrency, a.rounds, a.layers = "tiny", [4], 2, None
+            a.prefix_len, a.suffix_len, a.output_len, a.turns, a.conversations = 64, 16, [8, 8], 3, 4
+        bad = set(a.systems or ()) - set(wl.PREFIX_SYSTEMS)
+        if bad:
+            raise SystemExit(f"--workload {a.workload} runs {', '.join(wl.PREFIX_SYSTEMS)}, not {', '.join(bad)}")
+        a.systems = a.systems or [
+            s for s in wl.PREFIX_SYSTEMS if s != "vllm-nocache" and (s != "vllm" or vllm_python(a))
+        ]
+    else:
+        a.concurrency = a.concurrency or [1, 8, 32, 64]
+        a.output_len = a.output_len or [16, 64]
+        if a.quick:
+            a.preset, a.concurrency, a.rounds, a.layers = "tiny", [1, 4], 2, None
+            a.prompt_len, a.output_len, a.ffn_tokens, a.experts_per_worker = [8, 32], [4, 12], [256], [1]
+        bad = set(a.systems or ()) - set(SYSTEMS)
+        if bad:
+            raise SystemExit(f"--workload random runs {', '.join(SYSTEMS)}, not {', '.join(bad)}")
+        a.systems = a.systems or [s for s in SYSTEMS if s != "vllm" or vllm_python(a)]
+    res = wl.run(a) if prefix else run(a)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"bench-{res['preset']}" + ("-quick" if a.quick else "")
+    stem = f"bench-{res['preset']}" + (f"-{a.workload}" if prefix else "") + ("-quick" if a.quick else "")
     (out / f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")
-    md = markdown(res)
+    md = wl.markdown(res) if prefix else markdown(res)
     (out / f"{stem}.md").write_text(md)
     print(md)
     print(f"[bench] wrote {out / stem}.json and .md", file=sys.stderr)

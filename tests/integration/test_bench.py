@@ -79,3 +79,29 @@ def test_quick_bench_runs_all_systems_and_writes_json_and_table(tmp_path):
     md = (tmp_path / "bench-tiny-quick.md").read_text()
     assert "| system | concurrency | output tok/s" in md and "| http | 4 |" in md
     assert "[bench]" in p.stderr  # progress is shown
+
+
+@pytest.mark.ray
+def test_quick_prefix_bench_compares_caching_on_and_off(tmp_path):
+    """The shared-prefix workload: the in-process engine with and without prefix caching and the Serve
+    application, greedy; caching finds the shared prefix (the server's usage says so) and changes no token."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MIXSERVE_VLLM_PYTHON")}
+    cmd = [str(Path(sys.executable).with_name("mixserve")), "bench", "--workload", "multi-turn", "--quick"]
+    cmd += ["--systems", "inprocess", "inprocess-nocache", "http", "--temperature", "0", "--out", str(tmp_path)]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads((tmp_path / "bench-tiny-multi-turn-quick.json").read_text())
+    rows = {s: r[0] for s, r in res["systems"].items()}
+    assert set(rows) == {"inprocess", "inprocess-nocache", "http"}
+    turns = res["workload"]["sessions"] * res["workload"]["turns"]
+    for s, r in rows.items():
+        assert r["requests"] == turns and r["output_tokens"] == turns * res["workload"]["output_len"], (s, r)
+        assert r["ttft_ms_p50"] > 0 and len(r["ttft_ms_p50_by_turn"]) == res["workload"]["turns"]
+    assert rows["inprocess-nocache"]["cached_fraction"] == 0.0
+    # every turn re-sends the history: most of each prompt is found (the same requests, the same share)
+    assert rows["inprocess"]["cached_fraction"] == rows["http"]["cached_fraction"] > 0.5
+    assert 0 < rows["http"]["server_hit_ratio"] <= 1
+    assert res["greedy_identical"] == {"inprocess": True, "inprocess-nocache": True}
+    assert any(t["target"] == "in-process TTFT p50, caching on vs off" for t in res["targets"])
+    md = (tmp_path / "bench-tiny-multi-turn-quick.md").read_text()
+    assert "TTFT p50 ms by turn" in md and "| http | 4 |" in md
