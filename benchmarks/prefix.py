@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from benchmarks.bench import (
+from benchmarks.harness import (
     Progress,
     Req,
     cpu_model,
@@ -43,6 +43,8 @@ from benchmarks.bench import (
     has_amx,
     pct,
     preset_for,
+    serve_http,
+    vllm_python,
     wait_http,
 )
 from cluster.build import local_engine
@@ -243,7 +245,6 @@ def cache_hit_ratio(port: int) -> float | None:
 
 
 def run(a) -> dict:
-    from benchmarks.bench import vllm_python
     from model.tiny import write_checkpoint
 
     cfg = preset_for(a.preset, a.layers)
@@ -306,7 +307,6 @@ def run(a) -> dict:
     if served:
         import ray
 
-        from benchmarks.bench import serve_http
         from cluster.config import SERVE_ENV
 
         os.environ.update(SERVE_ENV)
