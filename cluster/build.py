@@ -24,7 +24,7 @@ from router.config import EngineConfig
 from router.engine import LLMEngine
 from router.experts import ExpertBackend, InProcessExperts, expert_groups, expert_map
 
-from .config import AppConfig, ExpertsConfig
+from .config import AppConfig, AttentionConfig, ExpertsConfig
 
 if TYPE_CHECKING:
     from cluster.runtime.actors import Runtime
@@ -56,7 +56,7 @@ Experts = Callable[[ModelPlan], ExpertBackend]
 
 def in_process(cfg: AppConfig) -> Experts:
     """Experts held in this process, one worker per group (the default)."""
-    return lambda p: InProcessExperts(p.model_dir, p.groups, cfg.dtype)
+    return lambda p: InProcessExperts(p.model_dir, p.groups, cfg.dtype, cfg.experts.device)
 
 
 def build_engine(cfg: AppConfig, experts: Experts | None = None) -> LLMEngine:
@@ -64,7 +64,7 @@ def build_engine(cfg: AppConfig, experts: Experts | None = None) -> LLMEngine:
     when None). The experts are built first: remote ones load while the dense weights do."""
     p = plan(cfg)
     backend = (experts or in_process(cfg))(p)
-    dense = MixtralDense.from_checkpoint(p.checkpoint, cfg.dtype)
+    dense = MixtralDense.from_checkpoint(p.checkpoint, cfg.dtype, cfg.attention.device)
     return LLMEngine(dense, backend, Tokenizer.for_model(p.model_dir), cfg.engine)
 
 
@@ -73,13 +73,16 @@ def local_engine(
     dtype: str = "auto",
     engine: EngineConfig | None = None,
     experts_per_worker: int = 1,
+    device: str = "cpu",
 ) -> LLMEngine:
-    """The whole engine in one process: `build_engine` of a config with these fields."""
+    """The whole engine in one process, on `device` (dense and experts): `build_engine` of a config
+    with these fields."""
     cfg = AppConfig(
         model=model,
         dtype=dtype,
         engine=engine or EngineConfig(),
-        experts=ExpertsConfig(experts_per_worker=experts_per_worker),
+        attention=AttentionConfig(device=device),
+        experts=ExpertsConfig(experts_per_worker=experts_per_worker, device=device),
     )
     return build_engine(cfg)
 
@@ -93,7 +96,7 @@ def ray_engine(cfg: AppConfig) -> tuple[LLMEngine, Runtime]:
     made: list = []
 
     def actors(p: ModelPlan) -> ExpertBackend:
-        made.append(RayExperts(p.model_dir, p.groups, cfg.dtype, cfg.experts))
+        made.append(RayExperts(p.model_dir, p.groups, cfg.dtype, cfg.experts, cfg.attention.device))
         made[0].wait_ready()
         return made[0]
 

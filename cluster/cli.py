@@ -111,6 +111,7 @@ def cmd_generate(a) -> int:
     return 0
 
 
+DEVICE_HELP = "cpu or cuda[:N], for attention and experts alike (default: the config's, cpu)"
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
 
 
@@ -126,6 +127,8 @@ def resolve_config(a):
         "server.grpc_port": getattr(a, "grpc_port", None),
         "server.served_model_name": getattr(a, "served_model_name", None),
         "server.api_key": getattr(a, "api_key", None),
+        "attention.device": getattr(a, "device", None),
+        "experts.device": getattr(a, "device", None),
     }
     cfg = load_config(a.config or DEFAULT_CONFIG, overrides)
     from model.tiny import resolve_model
@@ -339,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--dtype", default="auto", choices=DTYPE_CHOICES, help="weights and compute (auto: the checkpoint's)"
     )
+    s.add_argument("--device", help=DEVICE_HELP)
     s.add_argument("--local", action="store_true", help="run in one process, without Ray")
     s.add_argument("--ray-address", help=RAY_ADDRESS_HELP)
     s.set_defaults(fn=cmd_generate, config=None)
@@ -351,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=DTYPE_CHOICES,
         help="weights and compute (auto: the config's, else the checkpoint's)",
     )
+    s.add_argument("--device", help=DEVICE_HELP)
     s.add_argument("--host", help="HTTP bind address (default: the config's, 127.0.0.1)")
     s.add_argument("--port", type=int, help="HTTP port (default: the config's, 8000)")
     s.add_argument("--grpc-port", type=int, help="gRPC port (default: the config's, 9000)")

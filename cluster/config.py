@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from router.config import EngineConfig
 
+DEVICE_PATTERN = r"^(cpu|cuda(:\d+)?)$"  # model/config.py resolve_device checks the machine has it
+
 EXPERT_POLICY = "cluster.runtime.autoscaling:ExpertLoadPolicy"  # Serve imports it by name
 
 # How Ray Serve runs mixserve: Serve's throughput-optimised mode (replicas run their handlers on their
@@ -103,6 +105,12 @@ class ExpertsConfig(BaseModel):
     replicas: int = Field(1, ge=1, description="Replicas of each expert group.")
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per expert replica.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per expert replica (0 on CPU clusters).")
+    device: str = Field(
+        "cpu",
+        pattern=DEVICE_PATTERN,
+        description="Where each replica holds its experts and runs them: cpu, or cuda (with num_gpus >= 1, "
+        "the GPU Ray gives the replica).",
+    )
     resources: dict[str, float] = Field(
         default_factory=dict,
         description="Custom Ray resources per replica, e.g. {expert_slot: 1}, placing it on expert nodes.",
@@ -200,6 +208,12 @@ class AttentionConfig(BaseModel):
     replicas: int = Field(1, ge=1, description="Data-parallel attention replicas.")
     num_cpus: float = Field(1.0, ge=0, description="CPUs per attention replica.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per attention replica.")
+    device: str = Field(
+        "cpu",
+        pattern=DEVICE_PATTERN,
+        description="Where the engine holds the dense weights and KV cache and runs attention and sampling: "
+        "cpu, or cuda (with num_gpus >= 1).",
+    )
     resources: dict[str, float] = Field(
         default_factory=dict, description="Custom Ray resources per replica (attention nodes)."
     )

@@ -12,6 +12,8 @@ import torch.nn.functional as Fn
 
 from .config import MixtralConfig
 
+HOST = torch.device("cpu")  # where per-step metadata is built from Python lists
+
 
 @dataclass
 class PrefillPiece:
@@ -38,10 +40,31 @@ class AttnMeta:
     def dec_bias(self, dtype: torch.dtype) -> torch.Tensor:
         """dec_mask as an additive mask (0 / -inf) in `dtype`; built once per step, used by every layer."""
         if dtype not in self._bias:
-            self._bias[dtype] = torch.zeros(self.dec_mask.shape, dtype=dtype).masked_fill_(
+            self._bias[dtype] = torch.zeros(self.dec_mask.shape, dtype=dtype, device=self.dec_mask.device).masked_fill_(
                 ~self.dec_mask, float("-inf")
             )
         return self._bias[dtype]
+
+    def to(self, device: torch.device | str) -> AttnMeta:
+        """The same metadata on `device` (built on the host, moved once per step: one copy per tensor,
+        asynchronous from pinned memory on CUDA); itself when it is there already."""
+        device = torch.device(device)
+        if self.positions.device == device:
+            return self
+
+        def mv(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            return (t.pin_memory() if device.type == "cuda" else t).to(device, non_blocking=True)
+
+        return AttnMeta(
+            mv(self.positions),
+            mv(self.slots),
+            mv(self.dec_rows),
+            mv(self.dec_ctx),
+            mv(self.dec_mask),
+            [PrefillPiece(p.start, p.end, mv(p.ctx), mv(p.mask)) for p in self.prefills],
+        )
 
     @property
     def num_tokens(self) -> int:
@@ -51,7 +74,8 @@ class AttnMeta:
 def build_attn_meta(seqs: list[tuple[list[int], int]], window: int | None = None) -> AttnMeta:
     """seqs: per sequence (context slots including the new tokens, number of new tokens), in row order.
 
-    The new tokens are the last n of each context; their positions are L-n .. L-1.
+    The new tokens are the last n of each context; their positions are L-n .. L-1. Built on the host
+    (`AttnMeta.to` moves it to the model's device).
     """
     positions, slots, dec_rows, dec_ctx, prefills = [], [], [], [], []
     row = 0
@@ -65,44 +89,46 @@ def build_attn_meta(seqs: list[tuple[list[int], int]], window: int | None = None
         else:
             mask = None
             if L != n or (window is not None and window < n):
-                q = torch.arange(L - n, L)[:, None]
-                kpos = torch.arange(L)[None, :]
+                q = torch.arange(L - n, L, device=HOST)[:, None]
+                kpos = torch.arange(L, device=HOST)[None, :]
                 m = kpos <= q
                 if window is not None:
                     m &= q - kpos < window
                 mask = m[None, None]
-            prefills.append(PrefillPiece(row, row + n, torch.tensor(ctx), mask))
+            prefills.append(PrefillPiece(row, row + n, torch.tensor(ctx, device=HOST), mask))
         row += n
-    meta = AttnMeta(torch.tensor(positions), torch.tensor(slots), None, None, None, prefills)
+    meta = AttnMeta(torch.tensor(positions, device=HOST), torch.tensor(slots, device=HOST), None, None, None, prefills)
     if dec_rows:
         Lmax = max(len(c) for c in dec_ctx)
-        ctx_t = torch.zeros(len(dec_ctx), Lmax, dtype=torch.long)
-        lens = torch.tensor([len(c) for c in dec_ctx])
+        ctx_t = torch.zeros(len(dec_ctx), Lmax, dtype=torch.long, device=HOST)
+        lens = torch.tensor([len(c) for c in dec_ctx], device=HOST)
         for i, c in enumerate(dec_ctx):
-            ctx_t[i, : len(c)] = torch.tensor(c)
-        kpos = torch.arange(Lmax)[None, :]
+            ctx_t[i, : len(c)] = torch.tensor(c, device=HOST)
+        kpos = torch.arange(Lmax, device=HOST)[None, :]
         m = kpos < lens[:, None]
         if window is not None:
             m &= (lens[:, None] - 1) - kpos < window
-        meta.dec_rows, meta.dec_ctx, meta.dec_mask = torch.tensor(dec_rows), ctx_t, m[:, None, None, :]
+        meta.dec_rows, meta.dec_ctx, meta.dec_mask = torch.tensor(dec_rows, device=HOST), ctx_t, m[:, None, None, :]
     return meta
 
 
 class KVPool:
     """Flat KV storage: per layer k, v [S, K, d]. Slot bookkeeping lives with the scheduler."""
 
-    def __init__(self, cfg: MixtralConfig, num_slots: int, dtype: torch.dtype):
+    def __init__(self, cfg: MixtralConfig, num_slots: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
         shape = (cfg.num_hidden_layers, num_slots, cfg.num_key_value_heads, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype)
-        self.v = torch.zeros(shape, dtype=dtype)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.num_slots = num_slots
+        self.device = self.k.device
 
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
 
     def copy_slots(self, src: list[int], dst: list[int]) -> None:
         """Every layer's K/V at slots `src` written to slots `dst` (a forked sequence's prompt)."""
-        s, d = torch.tensor(src, dtype=torch.long), torch.tensor(dst, dtype=torch.long)
+        s = torch.tensor(src, dtype=torch.long, device=self.device)
+        d = torch.tensor(dst, dtype=torch.long, device=self.device)
         self.k[:, d] = self.k[:, s]
         self.v[:, d] = self.v[:, s]
 
@@ -118,7 +144,7 @@ def paged_attention(
     K = k.shape[1]
     kc[meta.slots] = k
     vc[meta.slots] = v
-    out = torch.empty(T, H, d, dtype=q.dtype)
+    out = q.new_empty(T, H, d)
     if meta.dec_rows is not None:
         # One query per sequence: the H // K query heads that share a KV head become H // K query
         # rows against that head's keys (no GQA expansion, no causal mask: all sit at the last

@@ -19,7 +19,7 @@ from pathlib import Path, PureWindowsPath
 import torch
 from safetensors import safe_open
 
-from .config import DTYPES, MixtralConfig
+from .config import DTYPES, MixtralConfig, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +31,24 @@ SKIPPED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 EXPERT_RE = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight")
 
 
-def open_safetensors(path: Path):
-    """`safe_open` of one file; a file it cannot read (truncated, not safetensors) is a
-    CheckpointError naming it, not the library's bare error."""
+def open_safetensors(path: Path, device: str = "cpu"):
+    """`safe_open` of one file (its tensors read onto `device`); a file it cannot read (truncated, not
+    safetensors) is a CheckpointError naming it, not the library's bare error."""
     try:
-        return safe_open(path, framework="pt")
+        return safe_open(path, framework="pt", device=device)
     except Exception as e:  # noqa: BLE001 - SafetensorError has no public import path
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+# safetensors' dtype names (the header) -> torch's, for tensors built from the header alone (meta)
+SAFETENSORS_DTYPES = {
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+}
 
 
 class CheckpointError(ValueError):
@@ -167,9 +178,16 @@ class Checkpoint:
             head = ", ".join(unexpected[:5]) + (" ..." if len(unexpected) > 5 else "")
             raise CheckpointError(f"{self.path}: {len(unexpected)} tensor(s) the config does not describe: {head}")
 
-    def load(self, names: dict[str, tuple[int, ...]], dtype: torch.dtype | str = "auto") -> LoadedWeights:
-        """Read exactly `names` (name -> expected shape), converting to `dtype` ('auto' keeps it)."""
+    def load(
+        self, names: dict[str, tuple[int, ...]], dtype: torch.dtype | str = "auto", device: torch.device | str = "cpu"
+    ) -> LoadedWeights:
+        """Read exactly `names` (name -> expected shape), converting to `dtype` ('auto' keeps it), each
+        tensor straight onto `device` (safetensors copies it from the mapped file to a CUDA device
+        without a host copy of the whole file). On `meta` nothing is read: the tensors have the
+        shapes and dtype only (`bytes_read` counts what a real load would read)."""
         target = resolve_dtype(dtype, self.config)
+        device = resolve_device(device)  # safetensors takes "cuda:N"; meta is built from the header alone
+        where = "cpu" if device.type == "meta" else str(device)
         by_file: dict[str, list[str]] = {}
         for n in names:
             fname = self.weight_map.get(n)
@@ -180,7 +198,7 @@ class Checkpoint:
         for fname, keys in sorted(by_file.items()):
             fpath = self.path / fname
             out.files_opened.append(fname)
-            with open_safetensors(fpath) as f:
+            with open_safetensors(fpath, where) as f:
                 present = set(f.keys())
                 for n in keys:
                     if n not in present:
@@ -190,21 +208,27 @@ class Checkpoint:
                         raise CheckpointError(
                             f"{fpath}: tensor {n} has shape {list(shape)}, the config implies {list(names[n])}"
                         )
-                    t = f.get_tensor(n)
+                    if device.type == "meta":
+                        sl = f.get_slice(n)
+                        t = torch.empty(shape, dtype=SAFETENSORS_DTYPES[sl.get_dtype()], device="meta")
+                    else:
+                        t = f.get_tensor(n)
                     out.bytes_read += t.numel() * t.element_size()
                     out.tensors[n] = t if t.dtype == target else t.to(target)
         return out
 
-    def load_dense(self, dtype: torch.dtype | str = "auto") -> LoadedWeights:
-        return self.load(dense_names(self.config), dtype)
+    def load_dense(self, dtype: torch.dtype | str = "auto", device: torch.device | str = "cpu") -> LoadedWeights:
+        return self.load(dense_names(self.config), dtype, device)
 
-    def load_experts(self, pairs: Iterable[tuple[int, int]], dtype: torch.dtype | str = "auto") -> LoadedWeights:
+    def load_experts(
+        self, pairs: Iterable[tuple[int, int]], dtype: torch.dtype | str = "auto", device: torch.device | str = "cpu"
+    ) -> LoadedWeights:
         names: dict[str, tuple[int, ...]] = {}
         for l, e in pairs:
             if not (0 <= l < self.config.num_hidden_layers and 0 <= e < self.config.num_local_experts):
                 raise CheckpointError(f"expert (layer={l}, expert={e}) is outside the model")
             names.update(expert_names(self.config, l, e))
-        return self.load(names, dtype)
+        return self.load(names, dtype, device)
 
 
 def resolve_dtype(dtype: torch.dtype | str, cfg: MixtralConfig) -> torch.dtype:

@@ -18,6 +18,28 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def resolve_device(device: torch.device | str) -> torch.device:
+    """A device to place weights and compute on, checked: `cpu`, `meta`, or `cuda[:N]` where this
+    machine has that GPU (`cuda` alone is the current one, made explicit)."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r} is not a device torch knows ({e})") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device {str(device)!r}: no CUDA device here (torch {torch.__version__}, built for CUDA "
+                f"{torch.version.cuda}); set the device to cpu or run where num_gpus places it on a GPU"
+            )
+        if d.index is None:
+            d = torch.device("cuda", torch.cuda.current_device())
+        elif d.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif d.type not in ("cpu", "meta"):
+        raise ValueError(f"device {str(device)!r}: mixserve runs on cpu or cuda")
+    return d
+
+
 # The largest value each size field may take. Real configs for scale: Mixtral-8x22B has D=6144,
 # F=16384, L=56, H=48, E=8, 64K context; DeepSeek-V3 has D=7168, L=61, H=128, E=256, top-8,
 # vocab 129280, 160K context.

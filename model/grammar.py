@@ -237,14 +237,15 @@ class GrammarBatch:
 
     def __init__(self, vocab_size: int):
         self.vocab_size = vocab_size
-        self.buf = torch.empty(0, (vocab_size + 31) // 32, dtype=torch.int32)
-        self.shifts = torch.arange(32, dtype=torch.int32)
+        # llguidance fills a host bitmask; apply_mask moves the expanded mask to the logits' device
+        self.buf = torch.empty(0, (vocab_size + 31) // 32, dtype=torch.int32, device="cpu")
+        self.shifts = torch.arange(32, dtype=torch.int32, device="cpu")
 
     def mask(self, grammars: list[Grammar]) -> torch.Tensor:
         """[rows, V] bool: True where the row's grammar allows the token."""
         n = len(grammars)
         if self.buf.shape[0] < n:
-            self.buf = torch.empty(max(n, 2 * self.buf.shape[0]), self.buf.shape[1], dtype=torch.int32)
+            self.buf = torch.empty(max(n, 2 * self.buf.shape[0]), self.buf.shape[1], dtype=torch.int32, device="cpu")
         bm = self.buf[:n]
         for i, g in enumerate(grammars):
             llg_torch.fill_next_token_bitmask(g.m, bm, i)
@@ -255,6 +256,7 @@ class GrammarBatch:
 def apply_mask(logits: torch.Tensor, rows: list[int], allowed: torch.Tensor) -> torch.Tensor:
     """A copy of `logits` with the disallowed tokens of `rows` at -inf; the other rows unchanged."""
     out = logits.clone()
-    idx = torch.tensor(rows, dtype=torch.long)
-    out[idx] = logits[idx].masked_fill(~allowed[:, : logits.shape[-1]], float("-inf"))
+    idx = torch.tensor(rows, dtype=torch.long, device=logits.device)
+    allowed = allowed[:, : logits.shape[-1]].to(logits.device, non_blocking=True)
+    out[idx] = logits[idx].masked_fill(~allowed, float("-inf"))
     return out

@@ -67,6 +67,7 @@ class MixtralDense:
         self.cfg = cfg
         w = dict(weights)
         self.dtype = w["model.embed_tokens.weight"].dtype
+        self.device = w["model.embed_tokens.weight"].device  # where the weights were loaded: every step's tensors
         layers = []
         for l in range(cfg.num_hidden_layers):
             p = f"model.layers.{l}."
@@ -87,8 +88,8 @@ class MixtralDense:
         )
 
     @classmethod
-    def from_checkpoint(cls, ckpt: Checkpoint, dtype="auto") -> MixtralDense:
-        return cls(ckpt.config, ckpt.load_dense(dtype).tensors)
+    def from_checkpoint(cls, ckpt: Checkpoint, dtype="auto", device: torch.device | str = "cpu") -> MixtralDense:
+        return cls(ckpt.config, ckpt.load_dense(dtype, device).tensors)
 
     def nbytes(self) -> int:
         seen, total = set(), 0
@@ -148,19 +149,20 @@ class Transformer:
         self.dense, self.experts, self.cfg = dense, experts, dense.cfg
 
     @classmethod
-    def from_pretrained(cls, path, dtype="auto") -> Transformer:
+    def from_pretrained(cls, path, dtype="auto", device: torch.device | str = "cpu") -> Transformer:
         from .checkpoint import all_expert_pairs
 
         ckpt = Checkpoint(path)
         ckpt.check_names()
         return cls(
-            MixtralDense.from_checkpoint(ckpt, dtype),
-            LocalExperts.from_checkpoint(ckpt, all_expert_pairs(ckpt.config), dtype),
+            MixtralDense.from_checkpoint(ckpt, dtype, device),
+            LocalExperts.from_checkpoint(ckpt, all_expert_pairs(ckpt.config), dtype, device),
         )
 
     @torch.inference_mode()
     def logits(self, ids: list[int]) -> torch.Tensor:
         """[T] token ids -> [T, V] float32 logits, a full (uncached) forward."""
-        kv = KVPool(self.cfg, len(ids), self.dense.dtype)
-        meta = build_attn_meta([(list(range(len(ids))), len(ids))], self.cfg.sliding_window)
-        return run_local(self.dense.forward(torch.tensor(ids), meta, kv), self.experts)
+        dev = self.dense.device
+        kv = KVPool(self.cfg, len(ids), self.dense.dtype, dev)
+        meta = build_attn_meta([(list(range(len(ids))), len(ids))], self.cfg.sliding_window).to(dev)
+        return run_local(self.dense.forward(torch.tensor(ids, device=dev), meta, kv), self.experts)

@@ -79,8 +79,8 @@ class LocalExperts:
         return sum(f.nbytes for f in self.experts.values())
 
     @classmethod
-    def from_checkpoint(cls, ckpt: Checkpoint, pairs, dtype="auto") -> LocalExperts:
-        return cls(ckpt.config, ckpt.load_experts(pairs, dtype).tensors)
+    def from_checkpoint(cls, ckpt: Checkpoint, pairs, dtype="auto", device: torch.device | str = "cpu") -> LocalExperts:
+        return cls(ckpt.config, ckpt.load_experts(pairs, dtype, device).tensors)
 
     def __call__(self, m: MoEInput) -> torch.Tensor:
         """The reference MoE: each chosen expert on the rows that chose it, their outputs weighted and

@@ -156,21 +156,29 @@ class LogitsState:
     which tokens its prompt holds ([V] bool, built once), its logit_bias as (ids, values) tensors.
     Built only for a sequence whose params process logits."""
 
-    def __init__(self, params: SamplingParams, prompt: list[int], vocab_size: int):
+    def __init__(self, params: SamplingParams, prompt: list[int], vocab_size: int, device: torch.device | str = "cpu"):
         V = vocab_size
         self.num_outputs = 0
-        self.counts = torch.zeros(V) if params.penalised else None
+        self.counts = torch.zeros(V, device=device) if params.penalised else None
         self.in_prompt = None
         if params.repetition_penalty != 1.0:
-            self.in_prompt = torch.zeros(V, dtype=torch.bool)
-            self.in_prompt[torch.tensor(prompt, dtype=torch.long)] = True
+            self.in_prompt = torch.zeros(V, dtype=torch.bool, device=device)
+            self.in_prompt[torch.tensor(prompt, dtype=torch.long, device=device)] = True
         ids = [t for t in params.logit_bias if t < V]
-        self.bias_ids = torch.tensor(ids, dtype=torch.long)
-        self.bias_values = torch.tensor([params.logit_bias[t] for t in ids])
+        self.bias_ids = torch.tensor(ids, dtype=torch.long, device=device)
+        self.bias_values = torch.tensor([params.logit_bias[t] for t in ids], device=device)
 
     @classmethod
-    def of(cls, params: SamplingParams, prompt: list[int], outputs: list[int], vocab_size: int) -> LogitsState:
-        s = cls(params, prompt, vocab_size)
+    def of(
+        cls,
+        params: SamplingParams,
+        prompt: list[int],
+        outputs: list[int],
+        vocab_size: int,
+        device: torch.device | str = "cpu",
+    ) -> LogitsState:
+        """The state of a sequence with `outputs` so far, on the logits' device."""
+        s = cls(params, prompt, vocab_size, device)
         for t in outputs:
             s.append(t)
         return s
@@ -195,30 +203,30 @@ def process_logits(
     if not rows:
         return logits
     logits = logits.clone()
-    V = logits.shape[-1]
+    V, dev = logits.shape[-1], logits.device
     for i in rows:
         s = states[i]
         if s.num_outputs < params[i].min_tokens:
             ban = [t for t in stop_ids[i] if t < V]
             if ban:
-                logits[i, torch.tensor(ban, dtype=torch.long)] = float("-inf")
+                logits[i, torch.tensor(ban, dtype=torch.long, device=dev)] = float("-inf")
         if len(s.bias_ids):
             logits[i].index_add_(0, s.bias_ids, s.bias_values.to(logits.dtype))
     pen = [i for i in rows if params[i].penalised]
     if not pen:
         return logits
-    idx = torch.tensor(pen)
+    idx = torch.tensor(pen, device=dev)
     x = logits[idx]
     counts = torch.stack([states[i].counts for i in pen]).to(logits.dtype)
     seen = counts > 0
-    rep = torch.tensor([params[i].repetition_penalty for i in pen], dtype=logits.dtype)[:, None]
+    rep = torch.tensor([params[i].repetition_penalty for i in pen], dtype=logits.dtype, device=dev)[:, None]
     if bool((rep != 1.0).any()):
-        blank = torch.zeros(V, dtype=torch.bool)
+        blank = torch.zeros(V, dtype=torch.bool, device=dev)
         in_prompt = torch.stack([states[i].in_prompt if states[i].in_prompt is not None else blank for i in pen])
         hit = seen | in_prompt
         x = torch.where(hit, torch.where(x > 0, x / rep, x * rep), x)
-    freq = torch.tensor([params[i].frequency_penalty for i in pen], dtype=logits.dtype)[:, None]
-    pres = torch.tensor([params[i].presence_penalty for i in pen], dtype=logits.dtype)[:, None]
+    freq = torch.tensor([params[i].frequency_penalty for i in pen], dtype=logits.dtype, device=dev)[:, None]
+    pres = torch.tensor([params[i].presence_penalty for i in pen], dtype=logits.dtype, device=dev)[:, None]
     x = x - freq * counts - pres * seen.to(logits.dtype)
     # A penalty at the edge of its range (repetition_penalty 1e-300 is 0 in float32) must not make a
     # logit infinite: +inf would make the row unsampleable. Capped far above any real logit.
@@ -227,7 +235,9 @@ def process_logits(
 
 
 def make_generator(seed: int | None) -> torch.Generator:
-    g = torch.Generator()
+    """A sequence's own host generator: its draws (one uniform number per step) are the same on
+    every device, so a seeded request samples the same tokens on CPU and GPU for the same logits."""
+    g = torch.Generator(device="cpu")
     g.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
     return g
 
@@ -245,26 +255,28 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], gens: list[torch.
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if not rows:
         return out
-    x = logits[rows] / torch.tensor([params[i].temperature for i in rows], dtype=logits.dtype)[:, None]
+    dev = logits.device
+    x = logits[rows] / torch.tensor([params[i].temperature for i in rows], dtype=logits.dtype, device=dev)[:, None]
     tempered = x  # the filters below replace x; min_p reads the tempered distribution before them
     V = x.shape[-1]
     ninf = float("-inf")
     ks = [min(params[i].top_k, V) for i in rows]
     if any(ks):  # top-k: keep values >= the row's k-th largest (rows without it keep everything)
         kth = torch.topk(x, max(ks), dim=-1).values
-        at = torch.tensor([k - 1 if k else 0 for k in ks])
+        at = torch.tensor([k - 1 if k else 0 for k in ks], device=dev)
         thr = kth.gather(1, at[:, None])
-        thr[torch.tensor([k == 0 for k in ks])] = ninf
+        thr[torch.tensor([k == 0 for k in ks], device=dev)] = ninf
         x = x.masked_fill(x < thr, ninf)
-    min_p = torch.tensor([params[i].min_p for i in rows], dtype=logits.dtype)
+    min_p = torch.tensor([params[i].min_p for i in rows], dtype=logits.dtype, device=dev)
     if bool((min_p > 0).any()):  # vLLM: on the tempered distribution, before top-k / top-p
         full = torch.softmax(tempered, dim=-1)
         x = x.masked_fill(full < min_p[:, None] * full.max(dim=-1, keepdim=True).values, ninf)
     nucleus = [j for j, i in enumerate(rows) if params[i].top_p < 1.0]
     if nucleus:  # top-p: the smallest prefix (by probability) whose mass reaches top_p, on those rows only
-        x = _top_p(x, nucleus, torch.tensor([params[rows[j]].top_p for j in nucleus], dtype=logits.dtype))
+        top_p = torch.tensor([params[rows[j]].top_p for j in nucleus], dtype=logits.dtype, device=dev)
+        x = _top_p(x, nucleus, top_p)
     cdf = torch.softmax(x, dim=-1).cumsum(dim=-1)
-    u = torch.cat([torch.rand(1, generator=gens[i], dtype=cdf.dtype) for i in rows])
+    u = torch.cat([torch.rand(1, generator=gens[i], dtype=cdf.dtype, device="cpu") for i in rows]).to(dev)
     total = cdf[:, -1]
     v = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))  # below the total: a real token
     picks = torch.searchsorted(cdf, v[:, None], right=True)[:, 0].clamp_(max=V - 1)
@@ -288,7 +300,7 @@ def _top_p(x: torch.Tensor, rows: list[int], top_p: torch.Tensor) -> torch.Tenso
     NUCLEUS_CANDIDATES most likely tokens (`topk`), which holds it whenever their mass reaches top_p;
     a row where it does not is sorted whole."""
     ninf = float("-inf")
-    idx = torch.tensor(rows)
+    idx = torch.tensor(rows, device=x.device)
     xs = x[idx]
     V = xs.shape[-1]
     sx, si = torch.topk(xs, min(V, NUCLEUS_CANDIDATES), dim=-1)  # descending

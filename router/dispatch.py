@@ -56,6 +56,6 @@ def combine(x: torch.Tensor, plan: DispatchPlan, outputs: dict[int, torch.Tensor
     """out[t] = sum_e w[t, e] * y_e[t], accumulated in x's dtype."""
     out = torch.zeros_like(x)
     for e, rows in plan.rows.items():
-        y = outputs[e]
+        y = outputs[e].to(x.device, non_blocking=True)  # a no-op where the backend answered on x's device
         out.index_add_(0, rows, (y * plan.weights[e]).to(out.dtype))
     return out

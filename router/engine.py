@@ -209,7 +209,8 @@ class LLMEngine:
         # One slot past the blocks: where a position whose K/V sit in a shared cached block writes
         # when it is computed again for its logits (nothing reads it).
         self.scratch_slot = num_blocks * self.cfg.block_size
-        self.kv = KVPool(mc, self.scratch_slot + 1, dense.dtype)
+        self.device = dense.device  # the model's: the KV pool, each step's inputs, logits and sampling
+        self.kv = KVPool(mc, self.scratch_slot + 1, dense.dtype, self.device)
         self.blocks = BlockManager(num_blocks, self.cfg.block_size, caching=self.cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, self.cfg.max_num_seqs, self.cfg.max_num_batched_tokens)
         self.seqs: dict[str, Sequence] = {}
@@ -277,7 +278,7 @@ class LLMEngine:
         if self.tokenizer is not None:
             seq.detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
         if params.processes_logits:
-            seq.logits_state = LogitsState.of(params, prompt_ids, done, V)
+            seq.logits_state = LogitsState.of(params, prompt_ids, done, V, self.device)
         if params.structured is not None:
             try:
                 seq.grammar = self.grammars.matcher(params.structured)
@@ -370,17 +371,20 @@ class LLMEngine:
                 meta.slots[row : row + min(s.num_new, seq.table.read_only - seq.num_computed)] = self.scratch_slot
             row += s.num_new
         routes = [] if any(s.seq.params.wants_routes for s in mb) else None
-        gen = self.dense.forward(torch.tensor(ids), meta, self.kv, torch.tensor(logit_rows, dtype=torch.long), routes)
+        dev = self.device
+        ids_t = torch.tensor(ids, device=dev)
+        rows_t = torch.tensor(logit_rows, dtype=torch.long, device=dev)
+        gen = self.dense.forward(ids_t, meta.to(dev), self.kv, rows_t, routes)
         return gen, routes, prompt_rows
 
     @staticmethod
     def _keep_prompt_logprobs(lg: torch.Tensor, prompt_rows: list) -> torch.Tensor:
         """Record each asking sequence's prompt logprobs from its rows of `lg`; the sampling rows are returned."""
-        keep = torch.ones(lg.shape[0], dtype=torch.bool)
+        keep = torch.ones(lg.shape[0], dtype=torch.bool, device=lg.device)
         for seq, pos, at in prompt_rows:
             rows = slice(at, at + len(pos))
             keep[rows] = False
-            nxt = torch.tensor(seq.prompt_ids[pos.start + 1 : pos.stop + 1])
+            nxt = torch.tensor(seq.prompt_ids[pos.start + 1 : pos.stop + 1], device=lg.device)
             if not seq.prompt_logprobs:
                 seq.prompt_logprobs.append(None)
             seq.prompt_logprobs += ranked_logprobs(lg[rows], nxt, seq.params.prompt_logprobs)
@@ -478,7 +482,9 @@ class LLMEngine:
                     bad.add(j)
                     toks.append(0)
         want = [p.logprobs for p in params if p.logprobs is not None]
-        lps = logprobs_of(raw, torch.tensor(toks), max(want)) if want else None  # the model's, as vLLM returns
+        lps = (
+            logprobs_of(raw, torch.tensor(toks, device=raw.device), max(want)) if want else None
+        )  # the model's, as vLLM returns
         t_out = time.perf_counter()
         self.profile.sample += t_out - t_sample
         self.profile.tokens += len(seqs)
@@ -510,7 +516,7 @@ class LLMEngine:
         """Constrained rows with no token left to sample: a grammar in error (its message), or one
         whose only tokens are banned (min_tokens bans EOS when the grammar allows nothing else): that
         output is complete (None) if the grammar accepts it, else an error."""
-        live = torch.isfinite(lg[torch.tensor(rows)]).any(dim=-1).tolist()
+        live = torch.isfinite(lg[torch.tensor(rows, device=lg.device)]).any(dim=-1).tolist()
         out: dict[int, str | None] = {}
         for j, ok in zip(rows, live):
             g = seqs[j].grammar

@@ -63,9 +63,9 @@ def split_by_group(batches: dict[int, torch.Tensor], expert_map: dict[int, int])
 class InProcessExperts:
     """One expert worker per group, all in this process; calls complete on submit."""
 
-    def __init__(self, model_dir: str, groups: list[list[int]], dtype: str = "auto"):
+    def __init__(self, model_dir: str, groups: list[list[int]], dtype: str = "auto", device: str = "cpu"):
         self.groups = groups
-        self.workers = [ExpertWorker(model_dir, g, dtype) for g in groups]
+        self.workers = [ExpertWorker(model_dir, g, dtype, device=device) for g in groups]
         self.expert_map = expert_map(groups)
 
     def submit(self, req: ExpertRequest) -> Done:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from model.checkpoint import Checkpoint, expert_names
+from model.config import resolve_device
 from model.moe import LocalExperts
 
 TRIM_INTERVAL_S = 5.0
@@ -74,7 +75,15 @@ class ExpertStats:
 class ExpertWorker:
     """Experts `experts` of every layer, loaded alone from the checkpoint (lazy safetensors reads)."""
 
-    def __init__(self, model_dir: str, experts: list[int], dtype: str = "auto", num_threads: int | None = None):
+    def __init__(
+        self,
+        model_dir: str,
+        experts: list[int],
+        dtype: str = "auto",
+        num_threads: int | None = None,
+        device: torch.device | str = "cpu",
+    ):
+        """Only this worker's tensors are read, each straight onto `device` (see Checkpoint.load)."""
         bound_heap_growth()
         if num_threads:
             torch.set_num_threads(num_threads)
@@ -82,7 +91,8 @@ class ExpertWorker:
         self.cfg = ckpt.config
         self.experts = sorted(experts)
         pairs = [(l, e) for l in range(self.cfg.num_hidden_layers) for e in self.experts]
-        loaded = ckpt.load_experts(pairs, dtype)
+        self.device = resolve_device(device)
+        loaded = ckpt.load_experts(pairs, dtype, self.device)
         expected = set()
         for l, e in pairs:
             expected.update(expert_names(self.cfg, l, e))
@@ -114,8 +124,8 @@ class ExpertWorker:
         t0 = time.perf_counter()
         try:
             out = {}
-            for e, x in batches.items():
-                out[e] = self.weights[(layer, e)](x.to(self.dtype)).to(x.dtype)
+            for e, x in batches.items():  # outputs on the worker's device, in the caller's dtype
+                out[e] = self.weights[(layer, e)](x.to(self.device, self.dtype, non_blocking=True)).to(x.dtype)
             return out
         finally:
             dt = time.perf_counter() - t0

@@ -39,7 +39,7 @@ class ExpertActor(ExpertHost):
 
     def run_packed(self, payload: tuple[int, dict[int, torch.Tensor]]) -> dict[int, torch.Tensor]:
         """One-argument form for Ray Compiled Graphs, whose nodes take one input each."""
-        return self.worker.run(*payload)
+        return self.run(*payload)
 
 
 class ActorFleet:
@@ -99,7 +99,15 @@ class ActorFleet:
 class RayExperts(ExpertClient):
     """The expert client over expert actors started here (`mixserve generate`, the benchmark)."""
 
-    def __init__(self, model_dir: str, groups: list[list[int]], dtype: str = "auto", cfg: ExpertsConfig | None = None):
+    def __init__(
+        self,
+        model_dir: str,
+        groups: list[list[int]],
+        dtype: str = "auto",
+        cfg: ExpertsConfig | None = None,
+        device: str = "cpu",
+    ):
+        """`device`: the attention side's (where outputs are wanted); the actors' is `cfg.device`."""
         c = cfg or ExpertsConfig()
         self.groups = groups
         self.placement_groups = []
@@ -128,7 +136,7 @@ class RayExperts(ExpertClient):
                 ]
             replicas.append(actors)
         self.replicas = replicas
-        super().__init__(ActorFleet(replicas, c.transport), expert_map(groups), c, secret)
+        super().__init__(ActorFleet(replicas, c.transport), expert_map(groups), c, secret, device)
 
     def wait_ready(self, timeout_s: float = 300) -> list[dict]:
         return ray.get([a.info.remote() for reps in self.replicas for a in reps], timeout=timeout_s)

@@ -112,22 +112,85 @@ def _recv_exact(sock: socket.socket, n: int, deadline: float | None = None) -> m
     return _recv_into(sock, memoryview(bytearray(n)), deadline)
 
 
-def _recv_tensor(
-    sock: socket.socket, rows: int, cols: int, dtype: torch.dtype, deadline: float | None = None
-) -> torch.Tensor:
-    out = torch.empty(rows, cols, dtype=dtype)
-    _recv_into(sock, memoryview(out.view(torch.uint8).numpy()).cast("B"), deadline)
-    return out
+class Staging:
+    """One connection's host side of its frames, for tensors that live on `device`.
+
+    On the CPU a frame's payload is read into a new tensor (the caller keeps it: its rows are the
+    expert outputs it combines, possibly while the next call is read) and sent from the tensor itself.
+    On a CUDA device the bytes pass through pinned host buffers that the connection keeps and grows,
+    one per direction, with a CUDA stream per direction: a received payload is read into the pinned
+    buffer and copied to the device asynchronously (the buffer is reused once that copy is done); a
+    payload to send is copied device-to-host on the send stream and leaves once that copy has landed
+    (the one synchronisation the data plane needs: the bytes leave the host). A round trip costs the
+    wire and two copies, never an allocation of host memory per call. A GPU-direct transport (NCCL,
+    NIXL) would replace this class and the socket under it, not the frames' callers."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self._in = self._out = None  # pinned uint8 buffers (CUDA only)
+        if self.cuda:
+            self._in_stream = torch.cuda.Stream(self.device)
+            self._out_stream = torch.cuda.Stream(self.device)
+            self._in_done: torch.cuda.Event | None = None
+
+    @staticmethod
+    def _grow(buf: torch.Tensor | None, n: int) -> torch.Tensor:
+        if buf is None or buf.numel() < n:
+            buf = torch.empty(max(n, 2 * (buf.numel() if buf is not None else 0)), dtype=torch.uint8, pin_memory=True)
+        return buf
+
+    def recv(
+        self, sock: socket.socket, rows: int, cols: int, dtype: torch.dtype, deadline: float | None = None
+    ) -> torch.Tensor:
+        """[rows, cols] of `dtype` read from the socket, on this staging's device."""
+        if not self.cuda:
+            out = torch.empty(rows, cols, dtype=dtype, device="cpu")
+            _recv_into(sock, memoryview(out.view(torch.uint8).numpy()).cast("B"), deadline)
+            return out
+        n = rows * cols * dtype.itemsize
+        if self._in_done is not None:  # the previous payload's copy out of the buffer has finished
+            self._in_done.synchronize()
+        self._in = self._grow(self._in, n)
+        _recv_into(sock, memoryview(self._in[:n].numpy()).cast("B"), deadline)
+        host = self._in[:n].view(dtype).view(rows, cols)
+        cur = torch.cuda.current_stream(self.device)
+        out = torch.empty(rows, cols, dtype=dtype, device=self.device)  # from the caching allocator, on `cur`
+        self._in_stream.wait_stream(cur)
+        with torch.cuda.stream(self._in_stream):
+            out.copy_(host, non_blocking=True)
+            self._in_done = torch.cuda.Event()
+            self._in_done.record(self._in_stream)
+        cur.wait_stream(self._in_stream)  # whatever runs next on `cur` sees the copy done
+        return out
+
+    def payload(self, flat: torch.Tensor) -> memoryview:
+        """The bytes of a contiguous tensor, on the host."""
+        if flat.device.type != "cuda":
+            return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+        n = flat.numel() * flat.element_size()
+        self._out = self._grow(self._out, n)
+        host = self._out[:n]
+        self._out_stream.wait_stream(torch.cuda.current_stream(flat.device))  # the tensor is computed
+        with torch.cuda.stream(self._out_stream):
+            host.copy_(flat.view(torch.uint8).view(-1), non_blocking=True)
+        self._out_stream.synchronize()
+        return memoryview(host.numpy()).cast("B")
 
 
-def _pack(batches: dict[int, torch.Tensor]) -> tuple[bytes, memoryview | None, int, torch.dtype | None]:
-    """Entries and one contiguous payload for {expert: [n, cols]}."""
+HOST_STAGING = Staging()  # CPU tensors: nothing kept, shared by every connection
+
+
+def _pack(
+    batches: dict[int, torch.Tensor], staging: Staging = HOST_STAGING
+) -> tuple[bytes, memoryview | None, int, torch.dtype | None]:
+    """Entries and one contiguous payload (on the host, through `staging`) for {expert: [n, cols]}."""
     entries = b"".join(ENTRY.pack(e, int(x.shape[0])) for e, x in batches.items())
     if not batches:
         return entries, None, 0, None
     xs = list(batches.values())
     flat = xs[0].contiguous() if len(xs) == 1 else torch.cat(xs)
-    return entries, memoryview(flat.view(torch.uint8).numpy()).cast("B"), int(flat.shape[1]), flat.dtype
+    return entries, staging.payload(flat), int(flat.shape[1]), flat.dtype
 
 
 def _discard(sock: socket.socket, n: int, deadline: float) -> None:
@@ -317,6 +380,8 @@ class ChannelServer:
             if not self._handshake(conn):
                 return
             lim = self.limits
+            device = getattr(self.worker, "device", None)
+            staging = Staging(device) if device is not None and torch.device(device).type == "cuda" else HOST_STAGING
             while not self.closed:
                 conn.settimeout(self.idle_timeout_s)  # an idle or half-open connection is closed
                 header = _recv_exact(conn, REQ.size)
@@ -337,7 +402,7 @@ class ChannelServer:
                     _discard(conn, nbytes, deadline)
                     self._refuse(conn, call, layer, *why)
                     continue
-                flat = _recv_tensor(conn, sum(n for _, n in entries), cols, DTYPES[dt], deadline)
+                flat = staging.recv(conn, sum(n for _, n in entries), cols, DTYPES[dt], deadline)
                 if self.draining:  # being removed: the caller re-sends elsewhere
                     return self._refuse(conn, call, layer, ERROR, "draining")
                 try:
@@ -345,7 +410,7 @@ class ChannelServer:
                 except Exception as e:  # noqa: BLE001 - sent back to the caller, who raises it
                     self._answer_error(conn, call, layer, ERROR, f"{type(e).__name__}: {e}")
                     continue
-                entries_out, payload, cols_out, dtype_out = _pack(out)
+                entries_out, payload, cols_out, dtype_out = _pack(out, staging)
                 conn.settimeout(self.frame_timeout_s)  # the caller takes its response promptly, or is dropped
                 dt_out = DTYPES.index(dtype_out) if dtype_out is not None else 0
                 conn.sendall(RESP.pack(MAGIC, call, layer, OK, dt_out, cols_out, len(out)) + entries_out)
@@ -377,8 +442,10 @@ class ChannelClient:
     several calls may be in flight at once (micro-batches). Not for use from several threads at once.
     """
 
-    def __init__(self, address: tuple[str, int], timeout_s: float, secret: bytes):
+    def __init__(self, address: tuple[str, int], timeout_s: float, secret: bytes, device: torch.device | str = "cpu"):
+        """`device`: where the outputs are wanted (the attention side's), the staging's device."""
         self.address = tuple(address)
+        self.staging = Staging(device) if torch.device(device).type == "cuda" else HOST_STAGING
         try:
             self.sock = socket.create_connection(self.address, timeout=min(timeout_s, HANDSHAKE_TIMEOUT_S))
         except OSError as e:  # refused, unreachable, timed out: the replica is gone or not there yet
@@ -406,7 +473,7 @@ class ChannelClient:
     def send(self, layer: int, batches: dict[int, torch.Tensor]) -> int:
         if not self.alive:
             raise ChannelError(f"channel to {self.address} is closed")
-        entries, payload, cols, dtype = _pack(batches)
+        entries, payload, cols, dtype = _pack(batches, self.staging)
         call = self.next_call
         self.next_call = (self.next_call + 1) & 0xFFFFFFFF
         try:
@@ -455,7 +522,7 @@ class ChannelClient:
                     if entries != expect:
                         raise BadResponse(f"answered (expert, rows) {entries} for {expect}")
                     rows = sum(n for _, n in entries)
-                    self.done[got] = _split(_recv_tensor(self.sock, rows, cols, dtype, deadline), entries)
+                    self.done[got] = _split(self.staging.recv(self.sock, rows, cols, dtype, deadline), entries)
             except ChannelError as e:  # first: it is an OSError too; it keeps its kind (BadResponse)
                 self.close()
                 raise type(e)(f"expert channel {self.address}: {e}") from None

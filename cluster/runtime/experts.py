@@ -81,7 +81,7 @@ class ExpertHost:
         secret: bytes | None,
         cfg: ExpertsConfig,
     ):
-        self.worker = ExpertWorker(model_dir, experts, dtype, num_threads)
+        self.worker = ExpertWorker(model_dir, experts, dtype, num_threads, cfg.device)
         self.channel: ChannelServer | None = None
         if cfg.transport == "channel" and secret:
             self.channel = ChannelServer(
@@ -104,7 +104,8 @@ class ExpertHost:
         return ch.address if ch is not None and not (ch.draining or ch.closed) else None
 
     def run(self, layer: int, batches: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-        return self.worker.run(layer, batches)
+        """A Ray call's answer (transport: ray): host tensors, whatever the worker's device."""
+        return {e: y.cpu() for e, y in self.worker.run(layer, batches).items()}
 
     def info(self) -> dict:
         import resource
@@ -206,8 +207,18 @@ class ExpertClient:
 
     BACKOFF_S = (1.0, 60.0)
 
-    def __init__(self, fleet: Fleet, expert_map: dict[int, int], cfg: ExpertsConfig, secret: bytes | None):
+    def __init__(
+        self,
+        fleet: Fleet,
+        expert_map: dict[int, int],
+        cfg: ExpertsConfig,
+        secret: bytes | None,
+        device: str = "cpu",
+    ):
+        """`device`: the attention side's, where the experts' outputs are wanted (the channels stage
+        through pinned memory for a CUDA device)."""
         self.fleet, self.expert_map, self.cfg, self.secret = fleet, expert_map, cfg, secret
+        self.device = device
         self.channels: dict[str, ChannelClient] = {}
         self.probes: dict[str, tuple[tuple, concurrent.futures.Future]] = {}  # replica -> reconnect under way
         self._reconnector: concurrent.futures.ThreadPoolExecutor | None = None
@@ -255,7 +266,7 @@ class ExpertClient:
                     continue
             else:  # first contact: connect here (a replica that has just registered is listening)
                 try:
-                    ch = ChannelClient(ep.address, self.cfg.call_timeout_s, self.secret)
+                    ch = ChannelClient(ep.address, self.cfg.call_timeout_s, self.secret, self.device)
                 except (ChannelError, OSError) as e:
                     log.warning("expert channel unavailable", extra={"replica": ep.key, "error": str(e)})
                     self._mark_bad(ep.key, ep.address)
@@ -301,7 +312,8 @@ class ExpertClient:
             self.outstanding[ep.key] = self.outstanding.get(ep.key, 0) + rows
             return _Call(group, part, rows, ep.key, pending, tried | {ep.key})
         self.ray_calls += 1
-        return _Call(group, part, rows, None, self.fleet.fallback(group, layer, part, tried), tried)
+        host = {e: x.cpu() for e, x in part.items()}  # by value through Ray: host tensors (no-op on CPU)
+        return _Call(group, part, rows, None, self.fleet.fallback(group, layer, host, tried), tried)
 
     def _settle(self, call: _Call) -> None:
         if call.key is not None:

@@ -45,7 +45,9 @@ class AttentionWorker:
         def experts(p: ModelPlan) -> ServeExperts:
             if len(p.groups) != len(expert_handles):
                 raise ValueError(f"{len(expert_handles)} expert deployments for {len(p.groups)} expert groups")
-            self.backend = ServeExperts(list(expert_handles), p.expert_map, cfg.experts, directory)
+            self.backend = ServeExperts(
+                list(expert_handles), p.expert_map, cfg.experts, directory, cfg.attention.device
+            )
             return self.backend
 
         self.engine = build_engine(cfg, experts)

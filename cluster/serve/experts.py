@@ -147,13 +147,16 @@ class ServeFleet:
 class ServeExperts(ExpertClient):
     """The expert client of an AttentionWorker: handles[g] is expert group g's deployment."""
 
-    def __init__(self, handles: list, expert_map: dict[int, int], cfg: ExpertsConfig, directory=None):
+    def __init__(
+        self, handles: list, expert_map: dict[int, int], cfg: ExpertsConfig, directory=None, device: str = "cpu"
+    ):
         use_channel = directory is not None and cfg.transport == "channel"
         super().__init__(
             ServeFleet(handles, directory if use_channel else None),
             expert_map,
             cfg,
             app_secret() if use_channel else None,
+            device,
         )
 
     def close(self) -> None:

@@ -105,3 +105,44 @@ def test_quick_prefix_bench_compares_caching_on_and_off(tmp_path):
     assert any(t["target"] == "in-process TTFT p50, caching on vs off" for t in res["targets"])
     md = (tmp_path / "bench-tiny-multi-turn-quick.md").read_text()
     assert "TTFT p50 ms by turn" in md and "| http | 4 |" in md
+
+
+def test_gpu_bench_runs_its_every_section_at_tiny_shapes_on_cpu(tmp_path):
+    """`python -m benchmarks.gpu` is what a GPU machine runs; at tiny shapes on the CPU it exercises the
+    same code (weights, engine, layer timings, an expert-worker process behind the data plane)."""
+    cmd = [sys.executable, "-m", "benchmarks.gpu", "--device", "cpu", "--shape", "tiny", "--batches", "1", "4"]
+    cmd += ["--context", "16", "--steps", "4", "--prefill", "64", "--layer-batch", "4", "--wire-tokens", "8"]
+    cmd += ["--ffn-tokens", "64", "256", "--reps", "3", "--out", str(tmp_path), "--workdir", str(tmp_path / "w")]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads((tmp_path / "gpu-tiny-cpu.json").read_text())
+    assert r["errors"] == {}
+    assert [x["batch"] for x in r["local"]] == [x["batch"] for x in r["remote"]] == [1, 4]
+    assert all(x["tokens_per_s"] > 0 and x["ms_per_layer"]["dense"] > 0 for x in r["local"] + r["remote"])
+    assert all(x["ms_per_layer"]["wait"] > 0 for x in r["remote"])  # the experts answered from the other process
+    assert r["remote_round_trip_ms_per_layer"] > 0 and r["prefill"]["tokens"] == 64
+    assert [x["tokens"] for x in r["ffn"]] == [64, 256] and all(x["gemm_tflops"] > 0 for x in r["ffn"])
+    assert r["layer"]["attention_ms"] > 0 and r["dataplane"]["round_trip_ms"] > 0
+    assert {"local_engine", "expert_worker_after_load", "expert_worker_final"} <= set(r["memory"])
+    assert {t["target"].split(",")[0] for t in r["targets"]} == {
+        "expert FFN vs GEMM TFLOP/s",
+        "attention + combine per layer",
+        "data-plane round trip / copy time",
+    }
+    md = (tmp_path / "gpu-tiny-cpu.md").read_text()
+    assert "| batch | local experts tok/s" in md and "Data plane, loopback" in md
+    # a second run reuses the weights written by the first
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "weights:" not in p.stderr
+
+
+def test_gpu_bench_exits_cleanly_when_a_section_fails(tmp_path):
+    cmd = [sys.executable, "-m", "benchmarks.gpu", "--device", "cpu", "--shape", "tiny", "--batches", "2"]
+    cmd += ["--context", "16", "--steps", "2", "--prefill", "32", "--layer-batch", "4096", "--ffn-tokens", "64"]
+    cmd += ["--reps", "2", "--out", str(tmp_path), "--workdir", str(tmp_path / "w")]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1, p.stderr[-3000:]
+    r = json.loads((tmp_path / "gpu-tiny-cpu.json").read_text())
+    assert list(r["errors"]) == ["layer"] and "exceeds the KV pool" in r["errors"]["layer"]
+    assert r["remote"] and r["local"]  # the other sections ran
+    assert "Sections that did not finish: layer" in (tmp_path / "gpu-tiny-cpu.md").read_text()
