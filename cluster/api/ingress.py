@@ -468,10 +468,11 @@ class OpenAIIngress:
             "stop_token_ids": list(request.stop_token_ids),
             "logit_bias": dict(request.logit_bias),
             "include_stop_str_in_output": request.include_stop_str_in_output,
+            "skip_reading_prefix_cache": request.skip_reading_prefix_cache,
         }
         if request.max_tokens:  # 0 = the server default
             body["max_tokens"] = request.max_tokens
-        for name in ("temperature", "seed", "repetition_penalty", "skip_special_tokens"):  # unset: HTTP's default
+        for name in ("temperature", "seed", "repetition_penalty", "skip_special_tokens", "cache_salt"):  # unset: HTTP's
             if request.HasField(name):
                 body[name] = getattr(request, name)
         req = validate(CompletionRequest, body)
@@ -494,12 +495,13 @@ class OpenAIIngress:
         if outs is None:
             return pb.GenerateResponse()
         try:
-            text, toks, last = "", [], None
+            text, toks, last, cached = "", [], None, 0
             async for batch in outs:
                 for _, out in batch:
                     text += out.text
                     toks += out.new_token_ids
                     last = out
+                    cached = out.cached_tokens if out.cached_tokens is not None else cached
         except APIError as e:
             grpc_context.set_code(GRPC_CODES.get(e.status, grpc.StatusCode.INTERNAL))
             grpc_context.set_details(e.message)
@@ -511,6 +513,7 @@ class OpenAIIngress:
             finish_reason=last.finish_reason,
             prompt_tokens=last.prompt_tokens,
             completion_tokens=last.completion_tokens,
+            cached_tokens=cached,
             **_stop_reason(last),
         )
 
@@ -519,8 +522,10 @@ class OpenAIIngress:
         if outs is None:
             return
         try:
+            cached = 0
             async for batch in outs:
                 for _, out in batch:
+                    cached = out.cached_tokens if out.cached_tokens is not None else cached
                     yield pb.GenerateResponse(
                         text=out.text,
                         token_ids=out.new_token_ids,
@@ -528,6 +533,7 @@ class OpenAIIngress:
                         finish_reason=out.finish_reason or "",
                         prompt_tokens=out.prompt_tokens,
                         completion_tokens=out.completion_tokens,
+                        cached_tokens=cached,
                         **_stop_reason(out),
                     )
         except APIError as e:

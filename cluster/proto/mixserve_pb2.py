@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63luster/proto/mixserve.proto\x12\x0bmixserve.v1\"\xce\x04\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_p\x18\x05 \x01(\x02\x12\r\n\x05top_k\x18\x06 \x01(\r\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x18\n\x10presence_penalty\x18\n \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0b \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x0c \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05min_p\x18\r \x01(\x02\x12\x12\n\nmin_tokens\x18\x0e \x01(\r\x12\x16\n\x0estop_token_ids\x18\x0f \x03(\x05\x12?\n\nlogit_bias\x18\x10 \x03(\x0b\x32+.mixserve.v1.GenerateRequest.LogitBiasEntry\x12 \n\x13skip_special_tokens\x18\x11 \x01(\x08H\x03\x88\x01\x01\x12\"\n\x1ainclude_stop_str_in_output\x18\x12 \x01(\x08\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x16\n\x14_skip_special_tokens\"\xd1\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\r\x12\x13\n\x0bstop_string\x18\x07 \x01(\t\x12\x1a\n\rstop_token_id\x18\x08 \x01(\x05H\x00\x88\x01\x01\x42\x10\n\x0e_stop_token_id2\xa4\x01\n\x08MixServe\x12G\n\x08Generate\x12\x1c.mixserve.v1.GenerateRequest\x1a\x1d.mixserve.v1.GenerateResponse\x12O\n\x0eGenerateStream\x12\x1c.mixserve.v1.GenerateRequest\x1a\x1d.mixserve.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63luster/proto/mixserve.proto\x12\x0bmixserve.v1\"\x99\x05\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_p\x18\x05 \x01(\x02\x12\r\n\x05top_k\x18\x06 \x01(\r\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x18\n\x10presence_penalty\x18\n \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0b \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x0c \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05min_p\x18\r \x01(\x02\x12\x12\n\nmin_tokens\x18\x0e \x01(\r\x12\x16\n\x0estop_token_ids\x18\x0f \x03(\x05\x12?\n\nlogit_bias\x18\x10 \x03(\x0b\x32+.mixserve.v1.GenerateRequest.LogitBiasEntry\x12 \n\x13skip_special_tokens\x18\x11 \x01(\x08H\x03\x88\x01\x01\x12\"\n\x1ainclude_stop_str_in_output\x18\x12 \x01(\x08\x12\x17\n\ncache_salt\x18\x13 \x01(\tH\x04\x88\x01\x01\x12!\n\x19skip_reading_prefix_cache\x18\x14 \x01(\x08\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x16\n\x14_skip_special_tokensB\r\n\x0b_cache_salt\"\xe8\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\r\x12\x13\n\x0bstop_string\x18\x07 \x01(\t\x12\x1a\n\rstop_token_id\x18\x08 \x01(\x05H\x00\x88\x01\x01\x12\x15\n\rcached_tokens\x18\t \x01(\rB\x10\n\x0e_stop_token_id2\xa4\x01\n\x08MixServe\x12G\n\x08Generate\x12\x1c.mixserve.v1.GenerateRequest\x1a\x1d.mixserve.v1.GenerateResponse\x12O\n\x0eGenerateStream\x12\x1c.mixserve.v1.GenerateRequest\x1a\x1d.mixserve.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,11 +34,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST_LOGITBIASENTRY']._loaded_options = None
   _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_GENERATEREQUEST']._serialized_start=46
-  _globals['_GENERATEREQUEST']._serialized_end=636
-  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=516
-  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=564
-  _globals['_GENERATERESPONSE']._serialized_start=639
-  _globals['_GENERATERESPONSE']._serialized_end=848
-  _globals['_MIXSERVE']._serialized_start=851
-  _globals['_MIXSERVE']._serialized_end=1015
+  _globals['_GENERATEREQUEST']._serialized_end=711
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=576
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=624
+  _globals['_GENERATERESPONSE']._serialized_start=714
+  _globals['_GENERATERESPONSE']._serialized_end=946
+  _globals['_MIXSERVE']._serialized_start=949
+  _globals['_MIXSERVE']._serialized_end=1113
 # @@protoc_insertion_point(module_scope)

@@ -490,6 +490,41 @@ def test_grpc_takes_the_same_sampling_fields(grpc_port, server, local):
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and next(iter(bad)) in e.value.details()
 
 
+def test_grpc_reports_and_controls_prefix_caching(grpc_port, server):
+    """cached_tokens as HTTP's usage reports them; cache_salt and skip_reading_prefix_cache as over HTTP."""
+    import grpc
+
+    from cluster.proto import mixserve_pb2 as pb
+    from cluster.proto.mixserve_pb2_grpc import MixServeStub
+
+    prompt = list(range(10, 90))  # 80 tokens: 5 full blocks of 16
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as ch:
+        grpc.channel_ready_future(ch).result(timeout=30)
+        stub = MixServeStub(ch)
+
+        def gen(**kw):
+            return stub.Generate(
+                pb.GenerateRequest(prompt_token_ids=prompt, max_tokens=2, temperature=0, **kw), timeout=60
+            )
+
+        first = gen(cache_salt="grpc-test")
+        again = gen(cache_salt="grpc-test")
+        assert first.cached_tokens == 0 and again.cached_tokens >= 64
+        assert list(again.token_ids) == list(first.token_ids)
+        assert gen(cache_salt="grpc-other").cached_tokens == 0  # another salt: nothing shared
+        assert gen(cache_salt="grpc-test", skip_reading_prefix_cache=True).cached_tokens == 0
+        streamed = list(
+            stub.GenerateStream(
+                pb.GenerateRequest(prompt_token_ids=prompt, max_tokens=3, temperature=0, cache_salt="grpc-test"),
+                timeout=60,
+            )
+        )
+        assert streamed[0].cached_tokens == streamed[-1].cached_tokens == again.cached_tokens
+        with pytest.raises(grpc.RpcError) as e:
+            gen(cache_salt="a/b")
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "cache_salt" in e.value.details()
+
+
 # ---------------------------------------------------------------- vLLM's own benchmark client
 
 
