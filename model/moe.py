@@ -14,7 +14,7 @@ import torch.nn.functional as Fn
 
 from .checkpoint import Checkpoint
 from .config import MixtralConfig
-from .kernels import linear, prepare_weight, weight_nbytes
+from .kernels import PackedWeight, gated_silu, linear, prepare_weight, weight_nbytes
 
 
 def route(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,23 +30,36 @@ def route(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]
 
 
 class ExpertFFN:
-    """One expert's SwiGLU as it runs in a worker: w1 and w3 fused into one [2F, D] matrix (one
-    matmul instead of two), both matrices in `prepare_weight` form. Same math as `swiglu`."""
+    """One expert's SwiGLU as it runs in a worker, in the fastest form here: with packed weights (CPU,
+    bf16/fp16) w1 and w3 packed apart and the gate's silu and product fused into their matmuls
+    (`gated_silu`); otherwise w1 and w3 fused into one [2F, D] matrix (one matmul instead of two).
+    Same math as `swiglu`."""
 
-    __slots__ = ("w13", "w2", "F")
+    __slots__ = ("w13", "w1", "w3", "w2", "F")
 
     def __init__(self, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor):
         self.F = int(w1.shape[0])
-        self.w13 = prepare_weight(torch.cat([w1, w3]))
         self.w2 = prepare_weight(w2)
+        if type(self.w2) is PackedWeight:
+            self.w13, self.w1, self.w3 = None, prepare_weight(w1), prepare_weight(w3)
+        else:
+            self.w13, self.w1, self.w3 = prepare_weight(torch.cat([w1, w3])), None, None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w13 is None:
+            n = x.shape[0]
+            if n == 0:
+                return x.new_empty(0, self.w2.shape[0])
+            return linear(gated_silu(x, self.w1, self.w3), self.w2)[:n]
         h = linear(x, self.w13)
         return linear(Fn.silu(h[:, : self.F]) * h[:, self.F :], self.w2)
 
+    def tensors(self) -> list:
+        return [w for w in (self.w13, self.w1, self.w3, self.w2) if w is not None]
+
     @property
     def nbytes(self) -> int:
-        return weight_nbytes(self.w13) + weight_nbytes(self.w2)
+        return sum(weight_nbytes(w) for w in self.tensors())
 
 
 @dataclass
