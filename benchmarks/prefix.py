@@ -70,14 +70,17 @@ class Turn:
     tokens: list[int] = field(default_factory=list)
 
 
-def sessions(a, vocab: int) -> tuple[list[list[Req]], list[int]]:
-    """The workload's sessions (each a list of requests to send in order) and the shared prefix."""
+def sessions(a, vocab: int, level: int = 0) -> tuple[list[list[Req]], list[int]]:
+    """The workload's sessions (each a list of requests to send in order) and the shared prefix. The
+    prefix is the same at every concurrency level; the rest is drawn anew per `level`, so that a level
+    finds in the cache what its workload shares, not the requests of the levels before it."""
     g = torch.Generator().manual_seed(a.seed)
 
     def rand(n: int) -> list[int]:
         return torch.randint(3, vocab, (n,), generator=g).tolist()
 
     prefix = [1] + rand(a.prefix_len - 1)
+    g.manual_seed(a.seed * 1000 + level + 1)
     out = a.output_len[1]
     if a.workload == "shared-prefix":
         n = max(a.concurrency) * a.rounds
@@ -255,9 +258,10 @@ def run(a) -> dict:
         print(f"[bench] writing the {a.preset} checkpoint", file=sys.stderr, flush=True)
         write_checkpoint(model_dir, cfg)
     cfg = MixtralConfig.from_file(model_dir)
-    convs, prefix = sessions(a, cfg.vocab_size)
-    longest = max(len(r.prompt) + r.out_len for c in convs for r in c)
-    g = torch.Generator().manual_seed(a.seed + 1)
+    levels = {c: sessions(a, cfg.vocab_size, i)[0] for i, c in enumerate(a.concurrency)}
+    convs, prefix = sessions(a, cfg.vocab_size, 0)
+    longest = max(len(r.prompt) + r.out_len for cs in levels.values() for c in cs for r in c)
+    g = torch.Generator().manual_seed(a.seed * 1000 + 999)  # apart from every level's draws
     warm = Req(prefix + torch.randint(3, cfg.vocab_size, (a.suffix_len,), generator=g).tolist(), 4, a.temperature)
     result: dict = {
         "workload": {
@@ -295,13 +299,13 @@ def run(a) -> dict:
         )
         for c in a.concurrency:
             engine_loop(eng, [[warm]], 1, f"{system} c={c} warm-up")
-            row(system, c, *engine_loop(eng, convs, c, f"{system} c={c}"))
+            row(system, c, *engine_loop(eng, levels[c], c, f"{system} c={c}"))
         del eng
 
     def http_level(system: str, c: int, port: int) -> None:
         send = http_sender(port)
         closed_loop([[warm]], 1, send, f"{system} c={c} warm-up")
-        row(system, c, *closed_loop(convs, c, send, f"{system} c={c}"), port=port)
+        row(system, c, *closed_loop(levels[c], c, send, f"{system} c={c}"), port=port)
 
     served = [s for s in a.systems if s.startswith("http")]
     if served:
