@@ -24,7 +24,6 @@ each expert worker against its weight bytes, active vs total parameters per toke
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import platform
@@ -33,10 +32,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -52,12 +49,19 @@ from router.engine import EngineConfig, LLMEngine, StepProfile
 from .harness import (  # noqa: F401 - re-exported: tests and tools import them from here
     Progress,
     Req,
+    Timing,
+    closed_loop,
     cpu_model,
+    engine_loop,
     free_port,
     has_amx,
+    http_sender,
     pct,
     preset_for,
     serve_http,
+    serve_vllm,
+    summarize,
+    targets_table,
     vllm_python,
     wait_http,
 )
@@ -80,55 +84,12 @@ def workload(n: int, seed: int, prompt_len: tuple[int, int], out_len: tuple[int,
     return reqs
 
 
-@dataclass
-class Timing:
-    start: float
-    token_times: list[float] = field(default_factory=list)
-
-
-def summarize(timings: list[Timing], wall: float) -> dict:
-    ttft = [(t.token_times[0] - t.start) * 1e3 for t in timings if t.token_times]
-    itl = [(b - a) * 1e3 for t in timings for a, b in zip(t.token_times, t.token_times[1:])]
-    tokens = sum(len(t.token_times) for t in timings)
-    return {
-        "requests": len(timings),
-        "output_tokens": tokens,
-        "seconds": round(wall, 3),
-        "output_tok_s": round(tokens / wall, 2),
-        "req_s": round(len(timings) / wall, 3),
-        "ttft_ms_p50": round(pct(ttft, 50), 2),
-        "ttft_ms_p99": round(pct(ttft, 99), 2),
-        "itl_ms_p50": round(pct(itl, 50), 2),
-        "itl_ms_p99": round(pct(itl, 99), 2),
-    }
-
-
 # ---------------------------------------------------------------- systems
 
 
 def drive_engine(engine: LLMEngine, reqs: list[Req], concurrency: int, label: str) -> tuple[list[Timing], float]:
     """Closed loop: keep `concurrency` requests in the engine; timestamps for every output token."""
-    pending = list(range(len(reqs)))[::-1]
-    timing: dict[str, Timing] = {}
-    order: list[str] = []
-    bar = Progress(label, len(reqs))
-    t0 = time.perf_counter()
-    while pending or engine.has_unfinished():
-        while pending and engine.num_running + engine.num_waiting < concurrency:
-            r = reqs[pending.pop()]
-            rid = engine.add_request(
-                r.prompt, SamplingParams(max_tokens=r.out_len, temperature=r.temperature, ignore_eos=True)
-            )
-            timing[rid] = Timing(time.perf_counter())
-            order.append(rid)
-        outs = engine.step()
-        now = time.perf_counter()
-        for o in outs:
-            timing[o.req_id].token_times += [now] * len(o.new_token_ids)
-            if o.finished:
-                bar.step()
-    bar.close()
-    return [timing[r] for r in order], time.perf_counter() - t0
+    return engine_loop(engine, [[r] for r in reqs], concurrency, label)
 
 
 class StepClock:
@@ -183,52 +144,7 @@ def run_hf(model, reqs: list[Req], concurrency: int, label: str) -> tuple[list[T
 
 def run_http(port: int, model: str, reqs: list[Req], concurrency: int, label: str) -> tuple[list[Timing], float]:
     """Streaming /v1/completions with token-id prompts from `concurrency` client threads."""
-    timings: list[Timing | None] = [None] * len(reqs)
-    nxt, lock = [0], threading.Lock()
-    bar = Progress(label, len(reqs))
-
-    def client():
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-        while True:
-            with lock:
-                i = nxt[0]
-                nxt[0] += 1
-            if i >= len(reqs):
-                return
-            r = reqs[i]
-            body = json.dumps(
-                {
-                    "model": model,
-                    "prompt": r.prompt,
-                    "max_tokens": r.out_len,
-                    "temperature": r.temperature,
-                    "ignore_eos": True,
-                    "stream": True,
-                }
-            )
-            t = Timing(time.perf_counter())
-            conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
-            resp = conn.getresponse()
-            if resp.status != 200:
-                raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:300]!r}")
-            chunks = []
-            for line in resp:
-                if line.startswith(b"data: ") and line.strip() != b"data: [DONE]":
-                    chunks.append(time.perf_counter())
-            # One SSE chunk per engine output; the engine emits one token per step for a decoding request.
-            t.token_times = (chunks + [chunks[-1]] * r.out_len)[: r.out_len] if chunks else []
-            timings[i] = t
-            with lock:
-                bar.step()
-
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(concurrency)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    bar.close()
-    return [t for t in timings if t is not None], time.perf_counter() - t0
+    return closed_loop([[r] for r in reqs], concurrency, http_sender(port, model), label)
 
 
 # ---------------------------------------------------------------- vLLM: its server and its client
@@ -315,46 +231,6 @@ def run_vllm_client(python: str, port: int, name: str, model_dir: str, n: int, c
         "tpot_ms_p50": round(r["median_tpot_ms"], 2),
         "client": "vllm bench serve",
     }
-
-
-def serve_vllm(python: str, model_dir: str, dname: str, record, a) -> None:
-    """vLLM's OpenAI server on the checkpoint (VLLM_CPU_KVCACHE_SPACE: its KV memory, GiB), levels, stop."""
-    port = free_port()
-    log_path = os.path.join(tempfile.mkdtemp(prefix="mixserve-vllm-"), "server.log")
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(a.vllm_kv_gib)}
-    cmd = [
-        python,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        model_dir,
-        "--served-model-name",
-        "bench",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--dtype",
-        dname,
-        "--max-num-seqs",
-        str(max(64, max(a.concurrency))),
-        "--max-model-len",
-        str(4 * (a.prompt_len[1] + a.output_len[1])),
-    ]
-    print(f"[bench] starting vLLM's server (log: {log_path})", file=sys.stderr, flush=True)
-    with open(log_path, "w") as logf:
-        proc = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_http(port, proc, 900, "vLLM's server", log_path)
-        print(file=sys.stderr)
-        for c in a.concurrency:
-            record(c, port)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 # ---------------------------------------------------------------- kernels and memory
@@ -529,7 +405,8 @@ def run(a) -> dict:
         if {"disaggregated", "http"} & set(a.systems):
             ray.shutdown()
     if "vllm" in a.systems:  # after Ray is gone: one server at a time on the machine
-        serve_vllm(vpy, model_dir, dname, lambda c, port: record_http("vllm", c, port), a)
+        max_len = 4 * (a.prompt_len[1] + a.output_len[1])
+        serve_vllm(vpy, model_dir, dname, lambda c, port: record_http("vllm", c, port), a, max_len)
     result["ffn_vs_gemm"] = ffn_vs_gemm(cfg, dtype, a.ffn_tokens, 3 if a.quick else 10)
     result["targets"] = targets(result)
     return result
@@ -763,11 +640,7 @@ def markdown(res: dict) -> str:
             f"{mem[0]['baseline_mb']} MB = a worker holding no expert ({mem[0]['empty_worker_mb']} MB) "
             f"+ a fixed {SERVING_ALLOWANCE >> 20} MB serving allowance.",
         ]
-    if res["targets"]:
-        lines += ["", "| target | want | got | met |", "|---|---|---|---|"]
-        lines += [
-            f"| {t['target']} | {t['want']} | {t['got']} | {'yes' if t['met'] else 'no'} |" for t in res["targets"]
-        ]
+    lines += targets_table(res["targets"])
     return "\n".join(lines) + "\n"
 
 

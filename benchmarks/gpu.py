@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.harness import targets_table
 from model.checkpoint import Checkpoint, dense_names, expert_names
 from model.config import MixtralConfig, resolve_device
 from model.presets import PRESETS
@@ -553,9 +554,7 @@ def markdown(r: dict) -> str:
         ]
     if r["memory"]:
         lines += ["", "Memory: " + "; ".join(f"{k} {v}" for k, v in r["memory"].items()) + "."]
-    if r["targets"]:
-        lines += ["", "| target | want | got | met |", "|---|---|---|---|"]
-        lines += [f"| {t['target']} | {t['want']} | {t['got']} | {'yes' if t['met'] else 'no'} |" for t in r["targets"]]
+    lines += targets_table(r["targets"])
     if r["errors"]:
         lines += ["", "Sections that did not finish: " + "; ".join(f"{k}: {v}" for k, v in r["errors"].items())]
     return "\n".join(lines) + "\n"

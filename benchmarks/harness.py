@@ -1,10 +1,12 @@
 """What the benchmarks share: the request type, percentiles, a progress line, the machine's
-description, free loopback ports, waiting for an HTTP server, the vLLM peer's interpreter, preset
-checkpoints and the Serve application under test (`serve_http`)."""
+description, free loopback ports, waiting for an HTTP server, the vLLM peer's interpreter and its
+server, preset checkpoints, the Serve application under test (`serve_http`), the closed loops that
+drive an engine or an HTTP server and their timings, the targets table."""
 
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import platform
 import random
@@ -12,13 +14,16 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from model.config import MixtralConfig
+from model.sampling import SamplingParams
 from model.tiny import preset_config
 
 _HANDED_OUT: set[int] = set()
@@ -163,3 +168,187 @@ def serve_http(model_dir, dname, ecfg, record, a) -> None:
             record(c, port)
     finally:
         serve.shutdown()
+
+
+# ---------------------------------------------------------------- closed loops and their timings
+
+
+@dataclass
+class Timing:
+    """One request's measurement: its send time and a time per output token; for session workloads
+    its session, turn and prompt length, the prompt tokens the server found cached (where it reports
+    them) and the tokens (in-process engines)."""
+
+    start: float
+    token_times: list[float] = field(default_factory=list)
+    session: int = 0
+    turn: int = 0
+    prompt_len: int = 0
+    cached: int | None = None
+    tokens: list[int] = field(default_factory=list)
+
+
+def summarize(timings: list[Timing], wall: float) -> dict:
+    ttft = [(t.token_times[0] - t.start) * 1e3 for t in timings if t.token_times]
+    itl = [(b - a) * 1e3 for t in timings for a, b in zip(t.token_times, t.token_times[1:])]
+    tokens = sum(len(t.token_times) for t in timings)
+    return {
+        "requests": len(timings),
+        "output_tokens": tokens,
+        "seconds": round(wall, 3),
+        "output_tok_s": round(tokens / wall, 2),
+        "req_s": round(len(timings) / wall, 3),
+        "ttft_ms_p50": round(pct(ttft, 50), 2),
+        "ttft_ms_p99": round(pct(ttft, 99), 2),
+        "itl_ms_p50": round(pct(itl, 50), 2),
+        "itl_ms_p99": round(pct(itl, 99), 2),
+    }
+
+
+def closed_loop(convs: list[list[Req]], concurrency: int, send, label: str) -> tuple[list[Timing], float]:
+    """`concurrency` client threads, each taking the next session and sending its turns in order with
+    `send(session, turn, req) -> Timing` (a plain workload: sessions of one request each). The first
+    error stops the run and is raised."""
+    results: list[Timing] = []
+    nxt, lock = [0], threading.Lock()
+    bar = Progress(label, sum(len(c) for c in convs))
+    errors: list[BaseException] = []
+
+    def client():
+        while not errors:
+            with lock:
+                s = nxt[0]
+                nxt[0] += 1
+            if s >= len(convs):
+                return
+            for t, r in enumerate(convs[s]):
+                try:
+                    turn = send(s, t, r)
+                except BaseException as e:  # noqa: BLE001 - reported below, the run stops
+                    errors.append(e)
+                    return
+                with lock:
+                    results.append(turn)
+                    bar.step()
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(concurrency)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    bar.close()
+    if errors:
+        raise RuntimeError(f"{label}: {errors[0]}") from errors[0]
+    return results, time.perf_counter() - t0
+
+
+def http_sender(port: int, model: str = "bench"):
+    """send() for an OpenAI server: streaming /v1/completions with a token-id prompt, usage included;
+    one connection per client thread."""
+    local = threading.local()
+
+    def send(s: int, t: int, r: Req) -> Timing:
+        conn = getattr(local, "conn", None) or http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+        local.conn = conn
+        body = {
+            "model": model,
+            "prompt": r.prompt,
+            "max_tokens": r.out_len,
+            "temperature": r.temperature,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        turn = Timing(time.perf_counter(), session=s, turn=t, prompt_len=len(r.prompt))
+        conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:300]!r}")
+        chunks = []
+        for line in resp:
+            if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
+                continue
+            msg = json.loads(line[6:])
+            if msg.get("choices"):
+                chunks.append(time.perf_counter())
+            usage = msg.get("usage") or {}
+            if usage.get("prompt_tokens_details"):
+                turn.cached = usage["prompt_tokens_details"].get("cached_tokens")
+        # One SSE chunk per engine output; the engine emits one token per step for a decoding request.
+        turn.token_times = (chunks + [chunks[-1]] * r.out_len)[: r.out_len] if chunks else []
+        return turn
+
+    return send
+
+
+def engine_loop(engine, convs: list[list[Req]], concurrency: int, label: str) -> tuple[list[Timing], float]:
+    """The closed loop over sessions, driving an in-process engine from this thread: `concurrency`
+    sessions in flight, each with one turn at a time; a timestamp for every output token."""
+    bar = Progress(label, sum(len(c) for c in convs))
+    queue = list(range(len(convs)))[::-1]
+    live: dict[str, tuple[int, int, Timing]] = {}
+    results: list[Timing] = []
+
+    def add(s: int, t: int) -> None:
+        r = convs[s][t]
+        rid = engine.add_request(
+            r.prompt, SamplingParams(max_tokens=r.out_len, temperature=r.temperature, ignore_eos=True)
+        )
+        live[rid] = (s, t, Timing(time.perf_counter(), session=s, turn=t, prompt_len=len(r.prompt)))
+
+    t0 = time.perf_counter()
+    while queue or live:
+        while queue and len(live) < concurrency:
+            add(queue.pop(), 0)
+        for o in engine.step():
+            s, t, turn = live[o.req_id]
+            now = time.perf_counter()
+            turn.token_times += [now] * len(o.new_token_ids)
+            turn.tokens += o.new_token_ids
+            if o.cached_tokens is not None:  # on the request's first output
+                turn.cached = o.cached_tokens
+            if o.finished:
+                results.append(turn)
+                del live[o.req_id]
+                bar.step()
+                if t + 1 < len(convs[s]):
+                    add(s, t + 1)
+    bar.close()
+    return results, time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------- vLLM's server and the targets table
+
+
+def serve_vllm(python: str, model_dir: str, dname: str, record, a, max_model_len: int, extra: list[str] = ()) -> None:
+    """vLLM's OpenAI server on the checkpoint (VLLM_CPU_KVCACHE_SPACE: its KV memory, GiB; `extra`: more
+    of its flags); `record(c, port)` for each of a.concurrency, then it stops."""
+    port = free_port()
+    log_path = os.path.join(tempfile.mkdtemp(prefix="mixserve-vllm-"), "server.log")
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(a.vllm_kv_gib)}
+    cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir]
+    cmd += ["--served-model-name", "bench", "--host", "127.0.0.1", "--port", str(port), "--dtype", dname]
+    cmd += ["--max-num-seqs", str(max(64, max(a.concurrency))), "--max-model-len", str(max_model_len), *extra]
+    print(f"[bench] starting vLLM's server {' '.join(extra)} (log: {log_path})", file=sys.stderr, flush=True)
+    with open(log_path, "w") as logf:
+        proc = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_http(port, proc, 900, "vLLM's server", log_path)
+        print(file=sys.stderr)
+        for c in a.concurrency:
+            record(c, port)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def targets_table(targets: list[dict]) -> list[str]:
+    """A run's targets as markdown lines (a blank line first); none when there are none."""
+    if not targets:
+        return []
+    lines = ["", "| target | want | got | met |", "|---|---|---|---|"]
+    return lines + [f"| {t['target']} | {t['want']} | {t['got']} | {'yes' if t['met'] else 'no'} |" for t in targets]

