@@ -313,17 +313,23 @@ class ChannelBackend:
         self.client, self.calls, self.seconds = client, 0, 0.0
 
     def submit(self, req):
-        t0, call = time.perf_counter(), self.client.send(req.layer, req.batches)
-        backend = self
+        t0 = time.perf_counter()  # the round trip counts the send
+        return _Pending(self, self.client.send(req.layer, req.batches), t0)
 
-        class Pending:
-            def result(self):
-                out = backend.client.result(call)
-                backend.calls += 1
-                backend.seconds += time.perf_counter() - t0
-                return out
 
-        return Pending()
+class _Pending:
+    """One call in flight on the ChannelBackend: its result, and its round trip counted on collection."""
+
+    __slots__ = ("backend", "call", "t0")
+
+    def __init__(self, backend: ChannelBackend, call: int, t0: float):
+        self.backend, self.call, self.t0 = backend, call, t0
+
+    def result(self):
+        out = self.backend.client.result(self.call)
+        self.backend.calls += 1
+        self.backend.seconds += time.perf_counter() - self.t0
+        return out
 
 
 def start_worker(model_dir: Path, a, secret: bytes) -> tuple[subprocess.Popen, Path]:

@@ -203,13 +203,13 @@ class Checkpoint:
                 for n in keys:
                     if n not in present:
                         raise CheckpointError(f"{fpath}: tensor {n} is listed in the index but not in the file")
-                    shape = tuple(f.get_slice(n).get_shape())
+                    sl = f.get_slice(n)
+                    shape = tuple(sl.get_shape())
                     if shape != tuple(names[n]):
                         raise CheckpointError(
                             f"{fpath}: tensor {n} has shape {list(shape)}, the config implies {list(names[n])}"
                         )
                     if device.type == "meta":
-                        sl = f.get_slice(n)
                         t = torch.empty(shape, dtype=SAFETENSORS_DTYPES[sl.get_dtype()], device="meta")
                     else:
                         t = f.get_tensor(n)

@@ -134,6 +134,11 @@ class Staging:
             self._out_stream = torch.cuda.Stream(self.device)
             self._in_done: torch.cuda.Event | None = None
 
+    @classmethod
+    def for_device(cls, device: torch.device | str | None) -> Staging:
+        """A connection's staging: its own for a CUDA device, the shared host one otherwise."""
+        return cls(device) if device is not None and torch.device(device).type == "cuda" else HOST_STAGING
+
     @staticmethod
     def _grow(buf: torch.Tensor | None, n: int) -> torch.Tensor:
         if buf is None or buf.numel() < n:
@@ -380,8 +385,7 @@ class ChannelServer:
             if not self._handshake(conn):
                 return
             lim = self.limits
-            device = getattr(self.worker, "device", None)
-            staging = Staging(device) if device is not None and torch.device(device).type == "cuda" else HOST_STAGING
+            staging = Staging.for_device(getattr(self.worker, "device", None))
             while not self.closed:
                 conn.settimeout(self.idle_timeout_s)  # an idle or half-open connection is closed
                 header = _recv_exact(conn, REQ.size)
@@ -445,7 +449,7 @@ class ChannelClient:
     def __init__(self, address: tuple[str, int], timeout_s: float, secret: bytes, device: torch.device | str = "cpu"):
         """`device`: where the outputs are wanted (the attention side's), the staging's device."""
         self.address = tuple(address)
-        self.staging = Staging(device) if torch.device(device).type == "cuda" else HOST_STAGING
+        self.staging = Staging.for_device(device)
         try:
             self.sock = socket.create_connection(self.address, timeout=min(timeout_s, HANDSHAKE_TIMEOUT_S))
         except OSError as e:  # refused, unreachable, timed out: the replica is gone or not there yet
