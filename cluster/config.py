@@ -203,7 +203,12 @@ class AttentionConfig(BaseModel):
 
         if self.num_threads:
             return self.num_threads
-        return math.floor(self.num_cpus) if self.num_cpus >= 1 else len(os.sched_getaffinity(0))
+        if self.num_cpus >= 1:
+            return math.floor(self.num_cpus)
+        # Nothing reserved: the node's cores are shared with what else runs there (the expert replicas
+        # of a one-machine layout, Serve's proxy and ingress). An engine using every core then loses
+        # more to preempted OpenMP threads than it gains (measured: docs/benchmarks.md); take half.
+        return max(1, len(os.sched_getaffinity(0)) // 2)
 
     replicas: int = Field(1, ge=1, description="Data-parallel attention replicas.")
     num_cpus: float = Field(1.0, ge=0, description="CPUs per attention replica.")
@@ -220,8 +225,8 @@ class AttentionConfig(BaseModel):
     num_threads: int | None = Field(
         None,
         ge=1,
-        description="torch threads of the engine; null = num_cpus when >= 1, else every core the node "
-        "gives the process (Ray alone would give an actor without CPUs one thread).",
+        description="torch threads of the engine; null = num_cpus when >= 1, else half the cores the node "
+        "gives the process, at least one (they are shared; Ray alone would give an actor without CPUs one thread).",
     )
     autoscaling: AttentionAutoscaling | None = Field(
         None, description="Serve's request-based autoscaling of attention replicas; null = fixed `replicas`."

@@ -46,3 +46,18 @@ def test_overrides_win_and_are_validated():
     assert (cfg.server.port, cfg.engine.max_num_seqs) == (8123, 3)
     with pytest.raises(ConfigFileError, match="server.port"):
         load_config(CONFIGS / "tiny.yaml", {"server.port": -1})
+
+
+@pytest.mark.parametrize(
+    "cores,reserved,explicit,want",
+    [(2, 0, None, 1), (16, 0, None, 8), (1, 0, None, 1), (16, 4, None, 4), (16, 0.5, None, 8), (16, 0, 3, 3)],
+)
+def test_attention_threads(monkeypatch, cores, reserved, explicit, want):
+    """The engine's torch threads: as set; else its reserved CPUs; else half the node's cores (the
+    unreserved cores are shared with the experts and Serve), at least one."""
+    import os
+
+    from cluster.config import AttentionConfig
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    assert AttentionConfig(num_cpus=reserved, num_threads=explicit).threads() == want
