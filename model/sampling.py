@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as Fn
 
 if TYPE_CHECKING:
     from .grammar import StructuredOutput
@@ -249,16 +250,24 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], gens: list[torch.
     No sort unless a row asks for top_p: top_k takes the k-th largest value as its threshold
     (`topk`), min_p compares with the row's largest probability, and the draw is one uniform number
     per row from the row's own generator against the row's cumulative distribution (inverse CDF,
-    batched). A full sort and a multinomial per row cost ~100 ms a step at 64 rows x 32000 on 2 cores;
-    this costs a few."""
-    out = logits.argmax(dim=-1)
-    rows = [i for i, p in enumerate(params) if not p.greedy]
-    if not rows:
-        return out
+    batched, by blocks: `_draw`). Rows that do not ask for them are not copied, divided or
+    argmax-ed. A full sort and a multinomial per row cost ~100 ms a step at 64 rows x 32000 on 2
+    cores; this costs ~1.3 ms (softmax + a full cumsum alone were ~3 ms)."""
+    B, V = logits.shape
     dev = logits.device
-    x = logits[rows] / torch.tensor([params[i].temperature for i in rows], dtype=logits.dtype, device=dev)[:, None]
-    tempered = x  # the filters below replace x; min_p reads the tempered distribution before them
-    V = x.shape[-1]
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    greedy = [i for i, p in enumerate(params) if p.greedy]
+    if not rows:
+        return logits.argmax(dim=-1)
+    out = torch.zeros(B, dtype=torch.long, device=dev)
+    if greedy:
+        g = torch.tensor(greedy, device=dev)
+        out[g] = logits[g].argmax(dim=-1)
+    x = logits if len(rows) == B else logits[rows]
+    temps = [params[i].temperature for i in rows]
+    if any(t != 1.0 for t in temps):
+        x = x / torch.tensor(temps, dtype=logits.dtype, device=dev)[:, None]
+    tempered = x  # the filters below replace x (never in place); min_p reads the tempered distribution
     ninf = float("-inf")
     ks = [min(params[i].top_k, V) for i in rows]
     if any(ks):  # top-k: keep values >= the row's k-th largest (rows without it keep everything)
@@ -267,21 +276,50 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], gens: list[torch.
         thr = kth.gather(1, at[:, None])
         thr[torch.tensor([k == 0 for k in ks], device=dev)] = ninf
         x = x.masked_fill(x < thr, ninf)
-    min_p = torch.tensor([params[i].min_p for i in rows], dtype=logits.dtype, device=dev)
-    if bool((min_p > 0).any()):  # vLLM: on the tempered distribution, before top-k / top-p
+    min_p = [params[i].min_p for i in rows]
+    if any(m > 0 for m in min_p):  # vLLM: on the tempered distribution, before top-k / top-p
         full = torch.softmax(tempered, dim=-1)
-        x = x.masked_fill(full < min_p[:, None] * full.max(dim=-1, keepdim=True).values, ninf)
+        mp = torch.tensor(min_p, dtype=logits.dtype, device=dev)
+        x = x.masked_fill(full < mp[:, None] * full.max(dim=-1, keepdim=True).values, ninf)
     nucleus = [j for j, i in enumerate(rows) if params[i].top_p < 1.0]
     if nucleus:  # top-p: the smallest prefix (by probability) whose mass reaches top_p, on those rows only
         top_p = torch.tensor([params[rows[j]].top_p for j in nucleus], dtype=logits.dtype, device=dev)
+        if x is logits:
+            x = x.clone()  # _top_p writes its rows in place
         x = _top_p(x, nucleus, top_p)
-    cdf = torch.softmax(x, dim=-1).cumsum(dim=-1)
-    u = torch.cat([torch.rand(1, generator=gens[i], dtype=cdf.dtype, device="cpu") for i in rows]).to(dev)
-    total = cdf[:, -1]
-    v = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))  # below the total: a real token
-    picks = torch.searchsorted(cdf, v[:, None], right=True)[:, 0].clamp_(max=V - 1)
-    out[rows] = picks
+    u = torch.cat([torch.rand(1, generator=gens[i], dtype=logits.dtype, device="cpu") for i in rows]).to(dev)
+    picks = _draw(x, u)
+    if len(rows) == B:
+        return picks
+    out[torch.tensor(rows, device=dev)] = picks
     return out
+
+
+DRAW_BLOCK = 256  # the inverse-CDF draw sums blocks of this many tokens, then searches one block
+
+
+def _draw(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Per row, the token whose cumulative probability under softmax(x) first exceeds u (the inverse
+    CDF), never one at -inf. Without a full-row cumulative sum: exp(x - max) is summed per block of
+    DRAW_BLOCK tokens, the draw finds its block among the block sums and its token within that block
+    alone (~4x less memory traffic than softmax + cumsum at 64 x 32000)."""
+    B, V = x.shape
+    nb = -(-V // DRAW_BLOCK)
+    e = Fn.pad(x, (0, nb * DRAW_BLOCK - V), value=float("-inf"))  # our copy: computed in place below
+    e.sub_(e.amax(dim=-1, keepdim=True)).exp_()
+    e = e.view(B, nb, DRAW_BLOCK)
+    cum = e.sum(dim=-1).cumsum(dim=-1)  # [B, nb] block-level CDF (unnormalised)
+    total = cum[:, -1]
+    v = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))  # below the total
+    b = torch.searchsorted(cum, v[:, None], right=True).clamp_(max=nb - 1)  # first block past v: its sum > 0
+    before = torch.where(b > 0, cum.gather(1, (b - 1).clamp(min=0)), torch.zeros_like(b, dtype=cum.dtype))
+    inner = e[torch.arange(B, device=x.device), b[:, 0]].cumsum(dim=-1)  # [B, DRAW_BLOCK]
+    # v's place inside its block, kept on a token of the block with mass (rounding between the
+    # block sums and this cumulative sum could put it just outside)
+    w = (v[:, None] - before).clamp_(min=0.0)
+    w = torch.minimum(w, torch.nextafter(inner[:, -1:], torch.zeros_like(inner[:, -1:])))
+    j = torch.searchsorted(inner, w, right=True)[:, 0]
+    return (b[:, 0] * DRAW_BLOCK + j).clamp_(max=V - 1)
 
 
 NUCLEUS_CANDIDATES = 1024  # top-p looks among this many most likely tokens first (a full sort costs ~6x)
@@ -322,9 +360,11 @@ def _top_p(x: torch.Tensor, rows: list[int], top_p: torch.Tensor) -> torch.Tenso
 
 
 def bad_rows(logits: torch.Tensor) -> list[int]:
-    """Rows that contain NaN or +inf (the model overflowed for that sequence): they cannot be sampled."""
-    ok = ~(torch.isnan(logits) | torch.isposinf(logits)).any(dim=-1)
-    return [] if bool(ok.all()) else (~ok).nonzero()[:, 0].tolist()
+    """Rows that contain NaN or +inf (the model overflowed for that sequence): they cannot be sampled.
+    One pass: a row's maximum is NaN when it holds a NaN (amax propagates it) and +inf when it holds +inf."""
+    m = logits.amax(dim=-1)
+    bad = torch.isnan(m) | torch.isposinf(m)
+    return bad.nonzero()[:, 0].tolist() if bool(bad.any()) else []
 
 
 def _chosen_and_top(logits: torch.Tensor, tokens: torch.Tensor, top: int):

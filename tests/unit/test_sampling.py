@@ -186,3 +186,29 @@ def test_routing_analysis_counts_by_hand():
     assert r["share"][0][:3] == [3 / 6, 2 / 6, 1 / 6] and r["share"][1][2:4] == [0.5, 0.5]
     assert r["keep_first"] == [0.5, 0.5] and r["keep_any"] == [1.0, 1.0]
     assert random_rates(8, 2) == (0.125, 1 - 15 / 28)  # the paper's 46% for top-2 of 8
+
+
+@pytest.mark.parametrize("V", [1, 7, 256, 257, 1000, 32000])
+def test_blocked_draw_is_the_inverse_cdf(V):
+    """The draw (block sums, then one block's cumulative sum) picks what a full-row inverse CDF picks
+    (up to float rounding at a boundary), never a token at -inf, also at u = 0 and u -> 1, and for
+    vocabularies that do not fill the last block."""
+    from model.sampling import _draw
+
+    g = torch.Generator().manual_seed(V)
+    x = torch.randn(64, V, generator=g) * 4
+    x[torch.rand(64, V, generator=g) < 0.5] = float("-inf")  # masked tokens, whole blocks of them too
+    x[:, :: max(1, V // 3)][:32] = float("-inf")
+    x[torch.arange(64), torch.randint(0, V, (64,), generator=g)] = 0.0  # every row keeps a token
+    x[40:48, : V // 2] = float("-inf")  # mass only in the second half
+    x[1] = float("-inf")
+    x[1, :: max(1, V // 5)] = 1.0  # a few tokens of equal mass, the last of them in the last block
+    u = torch.rand(64, generator=g)
+    u[0], u[1] = 0.0, 1.0 - 2**-24
+    got = _draw(x, u)
+    assert torch.isfinite(x[torch.arange(64), got]).all()
+    cdf = torch.softmax(x, -1).cumsum(-1)
+    want = torch.searchsorted(cdf, (u * cdf[:, -1]).clamp(max=cdf[:, -1] * (1 - 2**-23))[:, None], right=True)[:, 0]
+    assert (got == want.clamp(max=V - 1)).float().mean() >= 0.95
+    finite = torch.isfinite(x)
+    assert got[0] == finite[0].nonzero()[0, 0] and got[1] == finite[1].nonzero()[-1, 0]
