@@ -100,10 +100,8 @@ def build_attn_meta(seqs: list[tuple[list[int], int]], window: int | None = None
     meta = AttnMeta(torch.tensor(positions, device=HOST), torch.tensor(slots, device=HOST), None, None, None, prefills)
     if dec_rows:
         Lmax = max(len(c) for c in dec_ctx)
-        ctx_t = torch.zeros(len(dec_ctx), Lmax, dtype=torch.long, device=HOST)
+        ctx_t = torch.tensor([c + [0] * (Lmax - len(c)) for c in dec_ctx], dtype=torch.long, device=HOST)  # one tensor
         lens = torch.tensor([len(c) for c in dec_ctx], device=HOST)
-        for i, c in enumerate(dec_ctx):
-            ctx_t[i, : len(c)] = torch.tensor(c, device=HOST)
         kpos = torch.arange(Lmax, device=HOST)[None, :]
         m = kpos < lens[:, None]
         if window is not None:
