@@ -18,7 +18,10 @@ pytestmark = pytest.mark.ray
 def app(tiny_dir):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     cfg = AppConfig(
-        model=tiny_dir, dtype="float32", attention={"num_cpus": 0}, experts={"num_cpus": 0, "experts_per_worker": 2}
+        model=tiny_dir,
+        dtype="float32",
+        attention={"num_cpus": 0, "num_threads": 2},
+        experts={"num_cpus": 0, "experts_per_worker": 2},
     )
     handle = serve.run(build_attention(cfg), name="mixserve", route_prefix=None)
     yield handle
@@ -84,9 +87,8 @@ def test_the_app_reaches_its_experts_over_the_data_plane(app, tiny_dir):
     assert len(after.expert_channels) == 4 and after.expert_retries == 0
 
 
-def test_the_engine_uses_the_node_cores_though_the_replica_reserves_none(app):
-    """Ray gives an actor without CPUs one OpenMP thread; the attention engine (num_cpus: 0 here)
-    takes the cores of its node instead, as the in-process engine does."""
-    import os
-
-    assert app.stats.remote().result().torch_threads == len(os.sched_getaffinity(0))
+def test_the_engine_takes_its_configured_threads_though_the_replica_reserves_no_cpu(app):
+    """Ray gives an actor without CPUs one OpenMP thread; the attention engine (num_cpus: 0 here) sets
+    the threads its config names instead (num_threads: 2; without it, AttentionConfig.threads()'s rule,
+    unit-tested in test_config.py)."""
+    assert app.stats.remote().result().torch_threads == 2
