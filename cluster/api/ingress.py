@@ -290,7 +290,11 @@ class OpenAIIngress:
                     "attention replica lost; re-submitting",
                     extra={"tokens_so_far": sum(map(len, done)), "attempt": resubmits, "error": type(e).__name__},
                 )
-            except BaseException:  # the client went away (generator closed) or a real error: free the sequences
+            except GeneratorExit:  # closed by its consumer: after the last output, or the client went away
+                if not all(finished):  # free the sequences; a finished stream ends by itself (no cancel)
+                    resp.cancel()
+                raise
+            except BaseException:  # a real error: free the sequences
                 resp.cancel()
                 raise
 
