@@ -24,7 +24,6 @@ from functools import lru_cache
 from typing import TYPE_CHECKING
 
 import llguidance
-import llguidance.torch as llg_torch
 import torch
 
 if TYPE_CHECKING:
@@ -247,8 +246,11 @@ class GrammarBatch:
         if self.buf.shape[0] < n:
             self.buf = torch.empty(max(n, 2 * self.buf.shape[0]), self.buf.shape[1], dtype=torch.int32, device="cpu")
         bm = self.buf[:n]
+        row_bytes = bm.shape[1] * bm.element_size()
         for i, g in enumerate(grammars):
-            llg_torch.fill_next_token_bitmask(g.m, bm, i)
+            # What llguidance.torch.fill_next_token_bitmask does, without importing that module: it
+            # applies torch.compile at import, which loads the inductor stack (~4 s per process).
+            g.m.unsafe_compute_mask_ptr(bm[i].data_ptr(), row_bytes)
         bits = (bm[:, :, None] >> self.shifts) & 1
         return bits.view(n, -1)[:, : self.vocab_size].bool()
 
