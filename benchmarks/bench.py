@@ -50,6 +50,7 @@ from .harness import (  # noqa: F401 - re-exported: tests and tools import them 
     Progress,
     Req,
     Timing,
+    checkpoint_name,
     closed_loop,
     cpu_model,
     engine_loop,
@@ -289,7 +290,7 @@ def run(a) -> dict:
     for r in reqs:
         r.temperature = a.temperature
     result: dict = {
-        "preset": a.preset,
+        "preset": checkpoint_name(a.preset, a.model),
         "dtype": dname,
         "model_dir": model_dir,
         "machine": {

@@ -135,6 +135,11 @@ def free_port() -> int:
     raise RuntimeError("no free loopback port outside the ephemeral range")
 
 
+def checkpoint_name(preset: str, model: str | None) -> str:
+    """What a run's files and headers are named after: the folder given with --model, else the preset."""
+    return os.path.basename(os.path.normpath(os.path.expanduser(model))) if model else preset
+
+
 def preset_for(name: str, layers: int | None) -> MixtralConfig:
     over = {"num_hidden_layers": layers} if layers else {}
     if name == "mixtral-8x7b" and not torch.cuda.is_available() and not layers:

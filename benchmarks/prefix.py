@@ -32,6 +32,7 @@ import torch
 from benchmarks.harness import (
     Req,
     Timing,
+    checkpoint_name,
     closed_loop,
     cpu_model,
     engine_loop,
@@ -139,7 +140,7 @@ def run(a) -> dict:
             "seed": a.seed,
             "temperature": a.temperature,
         },
-        "preset": a.preset,
+        "preset": checkpoint_name(a.preset, a.model),
         "dtype": dname,
         "machine": {"cpu": cpu_model(), "amx": has_amx(), "cpus": os.cpu_count(), "torch": torch.__version__},
         "systems": {},
