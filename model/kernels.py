@@ -1,10 +1,10 @@
 """The numerical building blocks, free of weights and model structure: RMSNorm, rotary embeddings,
 SwiGLU, and the linear kernel with its CPU weight packing.
 
-On CPU in bf16/fp16 a weight is packed once into oneDNN's blocked layout (`prepare_weight`) and
-multiplied through `linear` at bucketed row counts; elsewhere weights stay plain tensors and
-`linear` is `F.linear`. The packing checks itself once per dtype against `F.linear` and is off with
-MIXSERVE_PACKED_WEIGHTS=0.
+On CPU (bf16, fp16 and float32) a weight is packed once into oneDNN's blocked layout
+(`prepare_weight`) and multiplied through `linear` at bucketed row counts; elsewhere weights stay
+plain tensors and `linear` is `F.linear`. The packing checks itself once per dtype against
+`F.linear` and is off with MIXSERVE_PACKED_WEIGHTS=0.
 """
 
 from __future__ import annotations
@@ -46,11 +46,13 @@ def swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor
 
 # ---------------------------------------------------------------- linear kernels
 #
-# On CPU in bf16/fp16 a weight can be packed once into oneDNN's blocked layout (what torch.compile's
-# freezing pass does for nn.Linear on CPU). An unpacked bf16 weight is re-laid-out for the AMX/VNNI
-# kernel on every call, which dominates at the few-token batches of decode and MoE experts: packing
-# is ~1.25x on an expert's FFN at 8 tokens (docs/benchmarks.md). Same oneDNN kernel, same results.
-# Elsewhere (fp32, CUDA, no oneDNN, MIXSERVE_PACKED_WEIGHTS=0) weights stay plain tensors.
+# On CPU a weight can be packed once into oneDNN's blocked layout (what torch.compile's freezing pass
+# does for nn.Linear on CPU). An unpacked bf16 weight is re-laid-out for the AMX/VNNI kernel on every
+# call, which dominates at the few-token batches of decode and MoE experts: packing is ~1.25x on an
+# expert's FFN at 8 tokens (docs/benchmarks.md). In float32, F.linear goes to MKL's sgemm, which is
+# slow at the 4-64 rows of decode steps and expert batches; the packed oneDNN kernel measured 2.0x
+# (c=16) and 2.5x (c=64) on the in-process engine's throughput (mini, 2-core AMD EPYC, AVX2).
+# Elsewhere (CUDA, no oneDNN, MIXSERVE_PACKED_WEIGHTS=0) weights stay plain tensors.
 
 PACK_BATCH_HINT = 16  # oneDNN picks the packed layout for this many rows; it serves any row count
 
@@ -72,7 +74,7 @@ def _can_pack(w: torch.Tensor) -> bool:
     if (
         w.device.type != "cpu"
         or w.dim() != 2
-        or w.dtype not in (torch.bfloat16, torch.float16)
+        or w.dtype not in (torch.bfloat16, torch.float16, torch.float32)
         or os.environ.get("MIXSERVE_PACKED_WEIGHTS", "1") == "0"
         or not torch.backends.mkldnn.is_available()
     ):
@@ -83,7 +85,8 @@ def _can_pack(w: torch.Tensor) -> bool:
             a, b = torch.randn(3, 64, generator=g).to(w.dtype), torch.randn(32, 64, generator=g).to(w.dtype)
             pw = PackedWeight(b)
             got = torch.ops.mkldnn._linear_pointwise(a, pw.t, None, "none", [], "")
-            _PACK_OK[w.dtype] = bool(torch.allclose(got.float(), Fn.linear(a, b).float(), rtol=2e-2, atol=1e-2))
+            tol = 1e-5 if w.dtype == torch.float32 else 2e-2
+            _PACK_OK[w.dtype] = bool(torch.allclose(got.float(), Fn.linear(a, b).float(), rtol=tol, atol=tol))
         except (RuntimeError, AttributeError):
             _PACK_OK[w.dtype] = False
     return _PACK_OK[w.dtype]

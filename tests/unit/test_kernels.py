@@ -1,4 +1,4 @@
-"""The matmul forms the model runs with: oneDNN-packed bf16 weights, fused w1|w3 and q|k|v, the
+"""The matmul forms the model runs with: oneDNN-packed weights (bf16, float32), fused w1|w3 and q|k|v, the
 decode attention path. Each must give the numbers of the plain PyTorch form it replaces."""
 
 from __future__ import annotations
@@ -19,26 +19,39 @@ def randn(*shape, dtype=torch.bfloat16):
     return torch.randn(*shape, generator=G).to(dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 7, 64, 300])
-def test_packed_linear_equals_plain(rows):
-    w = randn(384, 256) / 16
-    x = randn(rows, 256)
+def test_packed_linear_equals_plain(rows, dtype):
+    w = randn(384, 256, dtype=dtype) / 16
+    x = randn(rows, 256, dtype=dtype)
     pw = prepare_weight(w)
     if not M._can_pack(w):
-        pytest.skip("this torch build/CPU cannot pack bf16 weights for oneDNN (the model then runs plain)")
-    assert type(pw) is PackedWeight and pw.nbytes == w.numel() * 2
+        pytest.skip(f"this torch build/CPU cannot pack {dtype} weights for oneDNN (the model then runs plain)")
+    assert type(pw) is PackedWeight and pw.nbytes == w.numel() * w.element_size()
     got, want = linear(x, pw), Fn.linear(x, w)
-    assert got.dtype == torch.bfloat16 and got.shape == (rows, 384)
-    torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+    assert got.dtype == dtype and got.shape == (rows, 384)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
     assert linear(x[:0], pw).shape == (0, 384)
 
 
-def test_float32_and_opt_out_stay_plain(monkeypatch):
-    w32 = randn(64, 32, dtype=torch.float32)
-    assert prepare_weight(w32) is w32
+def test_float32_packs_on_cpu():
+    """float32 takes the packed kernel too (MKL's sgemm is slow at decode's few rows): oneDNN packs it
+    on every x86-64 CPU."""
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64") or not torch.backends.mkldnn.is_available():
+        pytest.skip("oneDNN's float32 packing is checked on x86-64 builds with oneDNN")
+    assert type(prepare_weight(randn(64, 32, dtype=torch.float32))) is PackedWeight
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opt_out_and_other_dtypes_stay_plain(monkeypatch, dtype):
+    w64 = randn(64, 32, dtype=torch.float64)
+    assert prepare_weight(w64) is w64
     monkeypatch.setenv("MIXSERVE_PACKED_WEIGHTS", "0")
-    wb = randn(64, 32)
-    assert prepare_weight(wb) is wb
+    w = randn(64, 32, dtype=dtype)
+    assert prepare_weight(w) is w
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
