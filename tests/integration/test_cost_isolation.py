@@ -184,7 +184,9 @@ def test_a_wave_of_costly_requests_leaves_other_streams_within_their_bound(serve
 
 def test_parsing_and_tokenising_the_largest_bodies_stall_no_stream(server, solo, tiny_dir):
     """Only the bodies at the size limit (pathological JSON, a 1 MiB prompt to tokenise): each is
-    answered within a second and no stream's chunks stop for more than a second meanwhile."""
+    answered within 1.5 s of wall time (the tokenised one: plus its tokeniser's own time on this
+    machine) and no stream's chunks stop for more than a second meanwhile: large bodies are parsed
+    and tokenised off the ingress's event loop."""
     wave = {n: v for n, v in costly(server, Tokenizer.for_model(tiny_dir)).items() if "MiB" in n}
     answers: dict[str, tuple[int, float]] = {}
 
@@ -199,10 +201,17 @@ def test_parsing_and_tokenising_the_largest_bodies_stall_no_stream(server, solo,
     took, wrong, gap = victims(server, solo, rounds=2)
     for t in threads:
         t.join(timeout=300)
-    print(f"\nlargest bodies: longest chunk gap {gap:.2f} s; {answers}")
+    # Tokenising 1 MiB is SentencePiece's own work (~0.4 s on a fast core, GIL released): its answer
+    # may take that, measured here, three times over (the cores are shared) on top of the 1.5 s bound.
+    text = wave["tokenize (1 MiB)"][0]["prompt"]
+    t0 = time.perf_counter()
+    Tokenizer.for_model(tiny_dir).encode(text)
+    encode_s = time.perf_counter() - t0
+    bound = {n: 1.5 + (3 * encode_s if n.startswith("tokenize") else 0.0) for n in wave}
+    print(f"\nlargest bodies: longest chunk gap {gap:.2f} s; {answers}; local encode {encode_s:.2f} s")
     assert wrong == 0 and len(answers) == len(wave)
     assert all(s == 200 or 400 <= s < 500 for s, _ in answers.values()), answers
-    assert all(t < 1.5 for _, t in answers.values()), answers  # wall time, the cores shared with the streams
+    assert all(t < bound[n] for n, (_, t) in answers.items()), (answers, bound)  # wall time, cores shared
     assert gap < 1.0, f"a stream stalled {gap:.2f} s while the bodies were parsed"
 
 
