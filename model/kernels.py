@@ -56,6 +56,14 @@ def swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor
 
 PACK_BATCH_HINT = 16  # oneDNN picks the packed layout for this many rows; it serves any row count
 
+# A packed oneDNN call costs ~20-40 us before any arithmetic (primitive lookup, argument checks), where
+# MKL's sgemm on a small float32 weight costs ~5 us in all: a [1, 64] x [64, 224] expert matmul ran
+# 3-4 us plain against 26-31 us packed, and the two meet near 128K-256K elements at 4-16 rows (one
+# thread, 2-core AMD EPYC, docs/benchmarks.md). So in float32 only weights of at least this many
+# elements are packed. bf16/fp16 are always packed: unpacked, oneDNN runs them too, and re-lays the
+# weight out on every call.
+PACK_MIN_FLOAT32 = 1 << 18
+
 
 class PackedWeight:
     """A [out, in] linear weight pre-packed for oneDNN; use through `linear`."""
@@ -77,6 +85,7 @@ def _can_pack(w: torch.Tensor) -> bool:
         or w.dtype not in (torch.bfloat16, torch.float16, torch.float32)
         or os.environ.get("MIXSERVE_PACKED_WEIGHTS", "1") == "0"
         or not torch.backends.mkldnn.is_available()
+        or (w.dtype == torch.float32 and w.numel() < PACK_MIN_FLOAT32)
     ):
         return False
     if w.dtype not in _PACK_OK:  # once per dtype: does this build/CPU pack it, and give the same numbers?

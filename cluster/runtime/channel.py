@@ -108,6 +108,21 @@ def _recv_into(sock: socket.socket, view: memoryview, deadline: float | None = N
     return view
 
 
+def _send_frame(sock: socket.socket, head: bytes, payload: memoryview | None) -> None:
+    """A frame's header and payload in one `sendmsg` (one segment where it fits): sent apart, the
+    peer woke once for the header and again for the payload, ~0.1 ms each on a small VM. What the
+    kernel did not take at once (a large payload) follows with `sendall`."""
+    if payload is None:
+        sock.sendall(head)
+        return
+    sent = sock.sendmsg([head, payload])
+    if sent < len(head):
+        sock.sendall(memoryview(head)[sent:])
+        sent = len(head)
+    if sent - len(head) < len(payload):
+        sock.sendall(payload[sent - len(head) :])
+
+
 def _recv_exact(sock: socket.socket, n: int, deadline: float | None = None) -> memoryview:
     return _recv_into(sock, memoryview(bytearray(n)), deadline)
 
@@ -417,9 +432,7 @@ class ChannelServer:
                 entries_out, payload, cols_out, dtype_out = _pack(out, staging)
                 conn.settimeout(self.frame_timeout_s)  # the caller takes its response promptly, or is dropped
                 dt_out = DTYPES.index(dtype_out) if dtype_out is not None else 0
-                conn.sendall(RESP.pack(MAGIC, call, layer, OK, dt_out, cols_out, len(out)) + entries_out)
-                if payload is not None:
-                    conn.sendall(payload)
+                _send_frame(conn, RESP.pack(MAGIC, call, layer, OK, dt_out, cols_out, len(out)) + entries_out, payload)
         except (ChannelError, OSError, struct.error):
             pass  # the client went away, timed out or sent garbage: drop this connection only
         except Exception:  # noqa: BLE001 - never let one connection's surprise reach the others
@@ -482,8 +495,7 @@ class ChannelClient:
         self.next_call = (self.next_call + 1) & 0xFFFFFFFF
         try:
             self.sock.settimeout(self.timeout_s)  # reads leave their deadline's remainder on the socket
-            self.sock.sendall(REQ.pack(MAGIC, call, layer, DTYPES.index(dtype), cols, len(batches)) + entries)
-            self.sock.sendall(payload)
+            _send_frame(self.sock, REQ.pack(MAGIC, call, layer, DTYPES.index(dtype), cols, len(batches)) + entries, payload)
         except OSError as e:
             self.close()
             raise ChannelError(f"send to {self.address} failed: {e}") from None

@@ -22,27 +22,33 @@ def randn(*shape, dtype=torch.bfloat16):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 7, 64, 300])
 def test_packed_linear_equals_plain(rows, dtype):
-    w = randn(384, 256, dtype=dtype) / 16
-    x = randn(rows, 256, dtype=dtype)
+    w = randn(768, 512, dtype=dtype) / 16  # above PACK_MIN_FLOAT32: float32 packs it too
+    x = randn(rows, 512, dtype=dtype)
     pw = prepare_weight(w)
     if not M._can_pack(w):
         pytest.skip(f"this torch build/CPU cannot pack {dtype} weights for oneDNN (the model then runs plain)")
     assert type(pw) is PackedWeight and pw.nbytes == w.numel() * w.element_size()
     got, want = linear(x, pw), Fn.linear(x, w)
-    assert got.dtype == dtype and got.shape == (rows, 384)
+    assert got.dtype == dtype and got.shape == (rows, 768)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
-    assert linear(x[:0], pw).shape == (0, 384)
+    assert linear(x[:0], pw).shape == (0, 768)
 
 
-def test_float32_packs_on_cpu():
-    """float32 takes the packed kernel too (MKL's sgemm is slow at decode's few rows): oneDNN packs it
-    on every x86-64 CPU."""
+def test_float32_packs_large_weights_only():
+    """float32 takes the packed kernel for weights of PACK_MIN_FLOAT32 elements or more (MKL's sgemm
+    is slow at decode's few rows there), and keeps small ones plain (a packed call's fixed cost is
+    several times a small sgemm's): oneDNN packs on every x86-64 CPU. bf16 packs at any size."""
     import platform
 
     if platform.machine() not in ("x86_64", "AMD64") or not torch.backends.mkldnn.is_available():
         pytest.skip("oneDNN's float32 packing is checked on x86-64 builds with oneDNN")
-    assert type(prepare_weight(randn(64, 32, dtype=torch.float32))) is PackedWeight
+    big = randn(M.PACK_MIN_FLOAT32 // 256, 256, dtype=torch.float32)
+    assert type(prepare_weight(big)) is PackedWeight
+    small = randn(M.PACK_MIN_FLOAT32 // 256 - 1, 256, dtype=torch.float32)
+    assert prepare_weight(small) is small
+    if M._can_pack(randn(64, 32)):
+        assert type(prepare_weight(randn(64, 32))) is PackedWeight  # bf16
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -55,8 +61,8 @@ def test_opt_out_and_other_dtypes_stay_plain(monkeypatch, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_expert_ffn_equals_swiglu(dtype):
-    D, F = 128, 352
+@pytest.mark.parametrize("D,F", [(128, 352), (512, 1024)])  # float32: plain (fused w1|w3), then packed
+def test_expert_ffn_equals_swiglu(dtype, D, F):
     w1, w3 = randn(F, D, dtype=dtype) / D**0.5, randn(F, D, dtype=dtype) / D**0.5
     w2 = randn(D, F, dtype=dtype) / F**0.5
     ffn = ExpertFFN(w1, w2, w3)
