@@ -47,18 +47,21 @@ from model.tiny import write_checkpoint
 from router.engine import EngineConfig, LLMEngine, StepProfile
 
 from .harness import (  # noqa: F401 - re-exported: tests and tools import them from here
+    CPU_ROLES,
     Progress,
     Req,
     Timing,
     checkpoint_name,
     closed_loop,
     cpu_model,
+    cpu_per_token,
     engine_loop,
     free_port,
     has_amx,
     http_sender,
     pct,
     preset_for,
+    process_cpu,
     serve_http,
     serve_vllm,
     summarize,
@@ -351,15 +354,18 @@ def run(a) -> dict:
         For mixserve's server, its engine's step profile over the level comes from /metrics."""
         if client == "vllm":
             run_vllm_client(vpy, port, "bench", model_dir, min(c, 4), min(c, 4), a, f"{system} c={c} warm-up")
-            before, t0 = served_profile(port), time.perf_counter()
+            before, t0, cpu0 = served_profile(port), time.perf_counter(), process_cpu()
             row = run_vllm_client(vpy, port, "bench", model_dir, max(8, c * a.rounds), c, a, f"{system} c={c}")
             row = {"concurrency": c, **row}
             result["systems"].setdefault(system, []).append(row)
         else:
             run_http(port, "bench", reqs[: min(c, 4)], min(c, 4), f"{system} c={c} warm-up")
-            before, t0 = served_profile(port), time.perf_counter()
+            before, t0, cpu0 = served_profile(port), time.perf_counter(), process_cpu()
             record(system, c, lambda r, c, lbl: run_http(port, "bench", r, c, lbl))
             row = result["systems"][system][-1]
+        cpu = cpu_per_token(cpu0, process_cpu(), row["output_tokens"])
+        if cpu:
+            row["cpu_ms_per_token"] = cpu
         after = served_profile(port)
         if before is not None and after is not None:
             # the client's own measured window: vLLM's client spends seconds starting up inside [t0, now],
@@ -636,6 +642,22 @@ def markdown(res: dict) -> str:
                 f"| {n} | {r['concurrency']} | {p['schedule']} | {p['dense']} | {p['dispatch']} | {p['wait']} | "
                 f"{p['combine']} | {p['sample']} | {p['output']} | {p['other']} | {p['fanout_ms_per_layer']} |"
             )
+    cpu = [(n, r) for n, rows in res["systems"].items() for r in rows if r.get("cpu_ms_per_token")]
+    if cpu:
+        lines += [
+            "",
+            "Where a served token's CPU goes, by process (ms of CPU per output token over the level, every "
+            "process on the machine from /proc; http front = Serve's proxy; ingress = mixserve's OpenAI "
+            "ingress or vLLM's API server; engine = the attention replica or vLLM's EngineCore; control = "
+            "raylet, GCS, Serve controller, expert directory; client = the load generator, for vLLM's "
+            "client its start-up included):",
+            "",
+            "| system | concurrency | " + " | ".join(CPU_ROLES) + " | total |",
+            "|---|---:|" + "---:|" * (len(CPU_ROLES) + 1),
+        ]
+        for n, r in cpu:
+            p = r["cpu_ms_per_token"]
+            lines.append(f"| {n} | {r['concurrency']} | " + " | ".join(str(p[k]) for k in (*CPU_ROLES, "total")) + " |")
     if res["ffn_vs_gemm"]:
         lines += ["", "| expert FFN tokens | FFN GFLOP/s | dense GEMM GFLOP/s | ratio |", "|---:|---:|---:|---:|"]
         lines += [

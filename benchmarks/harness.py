@@ -1,5 +1,5 @@
 """What the benchmarks share: the request type, percentiles, a progress line, the machine's
-description, free loopback ports, waiting for an HTTP server, the vLLM peer's interpreter and its
+description, CPU time by process, free loopback ports, waiting for an HTTP server, the vLLM peer's interpreter and its
 server, preset checkpoints, the Serve application under test (`serve_http`), the closed loops that
 drive an engine or an HTTP server and their timings, the targets table."""
 
@@ -27,6 +27,82 @@ from model.sampling import SamplingParams
 from model.tiny import preset_config
 
 _HANDED_OUT: set[int] = set()
+
+# ---------------------------------------------------------------- CPU time by process
+#
+# Where a served token's cost goes between processes: every process on the machine (the benchmark
+# has it to itself) is read from /proc before and after a level, and its CPU seconds are put in one
+# of these roles. Linux only; elsewhere there is nothing to read and no table.
+
+CPU_ROLES = ("client", "http front", "ingress", "engine", "experts", "control", "other")
+
+
+def cpu_role(cmdline: str, own_pid: bool) -> str:
+    """The role of a process in a served run, from its command line (Ray names its workers
+    `ray::<actor>`, Serve its replicas `ray::ServeReplica:<app>:<deployment>`; vLLM's engine
+    process is `VLLM::EngineCore`)."""
+    if own_pid or "vllm.benchmarks" in cmdline or " bench serve" in cmdline:
+        return "client"
+    if "ServeReplica:" in cmdline:
+        dep = cmdline.split("ServeReplica:", 1)[1].split()[0].rsplit(":", 1)[-1].split(".", 1)[0]
+        if dep.startswith("expert-group"):
+            return "experts"
+        if dep == "AttentionWorker":
+            return "engine"
+        if dep == "OpenAIIngress":
+            return "ingress"
+        return "control"  # the expert directory
+    if "ProxyActor" in cmdline:
+        return "http front"
+    if "EngineCore" in cmdline:
+        return "engine"
+    if "vllm.entrypoints" in cmdline or "vllm serve" in cmdline:
+        return "ingress"  # vLLM's API server: HTTP, tokenising, detokenising, SSE
+    if cmdline.startswith(("ray::", "/")) and ("ray" in cmdline.split()[0] or "ServeController" in cmdline):
+        return "control"  # raylet, GCS, the Serve controller, dashboard agents
+    return "other"
+
+
+def process_cpu() -> dict[int, tuple[str, float]]:
+    """pid -> (role, CPU seconds so far) for every process this user can read; {} off Linux. The
+    children this process has waited for (vLLM's client, run per level) count as pid -1."""
+    import resource
+
+    out: dict[int, tuple[str, float]] = {}
+    if not os.path.isdir("/proc/self"):
+        return out
+    tick = os.sysconf("SC_CLK_TCK")
+    me = os.getpid()
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{d}/cmdline") as f:
+                cmd = f.read().replace("\0", " ").strip()
+        except OSError:  # gone meanwhile
+            continue
+        if not cmd:  # kernel threads
+            continue
+        out[int(d)] = (cpu_role(cmd, int(d) == me), (int(fields[11]) + int(fields[12])) / tick)
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out[-1] = ("client", ru.ru_utime + ru.ru_stime)
+    return out
+
+
+def cpu_per_token(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], tokens: int) -> dict:
+    """ms of CPU per output token by role between two `process_cpu` snapshots (processes present in
+    both), plus the total; {} when there is nothing to read."""
+    if not before or not after or tokens <= 0:
+        return {}
+    ms = dict.fromkeys(CPU_ROLES, 0.0)
+    for pid, (role, cpu) in after.items():
+        if pid in before and before[pid][0] == role:
+            ms[role] += max(0.0, cpu - before[pid][1])
+    out = {k: round(1e3 * v / tokens, 3) for k, v in ms.items()}
+    out["total"] = round(sum(out.values()), 3)
+    return out
 
 
 @dataclass

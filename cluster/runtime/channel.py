@@ -495,7 +495,9 @@ class ChannelClient:
         self.next_call = (self.next_call + 1) & 0xFFFFFFFF
         try:
             self.sock.settimeout(self.timeout_s)  # reads leave their deadline's remainder on the socket
-            _send_frame(self.sock, REQ.pack(MAGIC, call, layer, DTYPES.index(dtype), cols, len(batches)) + entries, payload)
+            _send_frame(
+                self.sock, REQ.pack(MAGIC, call, layer, DTYPES.index(dtype), cols, len(batches)) + entries, payload
+            )
         except OSError as e:
             self.close()
             raise ChannelError(f"send to {self.address} failed: {e}") from None

@@ -75,7 +75,12 @@ def test_quick_bench_runs_all_systems_and_writes_json_and_table(tmp_path):
             assert prof["dense"] > 0 and prof["sample"] > 0
             assert min(prof[k] for k in ("schedule", "dispatch", "combine")) >= 0
     assert all(r["profile"]["wait"] > 0 for r in res["systems"]["disaggregated"])
+    for row in res["systems"]["http"]:  # the served token's CPU by process (Linux: from /proc)
+        cpu = row["cpu_ms_per_token"]
+        assert min(cpu[k] for k in ("http front", "ingress", "engine", "experts")) > 0, cpu
+        assert cpu["total"] >= sum(v for k, v in cpu.items() if k != "total") - 0.01
     assert "Where a token's time goes" in (tmp_path / "bench-tiny-quick.md").read_text()
+    assert "Where a served token's CPU goes" in (tmp_path / "bench-tiny-quick.md").read_text()
     md = (tmp_path / "bench-tiny-quick.md").read_text()
     assert "| system | concurrency | output tok/s" in md and "| http | 4 |" in md
     assert "[bench]" in p.stderr  # progress is shown
