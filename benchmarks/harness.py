@@ -54,10 +54,10 @@ def cpu_role(cmdline: str, own_pid: bool) -> str:
         return "control"  # the expert directory
     if "ProxyActor" in cmdline:
         return "http front"
-    if "EngineCore" in cmdline:
-        return "engine"
-    if "vllm.entrypoints" in cmdline or "vllm serve" in cmdline:
+    if "vllm.entrypoints" in cmdline or "vllm serve" in cmdline or "VLLM::APIServer" in cmdline:
         return "ingress"  # vLLM's API server: HTTP, tokenising, detokenising, SSE
+    if "VLLM::" in cmdline:
+        return "engine"  # VLLM::EngineCore (scheduling) and VLLM::Worker_TP0 (the model runner)
     if cmdline.startswith(("ray::", "/")) and ("ray" in cmdline.split()[0] or "ServeController" in cmdline):
         return "control"  # raylet, GCS, the Serve controller, dashboard agents
     return "other"

@@ -23,6 +23,8 @@ from benchmarks.harness import CPU_ROLES, cpu_per_token, cpu_role, process_cpu
         ("/venv/lib/python3.11/site-packages/ray/core/src/ray/gcs/gcs_server --log_dir=/tmp", "control"),
         ("/opt/vllm/bin/python -m vllm.entrypoints.openai.api_server --model m", "ingress"),
         ("VLLM::EngineCore", "engine"),
+        ("VLLM::Worker_TP0", "engine"),
+        ("VLLM::APIServer_0", "ingress"),
         ("/opt/vllm/bin/python -m vllm.benchmarks.serve --port 8000", "client"),
         ("/usr/sbin/sshd -D", "other"),
     ],
