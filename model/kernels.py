@@ -57,7 +57,7 @@ def swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor
 PACK_BATCH_HINT = 16  # oneDNN picks the packed layout for this many rows; it serves any row count
 
 # A packed oneDNN call costs ~20-40 us before any arithmetic (primitive lookup, argument checks), where
-# MKL's sgemm on a small float32 weight costs ~5 us in all: a [1, 64] x [64, 224] expert matmul ran
+# MKL's sgemm on a small float32 weight costs ~5 us in all: a [1, 64] x [64, 224] matmul ran
 # 3-4 us plain against 26-31 us packed, and the two meet near 128K-256K elements at 4-16 rows (one
 # thread, 2-core AMD EPYC, docs/benchmarks.md). So in float32 only weights of at least this many
 # elements are packed. bf16/fp16 are always packed: unpacked, oneDNN runs them too, and re-lays the
