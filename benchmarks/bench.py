@@ -648,9 +648,9 @@ def markdown(res: dict) -> str:
             "",
             "Where a served token's CPU goes, by process (ms of CPU per output token over the level, every "
             "process on the machine from /proc; http front = Serve's proxy; ingress = mixserve's OpenAI "
-            "ingress or vLLM's API server; engine = the attention replica or vLLM's EngineCore; control = "
-            "raylet, GCS, Serve controller, expert directory; client = the load generator, for vLLM's "
-            "client its start-up included):",
+            "ingress or vLLM's API server; engine = the attention replica or vLLM's EngineCore and model "
+            "runner; control = raylet, GCS, Serve controller, expert directory; client = the load generator, "
+            "for vLLM's client its start-up included):",
             "",
             "| system | concurrency | " + " | ".join(CPU_ROLES) + " | total |",
             "|---|---:|" + "---:|" * (len(CPU_ROLES) + 1),

@@ -1,6 +1,6 @@
 """What the benchmarks share: the request type, percentiles, a progress line, the machine's
-description, CPU time by process, free loopback ports, waiting for an HTTP server, the vLLM peer's interpreter and its
-server, preset checkpoints, the Serve application under test (`serve_http`), the closed loops that
+description, CPU time by process, free loopback ports, waiting for an HTTP server, the vLLM peer's
+interpreter and its server, preset checkpoints, the Serve application under test (`serve_http`), the closed loops that
 drive an engine or an HTTP server and their timings, the targets table."""
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ CPU_ROLES = ("client", "http front", "ingress", "engine", "experts", "control", 
 
 def cpu_role(cmdline: str, own_pid: bool) -> str:
     """The role of a process in a served run, from its command line (Ray names its workers
-    `ray::<actor>`, Serve its replicas `ray::ServeReplica:<app>:<deployment>`; vLLM's engine
-    process is `VLLM::EngineCore`)."""
+    `ray::<actor>`, Serve its replicas `ray::ServeReplica:<app>:<deployment>`; vLLM titles its
+    processes `VLLM::EngineCore`, `VLLM::Worker_TP0`, `VLLM::APIServer_0`)."""
     if own_pid or "vllm.benchmarks" in cmdline or " bench serve" in cmdline:
         return "client"
     if "ServeReplica:" in cmdline:
@@ -58,19 +58,19 @@ def cpu_role(cmdline: str, own_pid: bool) -> str:
         return "ingress"  # vLLM's API server: HTTP, tokenising, detokenising, SSE
     if "VLLM::" in cmdline:
         return "engine"  # VLLM::EngineCore (scheduling) and VLLM::Worker_TP0 (the model runner)
-    if cmdline.startswith(("ray::", "/")) and ("ray" in cmdline.split()[0] or "ServeController" in cmdline):
-        return "control"  # raylet, GCS, the Serve controller, dashboard agents
+    if cmdline.startswith("ray::") or "/ray/" in cmdline.split()[0]:
+        return "control"  # raylet, GCS (binaries under ray/), the Serve controller, dashboard agents
     return "other"
 
 
 def process_cpu() -> dict[int, tuple[str, float]]:
     """pid -> (role, CPU seconds so far) for every process this user can read; {} off Linux. The
     children this process has waited for (vLLM's client, run per level) count as pid -1."""
-    import resource
-
     out: dict[int, tuple[str, float]] = {}
     if not os.path.isdir("/proc/self"):
         return out
+    import resource  # Unix only, like /proc
+
     tick = os.sysconf("SC_CLK_TCK")
     me = os.getpid()
     for d in os.listdir("/proc"):
