@@ -391,9 +391,9 @@ def run(a) -> dict:
     if {"disaggregated", "http"} & set(a.systems):
         import ray
 
-        from cluster.config import SERVE_ENV
+        from cluster.config import serve_mode_env
 
-        os.environ.update(SERVE_ENV)  # the Serve mode `mixserve serve` runs in
+        os.environ.update(serve_mode_env())  # the Serve mode `mixserve serve` runs in
         ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     try:
         finish = (

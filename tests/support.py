@@ -58,10 +58,10 @@ def serve_app(cfg, name: str, grpc_port: int):
     from ray import serve
 
     from cluster.cli import GRPC_SERVICER
-    from cluster.config import SERVE_ENV
+    from cluster.config import serve_mode_env
     from cluster.serve.app import build_app
 
-    os.environ.update(SERVE_ENV)  # the Serve mode `mixserve serve` runs in, for this Ray's processes
+    os.environ.update(serve_mode_env())  # the Serve mode `mixserve serve` runs in, for this Ray's processes
     port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:

