@@ -41,7 +41,7 @@ from cluster.api.protocol import (
     unauthorized,
     validate,
 )
-from cluster.api.serving import OFF_LOOP_CHARS, OpenAIServing
+from cluster.api.serving import OFF_LOOP_CHARS, OpenAIServing, StallGuard
 from cluster.config import AppConfig
 from cluster.proto import mixserve_pb2 as pb
 from model.config import MixtralConfig
@@ -169,8 +169,9 @@ class OpenAIIngress:
         )
         self.serving = OpenAIServing(self.tokenizer, self.limits, self._outputs)
         self.api_key = s.api_key or os.environ.get("MIXSERVE_API_KEY")
-        # Serve's gRPC proxy listens on every interface (Ray has no option for its host); with a
-        # loopback server.host the ingress answers gRPC calls from this host only.
+        # Each ingress replica's own gRPC server (Serve's direct ingress) listens on every interface
+        # (Ray has no option for its host); with a loopback server.host the ingress answers gRPC calls
+        # from this host only.
         self.loopback_only = is_loopback(s.host)
         self.created = int(time.time())
         self.metrics = Metrics(self.limits.name, self.limits.max_model_len)
@@ -445,7 +446,8 @@ class OpenAIIngress:
             result = await serve_fn(await self._body(request, schema))
             if isinstance(result, dict):
                 return result
-            return StreamingResponse(result, media_type="text/event-stream")
+            guarded = StallGuard(result, self.cfg.server.stream_stall_timeout_s, self.metrics.stream_stalls.inc)
+            return StreamingResponse(guarded, media_type="text/event-stream")
 
         return run
 

@@ -189,6 +189,11 @@ class Metrics:
             "Prompt tokens found over tokens looked up, since the replicas started (rates: the counters)",
             registry=r,
         )
+        self.stream_stalls = Counter(
+            "mixserve_stream_stalls_total",
+            "Streams aborted because their client read nothing for server.stream_stall_timeout_s",
+            registry=r,
+        )
         self.resubmits = Counter(
             "mixserve_attention_resubmits_total",
             "Requests re-submitted to another attention replica after theirs died",

@@ -547,3 +547,43 @@ async def _no_generation(batches: Batches):
             ]
     finally:
         await batches.aclose()
+
+
+class StallGuard:
+    """An SSE body that is closed when its client stops reading.
+
+    Behind HAProxy the ingress writes each chunk to the client's connection itself (direct ingress).
+    That write waits once the buffers on the way are full: HAProxy's, the sockets', and uvicorn's
+    high-water mark. So a write that has not come back for `timeout_s` means a client that reads
+    nothing. The guard then closes the body, which aborts the request's unfinished choices and frees
+    their sequences. The time spent waiting for the engine between chunks does not count."""
+
+    def __init__(self, body, timeout_s: float, on_stall=None):
+        self.body, self.timeout_s, self.on_stall = body, timeout_s, on_stall
+        self.timer: asyncio.TimerHandle | None = None
+        self.stalled = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.stalled:
+            raise StopAsyncIteration
+        chunk = await self.body.__anext__()
+        self.timer = asyncio.get_running_loop().call_later(self.timeout_s, self._stall)
+        return chunk
+
+    def _stall(self) -> None:
+        self.stalled = True
+        log.warning("stream aborted: its client has read nothing", extra={"stall_s": self.timeout_s})
+        if self.on_stall is not None:
+            self.on_stall()
+        self._closing = asyncio.ensure_future(self.body.aclose())  # kept: the task must not be collected
+
+    async def aclose(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        await self.body.aclose()

@@ -3,11 +3,14 @@ cheap to send and expensive to answer (pathological bodies, a 1 MiB prompt to to
 that never form a character, penalties over a long prompt, many choices, prompt routes, a scrape loop)
 each get an answer within a bound; the streams' texts are unchanged and their time stays within 2x
 their undisturbed time + 3 s; one request with n=128 at the context does not hold back another's
-first token. Also: the doors (docs, gRPC reflection) are closed. Figures are printed for the notes."""
+first token; a client that reads nothing has its stream aborted. Also: the doors (docs, gRPC
+reflection) are closed. Figures are printed for the notes."""
 
 from __future__ import annotations
 
 import json
+import re
+import socket
 import statistics
 import threading
 import time
@@ -29,6 +32,7 @@ MODEL = "tiny-cost"
 PROMPTS = ["Once upon a time", "The capital of France is", "1 2 3 4", "Résumé: naïve café"]
 CONTEXT = 1024
 VICTIM_TOKENS = 24
+STALL_S = 3.0
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +44,12 @@ def server(grpc_port, tiny_dir):
         attention={"num_cpus": 0},
         experts={"num_cpus": 0, "experts_per_worker": 4},
         # a budget wide enough that n=128 at the context is accepted: fairness, not the 400, is tested
-        server={"served_model_name": MODEL, "max_request_output_tokens": 1 << 20, "metrics_refresh_s": 0},
+        server={
+            "served_model_name": MODEL,
+            "max_request_output_tokens": 1 << 20,
+            "metrics_refresh_s": 0,
+            "stream_stall_timeout_s": STALL_S,
+        },
     )
     with serve_app(cfg, "cost", grpc_port) as base:
         yield base
@@ -288,3 +297,66 @@ def test_docs_and_grpc_reflection_are_closed(grpc_port, server):
                 stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=30)
             )
         assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def gauge(base: str, name: str) -> float:
+    text = urllib.request.urlopen(base + "/metrics", timeout=60).read().decode()
+    return sum(float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+
+
+def test_a_client_that_reads_nothing_has_its_stream_aborted_and_its_sequences_freed(server, solo):
+    """A chat stream of 16 choices x ~1000 tokens with top-20 logprobs (~2 KB of SSE per token,
+    ~30 MB in all: more than the sockets between the ingress and the client buffer on loopback) to a
+    client with a 4 KiB receive buffer that reads only the first bytes. Once the buffers are full the
+    ingress's write waits, and after server.stream_stall_timeout_s the request is aborted: its
+    sequences leave the batch long before their budget, the socket still open, and the next
+    request is served as before."""
+    host, port = server.removeprefix("http://").split(":")
+    n, max_tokens = 16, CONTEXT - 32
+    body = json.dumps(
+        {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "Hi"}],
+            "n": n,
+            "max_tokens": max_tokens,
+            "ignore_eos": True,
+            "stream": True,
+            "logprobs": True,
+            "top_logprobs": 20,
+            "temperature": 1.0,
+        }
+    ).encode()
+    stalls0 = gauge(server, "mixserve_stream_stalls_total")
+    tokens0 = gauge(server, "mixserve_generation_tokens_total")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((host, int(port)))
+    try:
+        sock.sendall(
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        assert sock.recv(1024).startswith(b"HTTP/1.1 200"), "the stream did not start"
+        t0, running, freed_after = time.perf_counter(), None, None
+        while time.perf_counter() - t0 < 120:
+            running = gauge(server, "vllm:num_requests_running")
+            if running == 0 and gauge(server, "mixserve_stream_stalls_total") > stalls0:
+                freed_after = time.perf_counter() - t0
+                break
+            time.sleep(0.5)
+        generated = gauge(server, "mixserve_generation_tokens_total") - tokens0
+        print(f"[stall] freed after {freed_after} s, {generated:.0f} of {n * max_tokens} tokens generated")
+        assert freed_after is not None, f"still {running} running after 120 s with an unread stream"
+        assert generated < n * max_tokens / 2, f"{generated} tokens: the request ran to its budget"
+        sock.settimeout(0)
+        try:
+            sock.getpeername()  # the client's connection is still there: it was the ingress that let go
+        except OSError:
+            pytest.fail("the connection was closed rather than the request aborted")
+    finally:
+        sock.close()
+    out = client(server).completions.create(
+        model=MODEL, prompt=PROMPTS[0], max_tokens=VICTIM_TOKENS, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert out.choices[0].text == solo[0]

@@ -170,3 +170,35 @@ def test_merging_every_output_at_once_equals_merging_one_by_one():
         step = step.merge(o)
     assert merge_all(outs) == step
     assert merge_all(outs[:1]) == outs[0]
+
+
+def test_the_stall_guard_ends_a_stream_whose_writes_stop_coming_back_and_only_then():
+    """StallGuard (cluster/api/serving.py): the wait for the engine between chunks never counts; a
+    consumer whose write has not come back for timeout_s gets the body closed (its finally runs:
+    the request's choices aborted), the stall reported once, and the stream ends."""
+    from cluster.api.serving import StallGuard
+
+    async def run(write_s: list[float], engine_s: float, timeout_s: float):
+        closed, stalls, got = [], [], []
+
+        async def body():
+            try:
+                for i in range(len(write_s)):
+                    await asyncio.sleep(engine_s)
+                    yield i
+            finally:
+                closed.append(True)
+
+        guard = StallGuard(body(), timeout_s, lambda: stalls.append(True))
+        async for chunk in guard:
+            got.append(chunk)
+            await asyncio.sleep(write_s[chunk])  # the consumer's write of this chunk
+        await asyncio.sleep(0)
+        return got, closed, stalls
+
+    # a slow engine (0.15 s between chunks, the guard at 0.1 s) and quick writes: every chunk arrives
+    got, closed, stalls = asyncio.run(run([0.0] * 5, 0.15, 0.1))
+    assert got == [0, 1, 2, 3, 4] and closed == [True] and stalls == []
+    # the third write stalls for 0.3 s: the body is closed then, and the stream ends after that write
+    got, closed, stalls = asyncio.run(run([0.0, 0.0, 0.3, 0.0, 0.0], 0.0, 0.1))
+    assert got == [0, 1, 2] and closed == [True] and stalls == [True]
