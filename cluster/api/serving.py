@@ -17,6 +17,7 @@ import json
 import logging
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
@@ -573,7 +574,9 @@ class StallGuard:
         if self.stalled:
             raise StopAsyncIteration
         chunk = await self.body.__anext__()
-        self.timer = asyncio.get_running_loop().call_later(self.timeout_s, self._stall)
+        # by weak reference: a consumer that is gone (client disconnected mid-write) drops the guard
+        # and its body, and the timer then does nothing
+        self.timer = asyncio.get_running_loop().call_later(self.timeout_s, _stalled, weakref.ref(self))
         return chunk
 
     def _stall(self) -> None:
@@ -587,3 +590,9 @@ class StallGuard:
         if self.timer is not None:
             self.timer.cancel()
         await self.body.aclose()
+
+
+def _stalled(ref: weakref.ref) -> None:
+    guard = ref()
+    if guard is not None:
+        guard._stall()

@@ -202,3 +202,27 @@ def test_the_stall_guard_ends_a_stream_whose_writes_stop_coming_back_and_only_th
     # the third write stalls for 0.3 s: the body is closed then, and the stream ends after that write
     got, closed, stalls = asyncio.run(run([0.0, 0.0, 0.3, 0.0, 0.0], 0.0, 0.1))
     assert got == [0, 1, 2] and closed == [True] and stalls == [True]
+
+
+def test_a_stall_guard_whose_consumer_is_gone_reports_nothing():
+    """A client that disconnects mid-write drops the response and its guard: the pending timer
+    neither counts a stall nor touches the body."""
+    import gc
+
+    from cluster.api.serving import StallGuard
+
+    async def main():
+        stalls = []
+
+        async def body():
+            yield b"x"
+            yield b"y"
+
+        guard = StallGuard(body(), 0.05, lambda: stalls.append(True))
+        assert await guard.__anext__() == b"x"  # the timer runs from here
+        del guard
+        gc.collect()
+        await asyncio.sleep(0.15)
+        return stalls
+
+    assert asyncio.run(main()) == []
