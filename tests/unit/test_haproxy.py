@@ -80,3 +80,21 @@ def test_finding_the_real_binary_leaves_the_environment_as_it_was(monkeypatch):
     if haproxy.available():
         assert not haproxy.real_binary().endswith("mixserve-haproxy")  # never the wrapper itself
     assert os.environ["RAY_SERVE_HAPROXY_BINARY_PATH"] == "/somewhere/mixserve-haproxy"
+
+
+def test_a_haproxy_that_does_not_run_here_leaves_serve_on_its_python_proxies(monkeypatch):
+    from cluster.config import PROXY_MODE, SERVE_ENV, serve_mode_env
+
+    for k in [*SERVE_ENV, "RAY_SERVE_HAPROXY_BINARY_PATH"]:
+        monkeypatch.delenv(k, raising=False)
+    if haproxy_wrapper.__wrapped__() is None:
+        pytest.skip("no HAProxy or no mixserve-haproxy here: the fallback is the only mode")
+    monkeypatch.setenv("MIXSERVE_HAPROXY_BINARY", "/bin/false")  # found, but it fails to run
+    haproxy_wrapper.cache_clear()
+    try:
+        env = serve_mode_env()
+    finally:
+        monkeypatch.delenv("MIXSERVE_HAPROXY_BINARY")
+        haproxy_wrapper.cache_clear()
+    assert {k: env[k] for k in PROXY_MODE} == PROXY_MODE and "RAY_SERVE_HAPROXY_BINARY_PATH" not in env
+    assert serve_mode_env()["RAY_SERVE_ENABLE_HA_PROXY"] == "1"  # with the real binary: HAProxy mode
