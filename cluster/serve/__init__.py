@@ -1,4 +1,5 @@
 """The Serve application: its builder (app.py: build_app, app_builder for `serve run` and KubeRay), the
-attention deployment (attention.py), the expert deployment and its client (experts.py) and the expert
-directory (directory.py). May import cluster.build, api/, runtime/, cluster.config and below.
+attention deployment (attention.py), the expert deployment and its client (experts.py), the expert
+directory (directory.py) and `mixserve-haproxy`, the HAProxy Serve starts (haproxy.py). May import
+cluster.build, api/, runtime/, cluster.config and below.
 """
