@@ -76,15 +76,23 @@ def serve_app(cfg, name: str, grpc_port: int):
         ray.shutdown()
 
 
-def running_sequences(base: str) -> float:
-    """The engine's running batch as a server's /metrics reports it."""
+def metric(base: str, name: str) -> float | None:
+    """A series of a server's /metrics, summed over its labels; None where the server exports none."""
+    import re
     import urllib.request
 
     with urllib.request.urlopen(base + "/metrics", timeout=60) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith("mixserve_running_sequences "):
-                return float(line.split()[1])
-    raise AssertionError("no running-sequences gauge")
+        text = r.read().decode()
+    found = [float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M)]
+    return sum(found) if found else None
+
+
+def running_sequences(base: str) -> float:
+    """The engine's running batch as a server's /metrics reports it."""
+    got = metric(base, "mixserve_running_sequences")
+    if got is None:
+        raise AssertionError("no running-sequences gauge")
+    return got
 
 
 def banner(p, timeout_s: float = 400) -> list[str]:

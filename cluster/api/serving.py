@@ -586,11 +586,6 @@ class StallGuard:
             self.on_stall()
         self._closing = asyncio.ensure_future(self.body.aclose())  # kept: the task must not be collected
 
-    async def aclose(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-        await self.body.aclose()
-
 
 def _stalled(ref: weakref.ref) -> None:
     guard = ref()

@@ -24,6 +24,8 @@ import sys
 
 SIDE_SECTIONS = ("listen stats", "frontend prometheus")
 SIDE_HOST = "127.0.0.1"
+# cluster.config's HAPROXY_BINARY_KEY, not imported: the wrapper runs at every HAProxy (re)start,
+# and cluster.config would add its schemas' import (~0.25 s) to each
 BINARY_KEY = "RAY_SERVE_HAPROXY_BINARY_PATH"
 
 

@@ -9,7 +9,6 @@ reflection) are closed. Figures are printed for the notes."""
 from __future__ import annotations
 
 import json
-import re
 import socket
 import statistics
 import threading
@@ -25,7 +24,7 @@ from cluster.build import local_engine
 from cluster.config import AppConfig
 from model.sampling import SamplingParams
 from model.tokenizer import Tokenizer
-from tests.support import serve_app
+from tests.support import metric, serve_app
 
 pytestmark = pytest.mark.ray
 MODEL = "tiny-cost"
@@ -300,8 +299,9 @@ def test_docs_and_grpc_reflection_are_closed(grpc_port, server):
 
 
 def gauge(base: str, name: str) -> float:
-    text = urllib.request.urlopen(base + "/metrics", timeout=60).read().decode()
-    return sum(float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+    got = metric(base, name)
+    assert got is not None, f"the server exports no {name}"
+    return got
 
 
 def test_a_client_that_reads_nothing_has_its_stream_aborted_and_its_sequences_freed(server, solo):
