@@ -42,6 +42,7 @@ from cluster.api.protocol import (
     validate,
 )
 from cluster.api.serving import OFF_LOOP_CHARS, OpenAIServing, StallGuard
+from cluster.api.streams import LOST, OutputStreams
 from cluster.config import AppConfig
 from cluster.proto import mixserve_pb2 as pb
 from model.config import MixtralConfig
@@ -92,6 +93,10 @@ async def _validation(request: Request, e: RequestValidationError):
 async def _http_error(request: Request, e: StarletteHTTPException):
     kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
     return error_response(APIError(e.status_code, str(e.detail), kind))
+
+
+class AttentionLost(Exception):
+    """The attention replica running a request is gone (or its outputs no longer reach this ingress)."""
 
 
 def output_error(out: RequestOutput) -> APIError:
@@ -157,6 +162,7 @@ class OpenAIIngress:
     def __init__(self, cfg: AppConfig, attention):
         self.cfg = cfg.model_copy(update={"model": str(resolve_model(cfg.model))})
         self.attention = attention
+        self.streams = OutputStreams(attention)
         self.tokenizer = Tokenizer.for_model(self.cfg.model)
         mc = self.mc = MixtralConfig.from_file(self.cfg.model)
         s = self.cfg.server
@@ -255,36 +261,54 @@ class OpenAIIngress:
         return rest()
 
     async def _resilient(self, prompts: list[list[int]], params: list[SamplingParams], group: str | None):
-        """A request's outputs from an attention replica, all its choices in one call. If that replica
-        dies mid-request, the unfinished choices are re-submitted to another replica with what they
-        had produced (`Resume`: the tokens, re-prefilled, and the characters the client has), which
-        goes on where they were: text that was held back is delivered and a stop string across the
+        """A request's outputs from an attention replica, all its choices in one call, read from that
+        replica's output stream to this ingress (cluster/api/streams.py). If that replica dies
+        mid-request, the unfinished choices are re-submitted to another replica with what they had
+        produced (`Resume`: the tokens, re-prefilled, and the characters the client has), which goes
+        on where they were: text that was held back is delivered and a stop string across the
         failover point is found. Greedy decoding gives exactly the stream of an undisturbed run. When
         the re-submit budget is spent the stream fails (an error event, then [DONE])."""
         done: list[list[int]] = [[] for _ in prompts]
         chars = [0] * len(prompts)
         finished = [False] * len(prompts)
         resubmits = 0
+        streams = self.streams
         while True:
             todo = [k for k in range(len(prompts)) if not finished[k]]
             resumes = [Resume(done[k], chars[k]) if done[k] else None for k in todo]
+            tag, q = streams.open()
             resp = self.attention.options(stream=True).generate_choices.remote(
-                [prompts[k] for k in todo], [params[k] for k in todo], resumes, group
+                [prompts[k] for k in todo], [params[k] for k in todo], resumes, group, streams.sink, tag
             )
+            streams.follow(resp, tag)
             try:
-                async for batch in resp:
-                    mapped = []
-                    for j, out in batch:
-                        k = todo[j]
-                        done[k] += out.new_token_ids
-                        chars[k] += len(out.text)
-                        finished[k] = finished[k] or out.finished
-                        mapped.append((k, out))
-                    yield mapped
-                    if all(finished):
-                        return
-                raise APIError(500, "the attention replica ended the stream early", "server_error")
-            except ATTENTION_LOST as e:
+                while True:
+                    got: dict[int, list[RequestOutput]] = {}
+                    item = await q.get()
+                    while not isinstance(item, (str, BaseException)):  # everything that is here: one batch
+                        j, out = item
+                        got.setdefault(j, []).append(out)
+                        if q.empty():
+                            item = None
+                            break
+                        item = q.get_nowait()
+                    if got:
+                        mapped = []
+                        for j, outs in sorted(got.items()):
+                            out = RequestOutput.joined(outs) if len(outs) > 1 else outs[0]
+                            k = todo[j]
+                            done[k] += out.new_token_ids
+                            chars[k] += len(out.text)
+                            finished[k] = finished[k] or out.finished
+                            mapped.append((k, out))
+                        yield mapped
+                        if all(finished):
+                            return
+                    if item == LOST or isinstance(item, ATTENTION_LOST):
+                        raise AttentionLost(str(item))
+                    if isinstance(item, BaseException):
+                        raise item
+            except AttentionLost as e:
                 resp.cancel()
                 resubmits += 1
                 if resubmits > self.cfg.attention.max_resubmits:
@@ -297,15 +321,17 @@ class OpenAIIngress:
                 self.metrics.resubmits.inc()
                 log.warning(
                     "attention replica lost; re-submitting",
-                    extra={"tokens_so_far": sum(map(len, done)), "attempt": resubmits, "error": type(e).__name__},
+                    extra={"tokens_so_far": sum(map(len, done)), "attempt": resubmits, "error": str(e)[:200]},
                 )
             except GeneratorExit:  # closed by its consumer: after the last output, or the client went away
-                if not all(finished):  # free the sequences; a finished stream ends by itself (no cancel)
+                if not all(finished):  # free the sequences; a finished request's stream ends by itself
                     resp.cancel()
                 raise
             except BaseException:  # a real error: free the sequences
                 resp.cancel()
                 raise
+            finally:
+                streams.close(tag)
 
     # ------------------------------------------------------------ routes
 

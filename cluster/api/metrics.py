@@ -52,6 +52,9 @@ class AttentionStats:
     rss_bytes: int = 0
     max_rss_bytes: int = 0
     torch_threads: int = 0
+    # the output streams to the ingress replicas (cluster/serve/outputs.py)
+    output_messages: int = 0  # messages sent (one per step and ingress replica with outputs)
+    outputs_streamed: int = 0  # the outputs they carried
 
     # Summed over replicas; the rest are one process's figures, not added up.
     SUMMED = ("running", "waiting", "preemptions", "expert_calls", "expert_call_seconds", "expert_retries")

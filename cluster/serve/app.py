@@ -21,7 +21,7 @@ from cluster.config import AppConfig, load_config, serve_mode_env
 from cluster.serve.attention import AttentionWorker
 from cluster.serve.directory import ExpertDirectory
 from cluster.serve.experts import ExpertDeployment
-from cluster.serve.routing import PrefixAffinityRouter
+from cluster.serve.routing import AttentionRouter
 from model.config import MixtralConfig
 from model.tiny import resolve_model
 from router.experts import expert_groups
@@ -102,15 +102,16 @@ def build_attention(cfg: AppConfig | dict) -> Application:
     # Serve's per-replica cap sits above it, so excess requests reach the engine and get a prompt 503
     # instead of waiting in Serve's queue; Serve's default (5) would cap continuous batching at 5 streams.
     admit = cfg.engine.max_num_seqs + cfg.engine.max_waiting + ADMISSION_HEADROOM
-    if a.prefix_affinity and cfg.engine.enable_prefix_caching:  # cluster/serve/routing.py
-        scale["request_router_config"] = RequestRouterConfig(
-            request_router_class=PrefixAffinityRouter,
-            request_router_kwargs={
-                "block_size": cfg.engine.block_size,
-                "affinity_tokens": a.affinity_tokens,
-                "imbalance": a.affinity_imbalance,
-            },
-        )
+    # cluster/serve/routing.py: prefix affinity, and each ingress's output stream pinned to its replica
+    scale["request_router_config"] = RequestRouterConfig(
+        request_router_class=AttentionRouter,
+        request_router_kwargs={
+            "block_size": cfg.engine.block_size,
+            "affinity_tokens": a.affinity_tokens,
+            "imbalance": a.affinity_imbalance,
+            "affinity": a.prefix_affinity and cfg.engine.enable_prefix_caching,
+        },
+    )
     return AttentionWorker.options(ray_actor_options=attn_actor, max_ongoing_requests=admit, **scale).bind(
         cfg, directory, *experts
     )

@@ -2,6 +2,18 @@
 
 Requests reach it by a streaming handle call from the ingress; its experts are reached through
 `ServeExperts` (cluster/serve/experts.py), over the data plane where a channel is known.
+
+Outputs go back in one of two ways:
+
+    generate / generate_choices(...)          the request's own stream carries its outputs
+    generate_choices(..., sink, tag)          the request's stream carries this replica's key and ends
+      + subscribe(sink, key), one per ingress   with the request; every step's outputs of all the
+                                                sink's requests go as one message of `subscribe`
+
+The ingress uses the second (cluster/serve/outputs.py, cluster/api/streams.py): one Ray streaming item
+per step and ingress replica instead of one per step and request. The request's own stream stays open
+while it runs, so Serve still routes, counts, autoscales and cancels by request, and a lost replica
+still fails that stream.
 """
 
 from __future__ import annotations
@@ -13,6 +25,7 @@ import logging
 import os
 import queue
 import threading
+import time
 
 import ray
 import torch
@@ -23,6 +36,7 @@ from cluster.build import ModelPlan, build_engine
 from cluster.config import AppConfig
 from cluster.runtime.experts import rss_bytes
 from cluster.serve.experts import ServeExperts
+from cluster.serve.outputs import SINK_TTL_S, Sink, Sinks, refused
 from model.sampling import SamplingParams
 from router.engine import EngineError, ErrorKind, FinishReason, Overloaded, RequestOutput, Resume
 
@@ -53,7 +67,12 @@ class AttentionWorker:
         self.engine = build_engine(cfg, experts)
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.wake = threading.Event()
-        self.streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}  # engine thread's
+        # engine thread's: request id -> (event loop, Queue or Sink, key): its outputs go there as (key, output)
+        self.streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue | Sink, object]] = {}
+        self.key = serve.get_replica_context().replica_id.unique_id  # what `subscribe` is pinned to
+        self.sinks = Sinks()  # the event loop's: one per ingress replica that sends here (cluster/serve/outputs.py)
+        self._reaper: asyncio.Task | None = None
+        self.messages_sent = self.outputs_sent = 0  # by `subscribe`
         self._ids = itertools.count()
         self.thread = threading.Thread(target=self._run, daemon=True, name="engine-loop")
         self.thread.start()
@@ -87,9 +106,10 @@ class AttentionWorker:
                 break
             if op == "add":  # a request's choices, all admitted or none
                 rids, prompts, params, resumes, group, stream = args
+                loop, target, keys = stream
                 try:
                     for k, rid in enumerate(rids):
-                        self.streams[rid] = (stream[0], stream[1], k)
+                        self.streams[rid] = (loop, target, keys[k])
                         first = prompts.index(prompts[k])  # the first choice of this prompt
                         fork = rids[first] if first < k else None
                         self.engine.add_request(prompts[k], params[k], rid, resumes[k], group, fork)
@@ -97,7 +117,7 @@ class AttentionWorker:
                     for rid in rids:
                         self.engine.abort(rid)
                         self.streams.pop(rid, None)
-                    self.streams[rids[0]] = (stream[0], stream[1], 0)
+                    self.streams[rids[0]] = (loop, target, keys[0])
                     kind = ErrorKind.OVERLOADED if isinstance(e, Overloaded) else ErrorKind.INVALID
                     refused.append(
                         RequestOutput(rids[0], [], "", True, FinishReason.ERROR, error=str(e), error_kind=kind)
@@ -154,6 +174,8 @@ class AttentionWorker:
             rss_bytes=rss_bytes(),
             max_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             torch_threads=torch.get_num_threads(),
+            output_messages=self.messages_sent,
+            outputs_streamed=self.outputs_sent,
         )
 
     # ------------------------------------------------------------ the replica's event loop
@@ -176,24 +198,44 @@ class AttentionWorker:
         params: list[SamplingParams],
         resumes: list[Resume | None] | None = None,
         group: str | None = None,
+        sink: str | None = None,
+        tag: int = 0,
     ):
         """Stream the outputs of a request's choices, one message per step for all of them: a list of
         (choice index, RequestOutput), a choice's outputs merged when the stream is behind. The
         choices are admitted together (a refusal is one output with `error` set, for choice 0); a
         later choice of the same prompt shares the first one's prefill (`LLMEngine.add_request`'s
         fork). `group`: whose fair share they run in. A stream closed early (client gone) aborts
-        every unfinished choice."""
+        every unfinished choice.
+
+        With `sink` (an ingress replica's name) the outputs go to that sink as (tag, choice index,
+        output) and this stream yields only this replica's key, then ends when every choice has
+        ended (the ingress reads the outputs from `subscribe(sink, key)`)."""
         for c in {p.structured for p in params if p.structured is not None}:
             # compiled here, off the engine thread (the engine's add_request then finds it cached)
             try:
                 await asyncio.to_thread(self.engine.grammars.check, c)
             except ValueError:  # a grammar that does not compile: the engine refuses the request with why
                 pass
-        q: asyncio.Queue = asyncio.Queue()
         base = f"{os.getpid()}-{next(self._ids)}"
         rids = [f"{base}.{k}" for k in range(len(prompts))]
         resumes = resumes or [None] * len(prompts)
-        self._post("add", rids, [list(p) for p in prompts], params, resumes, group, (asyncio.get_running_loop(), q))
+        prompts = [list(p) for p in prompts]
+        if sink is not None:
+            s = self._sink(sink)
+            ended = s.expect(tag, rids)
+            keys = [(tag, k) for k in range(len(rids))]
+            self._post("add", rids, prompts, params, resumes, group, (asyncio.get_running_loop(), s, keys))
+            try:
+                yield self.key
+                await ended.wait()
+            finally:
+                left = s.forget(tag)
+                if left:
+                    self._post("abort", left)
+            return
+        q: asyncio.Queue = asyncio.Queue()
+        self._post("add", rids, prompts, params, resumes, group, (asyncio.get_running_loop(), q, range(len(rids))))
         left = set(range(len(prompts)))
         try:
             while left:
@@ -203,7 +245,7 @@ class AttentionWorker:
                     got.setdefault(k, []).append(out)
                     if out.finished:
                         left.discard(k)
-                    if out.error is not None and out.error_kind != ErrorKind.FAILED:  # refused: the whole request
+                    if refused(out):  # the whole request
                         left.clear()
                     if q.empty():
                         break
@@ -212,6 +254,33 @@ class AttentionWorker:
         finally:
             if left:
                 self._post("abort", [rids[k] for k in left])
+
+    async def subscribe(self, sink: str, replica: str):
+        """Every output of `sink`'s requests on this replica, one message per step: a list of (tag,
+        choice index, RequestOutput) (`Sink.messages`). Pinned to the replica whose key is `replica` by
+        the request router (cluster/serve/routing.py); any other replica refuses it, so the ingress
+        treats that replica as gone."""
+        if replica != self.key:
+            raise LookupError(f"attention replica {replica} is gone (this is {self.key})")
+        async for batch in self._sink(sink).messages():
+            self.messages_sent += 1
+            self.outputs_sent += len(batch)
+            yield batch
+
+    def _sink(self, name: str) -> Sink:
+        if self._reaper is None:
+            self._reaper = asyncio.get_running_loop().create_task(self._reap())
+        return self.sinks.get_or_add(name)
+
+    async def _reap(self) -> None:
+        """Drop the sinks of ingress replicas that are gone and abort their requests, so that outputs
+        nobody will read never pile up."""
+        while True:
+            await asyncio.sleep(SINK_TTL_S / 4)
+            rids = self.sinks.reap(time.monotonic())
+            if rids:
+                log.warning("ingress replica gone; aborting its requests", extra={"requests": len(rids)})
+                self._post("abort", rids)
 
     async def stats(self) -> AttentionStats:
         fut: concurrent.futures.Future = concurrent.futures.Future()

@@ -1,4 +1,5 @@
-"""Prefix-affinity routing of requests to attention replicas (a Serve request router).
+"""The request router of the attention replicas (a Serve request router): prefix affinity for requests,
+and `subscribe` calls pinned to the replica they name.
 
 Each attention replica keeps its own prefix cache, so a conversation's next turn, or another request
 with the same long system prompt, is cheapest on the replica that saw its prefix. The router hashes
@@ -12,7 +13,14 @@ when a replica comes or goes only the prefixes that ranked it first move.
 Load comes first: when the preferred replica has more than `imbalance` requests more in flight than
 the least loaded one (Serve's queue-length cache), or the request has no full block, the router falls
 back to Serve's power of two choices. This is the policy of the Gateway API inference extension's
-prefix scorer and SGLang's cache-aware router (affinity with a balance threshold).
+prefix scorer and SGLang's cache-aware router (affinity with a balance threshold). With affinity off
+(`attention.prefix_affinity: false`) every request gets the power of two choices.
+
+An ingress replica reads the outputs of all its requests on one attention replica from one
+`subscribe(sink, replica key)` stream (cluster/api/streams.py), which must reach that replica: the
+router sends it there, or, where that replica is gone, to any other, which refuses it at once.
+Requests are matched to the replica chosen for them (Serve's default), not first in first out, so
+a pinned call never lends its replica to another request.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ import hashlib
 import random
 from collections import OrderedDict
 
-from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
+from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from router.kv_cache import block_hashes
 
@@ -81,6 +89,16 @@ def choose(
     return order
 
 
+SUBSCRIBE = "subscribe"  # AttentionWorker.subscribe(sink, replica key): pinned
+
+
+def pinned_to(pending: PendingRequest | None) -> str | None:
+    """The replica key a `subscribe` call names; None for every other call."""
+    if pending is None or pending.metadata.call_method != SUBSCRIBE or len(pending.args) < 2:
+        return None
+    return pending.args[1]
+
+
 def prompt_of(pending: PendingRequest | None) -> tuple[list[int], str | None] | None:
     """The first prompt and its cache salt of a call to AttentionWorker.generate_choices(prompts,
     params, ...) or generate(prompt_ids, params, ...); None for any other call (stats, health)."""
@@ -94,17 +112,20 @@ def prompt_of(pending: PendingRequest | None) -> tuple[list[int], str | None] | 
     return first, getattr(params, "cache_salt", None)
 
 
-class PrefixAffinityRouter(FIFOMixin, RequestRouter):
+class AttentionRouter(RequestRouter):
     """Serve's request router for AttentionWorker (`request_router_config`); see the module docstring."""
 
-    def initialize_state(self, block_size: int = 16, affinity_tokens: int = 2048, imbalance: int = 4, **_):
+    def initialize_state(
+        self, block_size: int = 16, affinity_tokens: int = 2048, imbalance: int = 4, affinity: bool = True, **_
+    ):
         self.block_size, self.affinity_tokens, self.imbalance = block_size, affinity_tokens, imbalance
+        self.affinity = affinity
         self.index = PrefixIndex()
 
     def _hashes(self, pending: PendingRequest | None) -> list[bytes]:
         """The request's block hashes, computed once per request (routing may try several times, and
         `on_request_routed` records them): kept on the pending request."""
-        if pending is None:
+        if pending is None or not self.affinity:
             return []
         hashes = getattr(pending, "_mixserve_hashes", None)
         if hashes is None:
@@ -118,7 +139,12 @@ class PrefixAffinityRouter(FIFOMixin, RequestRouter):
     ) -> list[list[RunningReplica]]:
         if not candidate_replicas:
             return []
+        if pending_request is not None:  # Serve's retry loop sleeps between rounds only when told to
+            pending_request.routing_context.should_backoff = True
         ids = [r.replica_id.unique_id for r in candidate_replicas]
+        pin = pinned_to(pending_request)
+        if pin is not None:  # that replica, or (gone) any one, which refuses the call
+            return [[candidate_replicas[ids.index(pin)]] if pin in ids else candidate_replicas[:1]]
         queue = [self._replica_queue_len_cache.get(r.replica_id) for r in candidate_replicas]
         order = choose(self._hashes(pending_request), ids, queue, self.imbalance, self.index)
         if order is None:  # power of two choices: two at random, the shorter queue wins

@@ -118,6 +118,8 @@ def test_concurrent_streaming_clients_each_get_their_solo_output(server, client,
             peak[0] = max(peak[0], running_sequences(server))
             time.sleep(0.05)
 
+    attention = serve.get_deployment_handle("AttentionWorker", app_name="mixserve")
+    before = attention.stats.remote().result()
     threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
     watcher = threading.Thread(target=watch)
     watcher.start()
@@ -131,6 +133,11 @@ def test_concurrent_streaming_clients_each_get_their_solo_output(server, client,
     # The streams really share the engine's batch: no deployment-level cap (Serve's default is 5
     # requests per replica) holds them back in a queue.
     assert peak[0] > 8, f"at most {peak[0]} of 32 concurrent streams were ever in the running batch"
+    # ... and their outputs reach the ingress together: one message per step for all of them
+    # (cluster/serve/outputs.py), not one Ray item per stream and step.
+    after = attention.stats.remote().result()
+    outputs, messages = after.outputs_streamed - before.outputs_streamed, after.output_messages - before.output_messages
+    assert outputs >= len(prompts) and outputs >= 4 * messages, f"{outputs} outputs in {messages} messages"
 
 
 BAD = [
