@@ -77,7 +77,9 @@ def test_quick_bench_runs_all_systems_and_writes_json_and_table(tmp_path):
     assert all(r["profile"]["wait"] > 0 for r in res["systems"]["disaggregated"])
     for row in res["systems"]["http"]:  # the served token's CPU by process (Linux: from /proc)
         cpu = row["cpu_ms_per_token"]
-        assert min(cpu[k] for k in ("http front", "ingress", "engine", "experts")) > 0, cpu
+        assert min(cpu[k] for k in ("ingress", "engine", "experts")) > 0, cpu
+        # HAProxy's share (~0.04 ms a token) can be under one /proc tick (10 ms) over a quick level
+        assert cpu["http front"] >= 0, cpu
         assert cpu["total"] >= sum(v for k, v in cpu.items() if k != "total") - 0.01
     assert "Where a token's time goes" in (tmp_path / "bench-tiny-quick.md").read_text()
     assert "Where a served token's CPU goes" in (tmp_path / "bench-tiny-quick.md").read_text()
