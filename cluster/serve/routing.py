@@ -19,8 +19,11 @@ prefix scorer and SGLang's cache-aware router (affinity with a balance threshold
 An ingress replica reads the outputs of all its requests on one attention replica from one
 `subscribe(sink, replica key)` stream (cluster/api/streams.py), which must reach that replica: the
 router sends it there, or, where that replica is gone, to any other, which refuses it at once.
-Requests are matched to the replica chosen for them (Serve's default), not first in first out, so
-a pinned call never lends its replica to another request.
+A replica chosen for a call goes to that call (`_get_pending_request_matching_metadata`), never to
+another one waiting: not first in, first out (Serve's mixin), which would lend a pinned replica
+away, and not by internal request id (Serve's default), which the calls made while serving one
+request share (an ingress's subscribe and request calls, /metrics asking every replica at once):
+matched by id, one of them would never be sent.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import hashlib
 import random
 from collections import OrderedDict
 
-from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from router.kv_cache import block_hashes
 
@@ -99,6 +102,13 @@ def pinned_to(pending: PendingRequest | None) -> str | None:
     return pending.args[1]
 
 
+def own_request(waiting, metadata) -> PendingRequest | None:
+    """The call among `waiting` whose metadata is `metadata` itself, if it still waits."""
+    if metadata is None:
+        return None
+    return next((pr for pr in waiting if pr.metadata is metadata and not pr.future.done()), None)
+
+
 def prompt_of(pending: PendingRequest | None) -> tuple[list[int], str | None] | None:
     """The first prompt and its cache salt of a call to AttentionWorker.generate_choices(prompts,
     params, ...) or generate(prompt_ids, params, ...); None for any other call (stats, health)."""
@@ -112,8 +122,13 @@ def prompt_of(pending: PendingRequest | None) -> tuple[list[int], str | None] | 
     return first, getattr(params, "cache_salt", None)
 
 
-class AttentionRouter(RequestRouter):
+class AttentionRouter(FIFOMixin, RequestRouter):
     """Serve's request router for AttentionWorker (`request_router_config`); see the module docstring."""
+
+    def _get_pending_request_matching_metadata(self, request_metadata=None) -> PendingRequest | None:
+        """The waiting call a replica was chosen for: Serve passes that call's metadata object, so it
+        is found by identity (None falls back to the first waiting call)."""
+        return own_request(self._pending_requests_to_fulfill, request_metadata)
 
     def initialize_state(
         self, block_size: int = 16, affinity_tokens: int = 2048, imbalance: int = 4, affinity: bool = True, **_

@@ -62,6 +62,15 @@ def chaos(tiny_dir):
     c.shutdown()
 
 
+def test_metrics_asks_both_attention_replicas_at_once_and_answers(chaos):
+    """/metrics asks each attention replica in one go: calls made while serving one request share its
+    internal request id, and each must still be sent (cluster/serve/routing.py)."""
+    base = chaos[2].removesuffix("/v1")
+    for _ in range(5):
+        text = urllib.request.urlopen(base + "/metrics", timeout=30).read().decode()
+        assert "mixserve_running_sequences " in text
+
+
 def test_a_prefix_comes_back_to_the_attention_replica_that_cached_it(chaos):
     """Two attention replicas, each with its own prefix cache: a prompt's next turn (the prompt and
     more) is routed to the replica that computed the prompt, so its full blocks are found there."""

@@ -154,3 +154,36 @@ def test_the_router_pins_subscribe_calls_and_backs_off_between_rounds():
     p = pending("generate_choices", [[1] * 40], [None])
     got = asyncio.run(router.choose_replicas(reps, p))
     assert len(got) == 1 and len(got[0]) == 2 and p.routing_context.should_backoff
+
+
+def test_a_chosen_replica_goes_to_the_call_it_was_chosen_for_even_when_calls_share_an_id():
+    """Calls made while serving one request share its internal request id (an ingress's subscribe
+    and request calls; /metrics asking two replicas at once). Serve's own fulfilment (first in, first
+    out) runs with the router's matching: each call gets the replica chosen for it, and a call whose
+    metadata is unknown still gets the first waiting one."""
+    from collections import deque
+
+    async def go():
+        router = object.__new__(AttentionRouter)
+        router.initialize_state()
+        router._routing_task_by_pending_request_future = {}
+        router._pending_requests_by_id = {}
+        router.queue_wait_time_ms_histogram = SimpleNamespace(observe=lambda _: None)
+        calls = [
+            SimpleNamespace(
+                metadata=SimpleNamespace(internal_request_id="same", call_method=m),
+                future=asyncio.get_running_loop().create_future(),
+                created_at=0.0,
+            )
+            for m in ("generate_choices", "subscribe", "stats")
+        ]
+        router._pending_requests_to_fulfill = deque(calls)
+        r1, r2, r3 = replica("r1"), replica("r2"), replica("r3")
+        router._fulfill_next_pending_request(r2, calls[1].metadata)  # chosen for the subscribe call
+        assert calls[1].future.result() is r2 and not calls[0].future.done()
+        router._fulfill_next_pending_request(r3, calls[2].metadata)
+        assert calls[2].future.result() is r3 and not calls[0].future.done()
+        router._fulfill_next_pending_request(r1, SimpleNamespace(internal_request_id="other"))
+        assert calls[0].future.result() is r1  # no match: the first still waiting
+
+    run(go())
