@@ -85,6 +85,16 @@ class RequestOutput:
         return RequestOutput.joined([self, later])
 
     @staticmethod
+    def by_choice(pairs: list[tuple[int, RequestOutput]]) -> list[tuple[int, RequestOutput]]:
+        """(choice, output) pairs as one output per choice, in choice order, each choice's outputs
+        joined in the order they came: what a stream of several choices sends when it has fallen
+        behind the engine by more than a step."""
+        got: dict[int, list[RequestOutput]] = {}
+        for k, out in pairs:
+            got.setdefault(k, []).append(out)
+        return [(k, outs[0] if len(outs) == 1 else RequestOutput.joined(outs)) for k, outs in sorted(got.items())]
+
+    @staticmethod
     def joined(outs: list[RequestOutput]) -> RequestOutput:
         """One request's outputs, in order, as one, in a single pass (merging them pairwise copies
         every list once per output: quadratic in a long answer)."""

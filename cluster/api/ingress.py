@@ -283,19 +283,14 @@ class OpenAIIngress:
             streams.follow(resp, tag)
             try:
                 while True:
-                    got: dict[int, list[RequestOutput]] = {}
-                    item = await q.get()
-                    while not isinstance(item, (str, BaseException)):  # everything that is here: one batch
-                        j, out = item
-                        got.setdefault(j, []).append(out)
-                        if q.empty():
-                            item = None
-                            break
-                        item = q.get_nowait()
-                    if got:
+                    items = [await q.get()]
+                    while not q.empty():  # everything that is here: one batch
+                        items.append(q.get_nowait())
+                    # (choice, output) pairs, then possibly a marker: LOST, or the request's call's error
+                    cut = next((i for i, x in enumerate(items) if isinstance(x, (str, BaseException))), len(items))
+                    if cut:
                         mapped = []
-                        for j, outs in sorted(got.items()):
-                            out = RequestOutput.joined(outs) if len(outs) > 1 else outs[0]
+                        for j, out in RequestOutput.by_choice(items[:cut]):
                             k = todo[j]
                             done[k] += out.new_token_ids
                             chars[k] += len(out.text)
@@ -304,10 +299,11 @@ class OpenAIIngress:
                         yield mapped
                         if all(finished):
                             return
-                    if item == LOST or isinstance(item, ATTENTION_LOST):
-                        raise AttentionLost(str(item))
-                    if isinstance(item, BaseException):
-                        raise item
+                    if cut < len(items):
+                        marker = items[cut]
+                        if marker == LOST or isinstance(marker, ATTENTION_LOST):
+                            raise AttentionLost(str(marker))
+                        raise marker
             except AttentionLost as e:
                 resp.cancel()
                 resubmits += 1

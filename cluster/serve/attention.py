@@ -239,18 +239,15 @@ class AttentionWorker:
         left = set(range(len(prompts)))
         try:
             while left:
-                got: dict[int, list[RequestOutput]] = {}
-                k, out = await q.get()
-                while True:  # everything that is here: one message
-                    got.setdefault(k, []).append(out)
+                items = [await q.get()]
+                while not q.empty():  # everything that is here: one message
+                    items.append(q.get_nowait())
+                for k, out in items:
                     if out.finished:
                         left.discard(k)
                     if refused(out):  # the whole request
                         left.clear()
-                    if q.empty():
-                        break
-                    k, out = q.get_nowait()
-                yield [(k, RequestOutput.joined(outs)) for k, outs in sorted(got.items())]
+                yield RequestOutput.by_choice(items)
         finally:
             if left:
                 self._post("abort", [rids[k] for k in left])

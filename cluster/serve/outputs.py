@@ -63,10 +63,11 @@ class Sink:
         self.items.append((tag, k, out))
         self.wake.set()
         entry = self.open.get(tag)
-        if entry is not None and (out.finished or refused(out)):
+        whole = refused(out)
+        if entry is not None and (out.finished or whole):
             left = entry[1]
             left.discard(k)
-            if refused(out):
+            if whole:
                 left.clear()
             if not left:
                 entry[2].set()

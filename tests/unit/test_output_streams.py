@@ -187,3 +187,13 @@ def test_a_chosen_replica_goes_to_the_call_it_was_chosen_for_even_when_calls_sha
         assert calls[0].future.result() is r1  # no match: the first still waiting
 
     run(go())
+
+
+def test_outputs_by_choice_are_joined_in_order_one_per_choice():
+    pairs = [(1, out("b", 10)), (0, out("a", 0)), (1, out("b", 11)), (0, out("a", 1, finished=True))]
+    got = RequestOutput.by_choice(pairs)
+    assert [k for k, _ in got] == [0, 1]
+    assert [o.new_token_ids for _, o in got] == [[0, 1], [10, 11]] and [o.text for _, o in got] == ["01", "1011"]
+    assert got[0][1].finished and not got[1][1].finished
+    single = out("c", 5)
+    assert RequestOutput.by_choice([(2, single)]) == [(2, single)]
