@@ -91,3 +91,51 @@ def test_dispatch_and_combine_equal_the_reference_moe(tiny_dir):
         assert sum(b.shape[0] for b in req.batches.values()) == rows * c.num_experts_per_tok
         got = combine(x, plan, workers.submit(req).result())
         torch.testing.assert_close(got, reference(m), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_a_one_token_batch_dispatches_and_combines_bit_for_bit_as_a_larger_one(dtype, k):
+    """The one-token path (every decode step at concurrency 1) gives the plan, the batches and the
+    combined output that the general path gives the same token inside a larger batch: same experts
+    in the same order, same weights, the same sum in the same order, to the bit."""
+    from model.moe import MoEInput, route
+    from router.dispatch import combine, dispatch
+
+    g = torch.Generator().manual_seed(k)
+    n_exp, d = 8, 16
+    for _ in range(20):
+        x = torch.randn(1, d, generator=g).to(dtype)
+        w, ids = route(torch.randn(1, n_exp, generator=g), k)
+        one_req, one_plan = dispatch(MoEInput(0, x, w, ids), n_exp)
+        # the same token as row 1 of three (the others route elsewhere or alike: any grouping)
+        other = torch.randn(2, d, generator=g).to(dtype)
+        w3, ids3 = route(torch.randn(3, n_exp, generator=g), k)
+        w3[1], ids3[1] = w[0], ids[0]
+        big = torch.cat([other[:1], x, other[1:]])
+        big_req, big_plan = dispatch(MoEInput(0, big, w3, ids3), n_exp)
+
+        def run(batches):  # any per-expert function of the rows: an expert
+            return {e: (xs.float() * (e + 1) + e / 7).to(dtype) for e, xs in batches.items()}
+
+        assert list(one_plan.rows) == sorted(ids[0].tolist())  # the experts, in increasing order
+        for e in one_plan.rows:
+            assert torch.equal(one_req.batches[e], x)
+            j = big_plan.rows[e].tolist().index(1)
+            assert torch.equal(one_plan.weights[e], big_plan.weights[e][j : j + 1])
+        got = combine(x, one_plan, run(one_req.batches))
+        want = combine(big, big_plan, run(big_req.batches))[1:2]
+        assert got.dtype == dtype and got.shape == (1, d)
+        assert torch.equal(got, want)
+
+
+def test_a_one_token_batch_whose_experts_repeat_takes_the_general_path():
+    from model.moe import MoEInput
+    from router.dispatch import combine, dispatch
+
+    x = torch.randn(1, 4)
+    w, ids = torch.tensor([[0.25, 0.75]]), torch.tensor([[3, 3]])
+    req, plan = dispatch(MoEInput(0, x, w, ids), 8)
+    assert list(plan.rows) == [3] and req.batches[3].shape == (2, 4)  # both slots, grouped
+    out = combine(x, plan, {3: req.batches[3] * 2})
+    torch.testing.assert_close(out, x * 2)
