@@ -89,7 +89,12 @@ def combine(x: torch.Tensor, plan: DispatchPlan, outputs: dict[int, torch.Tensor
     if plan.one_token:  # the same sum in the same order, without the zeros and the scatter
         out = None
         for e in plan.rows:
-            y = (outputs[e].to(x.device, non_blocking=True) * plan.weights[e]).to(x.dtype)
+            y = outputs[e]
+            if y.device != x.device:
+                y = y.to(x.device, non_blocking=True)
+            y = y * plan.weights[e]
+            if y.dtype != x.dtype:
+                y = y.to(x.dtype)
             out = y if out is None else out + y
         return out if out is not None else torch.zeros_like(x)
     out = torch.zeros_like(x)

@@ -113,8 +113,13 @@ class ExpertWorker:
     def weight_bytes(self) -> int:
         return self.local.nbytes()
 
-    @torch.inference_mode()
     def run(self, layer: int, batches: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        if torch.is_inference_mode_enabled():  # an engine's thread, a data-plane connection's
+            return self._run(layer, batches)
+        with torch.inference_mode():  # a Ray call's thread
+            return self._run(layer, batches)
+
+    def _run(self, layer: int, batches: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         for e in batches:  # refused before anything is counted
             if (layer, e) not in self.weights:
                 raise KeyError(f"this worker holds experts {self.experts}, not (layer={layer}, expert={e})")
@@ -125,7 +130,13 @@ class ExpertWorker:
         try:
             out = {}
             for e, x in batches.items():  # outputs on the worker's device, in the caller's dtype
-                out[e] = self.weights[(layer, e)](x.to(self.device, self.dtype, non_blocking=True)).to(x.dtype)
+                xin = (
+                    x
+                    if x.dtype == self.dtype and x.device == self.device
+                    else x.to(self.device, self.dtype, non_blocking=True)
+                )
+                y = self.weights[(layer, e)](xin)
+                out[e] = y if y.dtype == x.dtype else y.to(x.dtype)
             return out
         finally:
             dt = time.perf_counter() - t0

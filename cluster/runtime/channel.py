@@ -399,46 +399,51 @@ class ChannelServer:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if not self._handshake(conn):
                 return
-            lim = self.limits
             staging = Staging.for_device(getattr(self.worker, "device", None))
-            while not self.closed:
-                conn.settimeout(self.idle_timeout_s)  # an idle or half-open connection is closed
-                header = _recv_exact(conn, REQ.size)
-                deadline = time.monotonic() + self.frame_timeout_s  # the rest of the frame, promptly
-                magic, call, layer, dt, cols, k = REQ.unpack(header)
-                if magic != MAGIC:
-                    return
-                why = lim.check_header(layer, dt, cols, k)
-                if why is not None:
-                    return self._refuse(conn, call, layer, *why)
-                entries = _entries(_recv_exact(conn, ENTRY.size * k, deadline), k)
-                why = lim.check_rows(entries)
-                if why is not None:
-                    return self._refuse(conn, call, layer, *why)
-                nbytes = sum(n for _, n in entries) * cols * DTYPES[dt].itemsize
-                why = lim.check_experts(layer, entries)
-                if why is not None:  # a well-formed frame for experts held elsewhere: refuse it, keep the connection
-                    _discard(conn, nbytes, deadline)
-                    self._refuse(conn, call, layer, *why)
-                    continue
-                flat = staging.recv(conn, sum(n for _, n in entries), cols, DTYPES[dt], deadline)
-                if self.draining:  # being removed: the caller re-sends elsewhere
-                    return self._refuse(conn, call, layer, ERROR, "draining")
-                try:
-                    out = self.worker.run(layer, _split(flat, entries))
-                except Exception as e:  # noqa: BLE001 - sent back to the caller, who raises it
-                    self._answer_error(conn, call, layer, ERROR, f"{type(e).__name__}: {e}")
-                    continue
-                entries_out, payload, cols_out, dtype_out = _pack(out, staging)
-                conn.settimeout(self.frame_timeout_s)  # the caller takes its response promptly, or is dropped
-                dt_out = DTYPES.index(dtype_out) if dtype_out is not None else 0
-                _send_frame(conn, RESP.pack(MAGIC, call, layer, OK, dt_out, cols_out, len(out)) + entries_out, payload)
+            with torch.inference_mode():  # once per connection, not per call
+                self._frames(conn, staging)
         except (ChannelError, OSError, struct.error):
             pass  # the client went away, timed out or sent garbage: drop this connection only
         except Exception:  # noqa: BLE001 - never let one connection's surprise reach the others
             log.exception("expert channel connection failed")
         finally:
             self._drop(conn)
+
+    def _frames(self, conn: socket.socket, staging: Staging) -> None:
+        """Answer the connection's frames until it closes or sends one that ends it."""
+        lim = self.limits
+        while not self.closed:
+            conn.settimeout(self.idle_timeout_s)  # an idle or half-open connection is closed
+            header = _recv_exact(conn, REQ.size)
+            deadline = time.monotonic() + self.frame_timeout_s  # the rest of the frame, promptly
+            magic, call, layer, dt, cols, k = REQ.unpack(header)
+            if magic != MAGIC:
+                return
+            why = lim.check_header(layer, dt, cols, k)
+            if why is not None:
+                return self._refuse(conn, call, layer, *why)
+            entries = _entries(_recv_exact(conn, ENTRY.size * k, deadline), k)
+            why = lim.check_rows(entries)
+            if why is not None:
+                return self._refuse(conn, call, layer, *why)
+            nbytes = sum(n for _, n in entries) * cols * DTYPES[dt].itemsize
+            why = lim.check_experts(layer, entries)
+            if why is not None:  # a well-formed frame for experts held elsewhere: refuse it, keep the connection
+                _discard(conn, nbytes, deadline)
+                self._refuse(conn, call, layer, *why)
+                continue
+            flat = staging.recv(conn, sum(n for _, n in entries), cols, DTYPES[dt], deadline)
+            if self.draining:  # being removed: the caller re-sends elsewhere
+                return self._refuse(conn, call, layer, ERROR, "draining")
+            try:
+                out = self.worker.run(layer, _split(flat, entries))
+            except Exception as e:  # noqa: BLE001 - sent back to the caller, who raises it
+                self._answer_error(conn, call, layer, ERROR, f"{type(e).__name__}: {e}")
+                continue
+            entries_out, payload, cols_out, dtype_out = _pack(out, staging)
+            conn.settimeout(self.frame_timeout_s)  # the caller takes its response promptly, or is dropped
+            dt_out = DTYPES.index(dtype_out) if dtype_out is not None else 0
+            _send_frame(conn, RESP.pack(MAGIC, call, layer, OK, dt_out, cols_out, len(out)) + entries_out, payload)
 
     def close(self) -> None:
         self.closed = True
