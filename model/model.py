@@ -105,8 +105,8 @@ class MixtralDense:
         c = self.cfg
         T, H, K, d = x.shape[0], c.num_attention_heads, c.num_key_value_heads, c.head_dim
         qkv = linear(x, lw.qkv)
-        q = apply_rope(qkv[:, : H * d].view(T, H, d), cos, sin)
-        k = apply_rope(qkv[:, H * d : (H + K) * d].view(T, K, d), cos, sin)
+        qk = apply_rope(qkv[:, : (H + K) * d].view(T, H + K, d), cos, sin)  # q's and k's heads at once
+        q, k = qk[:, :H], qk[:, H:]
         v = qkv[:, (H + K) * d :].view(T, K, d)
         out = paged_attention(q, k, v, kv.k[l], kv.v[l], meta)
         return linear(out.view(T, H * d), lw.o)
