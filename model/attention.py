@@ -97,7 +97,14 @@ def build_attn_meta(seqs: list[tuple[list[int], int]], window: int | None = None
                 mask = m[None, None]
             prefills.append(PrefillPiece(row, row + n, torch.tensor(ctx, device=HOST), mask))
         row += n
-    meta = AttnMeta(torch.tensor(positions, device=HOST), torch.tensor(slots, device=HOST), None, None, None, prefills)
+    meta = AttnMeta(
+        torch.tensor(positions, dtype=torch.long, device=HOST),
+        torch.tensor(slots, dtype=torch.long, device=HOST),
+        None,
+        None,
+        None,
+        prefills,
+    )
     if dec_rows:
         Lmax = max(len(c) for c in dec_ctx)
         ctx_t = torch.tensor([c + [0] * (Lmax - len(c)) for c in dec_ctx], dtype=torch.long, device=HOST)  # one tensor
@@ -142,7 +149,7 @@ def paged_attention(
     K = k.shape[1]
     kc[meta.slots] = k
     vc[meta.slots] = v
-    out = q.new_empty(T, H, d) if meta.prefills else None
+    out = q.new_empty(T, H, d) if meta.prefills or meta.dec_rows is None else None
     if meta.dec_rows is not None:
         # One query per sequence: the H // K query heads that share a KV head become H // K query
         # rows against that head's keys (no GQA expansion, no causal mask: all sit at the last

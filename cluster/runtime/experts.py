@@ -312,7 +312,7 @@ class ExpertClient:
             self.outstanding[ep.key] = self.outstanding.get(ep.key, 0) + rows
             return _Call(group, part, rows, ep.key, pending, tried | {ep.key})
         self.ray_calls += 1
-        host = {e: x.cpu() for e, x in part.items()}  # by value through Ray: host tensors (no-op on CPU)
+        host = {e: _own(x.cpu()) for e, x in part.items()}  # by value through Ray: host tensors
         return _Call(group, part, rows, None, self.fleet.fallback(group, layer, host, tried), tried)
 
     def _settle(self, call: _Call) -> None:
@@ -390,6 +390,12 @@ class ExpertClient:
         self.probes.clear()
         if self._reconnector is not None:
             self._reconnector.shutdown(wait=False)
+
+
+def _own(x: torch.Tensor) -> torch.Tensor:
+    """`x` in storage of its own: a view (an expert's slice of the layer's gathered rows, a chunk)
+    would be pickled with its whole storage, every group's call carrying every row."""
+    return x if x.untyped_storage().nbytes() == x.nbytes else x.clone()
 
 
 def _close_connected(fut: concurrent.futures.Future) -> None:

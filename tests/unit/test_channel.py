@@ -556,3 +556,46 @@ def test_a_replica_that_is_not_the_one_asked_is_a_replica_failure_and_the_call_g
     finally:
         client.close()
         bad.close()
+
+
+def test_the_ray_fallback_sends_each_group_its_own_rows_only():
+    """Where no channel is usable a chunk goes through Ray by value. Each expert's batch is a slice of
+    the layer's gathered rows (router/dispatch.py) and pickling a slice writes its whole storage, so
+    the fallback must send copies of its own rows: a group gets its bytes, not the layer's."""
+    import pickle
+
+    from model.moe import MoEInput, route
+    from router.dispatch import dispatch
+
+    sent = []
+
+    class Fleet:
+        def endpoints(self, group):
+            return []  # no channel: every chunk goes through Ray
+
+        def fallback(self, group, layer, part, avoid):
+            sent.append((group, part))
+            return group
+
+        def wait(self, pending, timeout_s):
+            return dict(next(p for g, p in sent if g == pending))
+
+        def cancel(self, pending):
+            pass
+
+        def broken(self, key):
+            pass
+
+    g = torch.Generator().manual_seed(0)
+    rows, D = 256, 64
+    w, ids = route(torch.randn(rows, 8, generator=g), 2)
+    req, _ = dispatch(MoEInput(0, torch.randn(rows, D, generator=g), w, ids), 8)
+    assert any(x.untyped_storage().nbytes() > x.nbytes for x in req.batches.values())  # views, as dispatched
+    client = ExpertClient(Fleet(), {e: e // 2 for e in range(8)}, ExpertsConfig(), SECRET)
+    out = client.submit(req).result()
+    assert client.ray_calls == 4 and len(sent) == 4
+    for e, x in req.batches.items():
+        assert torch.equal(out[e], x)
+    for _, part in sent:
+        own = sum(x.nbytes for x in part.values())
+        assert len(pickle.dumps(part)) < own + 4096, "a group's call carried rows that are not its own"

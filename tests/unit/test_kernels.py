@@ -84,6 +84,18 @@ def test_decode_attention_mask_handles_ragged_contexts(dtype):
     assert isinstance(meta, AttnMeta)
 
 
+@pytest.mark.parametrize("seqs", [[], [(list(range(5)), 1), (list(range(10, 13)), 1)], [(list(range(4)), 4)]])
+def test_paged_attention_answers_every_row_of_a_step_even_none(seqs):
+    """An empty step, a decode-only step (its output returned as SDPA gives it) and a prefill."""
+    from model.attention import paged_attention
+
+    T, H, K, d, S = sum(n for _, n in seqs), 4, 2, 8, 32
+    q, k, v = (randn(T, n, d, dtype=torch.float32) for n in (H, K, K))
+    kc, vc = torch.zeros(S, K, d), torch.zeros(S, K, d)
+    out = paged_attention(q, k, v, kc, vc, build_attn_meta(seqs))
+    assert out.shape == (T, H, d) and torch.isfinite(out).all()
+
+
 def test_row_buckets_bound_the_shapes_and_the_padding():
     sizes = range(1, 8193)
     buckets = [M.row_bucket(n) for n in sizes]
