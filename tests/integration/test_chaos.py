@@ -108,8 +108,14 @@ def test_requests_survive_replica_and_node_failures(chaos, tiny_dir):
         os.kill(info["pid"], signal.SIGKILL)
         events.append(("expert replica killed", stream.sent))
         progress(stream, 6)
-        # 2. An attention replica dies mid-stream: the ingress re-submits its requests elsewhere.
-        st = serve.get_deployment_handle("AttentionWorker", app_name=APP).stats.remote().result()
+        # 2. An attention replica dies mid-stream: the ingress re-submits its requests elsewhere. The
+        # one killed is running requests (a stats call reaches either replica; 4 clients on 2 replicas
+        # leave one of them idle at times, and killing that one would test nothing).
+        attention = serve.get_deployment_handle("AttentionWorker", app_name=APP)
+        deadline = time.monotonic() + 30
+        while (st := attention.stats.remote().result()).running < 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert st.running >= 1, "no attention replica was running a request"
         os.kill(st.pid, signal.SIGKILL)
         events.append(("attention replica killed", stream.sent))
         progress(stream, 6)
