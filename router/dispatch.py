@@ -78,8 +78,7 @@ def plan_dispatch(w: torch.Tensor, ids: torch.Tensor, num_experts: int) -> Dispa
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=num_experts).tolist()
     tok = order // k
-    wsorted = w.reshape(-1)[order]
-    wsorted = wsorted[:, None]
+    wsorted = w.reshape(-1)[order][:, None]
     rows, weights, start = {}, {}, 0
     for e, n in enumerate(counts):
         if n:
@@ -122,16 +121,9 @@ def combine(x: torch.Tensor, plan: DispatchPlan, outputs: dict[int, torch.Tensor
     # experts does: on the CPU index_add_ adds in index order (experts in increasing order), but it
     # accumulates a bf16/fp16 row in float32 within one call, so past two experts per token the loop
     # stays; on CUDA its atomic adds would sum one row's experts in any order, so the loop stays too.
-    if (
-        plan.tok is not None
-        and plan.rows
-        and x.device.type == "cpu"
-        and (plan.k <= 2 or x.dtype in (torch.float32, torch.float64))
-    ):
-        ys = [outputs[e] for e in plan.rows]
-        y = ys[0] if len(ys) == 1 else torch.cat([t.to(x.device, non_blocking=True) for t in ys])
-        if y.device != x.device:
-            y = y.to(x.device, non_blocking=True)
+    if plan.rows and x.device.type == "cpu" and (plan.k <= 2 or x.dtype in (torch.float32, torch.float64)):
+        ys = [outputs[e].to(x.device, non_blocking=True) for e in plan.rows]  # no-ops where on x's device
+        y = ys[0] if len(ys) == 1 else torch.cat(ys)
         return out.index_add_(0, plan.tok, (y * plan.wsorted).to(out.dtype))
     for e, rows in plan.rows.items():
         y = outputs[e].to(x.device, non_blocking=True)  # a no-op where the backend answered on x's device
