@@ -337,8 +337,9 @@ class ServerConfig(BaseModel):
     stream_stall_timeout_s: float = Field(
         60.0,
         gt=0,
-        description="A stream whose client reads nothing for this long, once the buffers between it and the "
-        "ingress (HAProxy's, the sockets') are full, is aborted and its sequences freed.",
+        description="A stream (SSE or gRPC) whose client reads nothing for this long, once the buffers between "
+        "it and the ingress (HAProxy's, the sockets', gRPC's flow-control window) are full, is aborted and its "
+        "sequences freed.",
     )
     enable_docs: bool = Field(
         False, description="Serve FastAPI's /docs, /redoc and /openapi.json (off: they would answer without the key)."

@@ -557,6 +557,22 @@ class OpenAIIngress:
         outs = await self._grpc_outputs(request, grpc_context)
         if outs is None:
             return
+        # Direct ingress pulls the next message once gRPC has taken the last one, which waits while the
+        # client's flow-control window is shut: a client that reads nothing is found as for SSE.
+        guarded = StallGuard(
+            self._grpc_messages(outs, grpc_context),
+            self.cfg.server.stream_stall_timeout_s,
+            self.metrics.stream_stalls.inc,
+        )
+        async for message in guarded:
+            yield message
+        if guarded.stalled:  # seen only by a client that reads again later
+            grpc_context.set_code(grpc.StatusCode.ABORTED)
+            grpc_context.set_details(
+                f"the stream was aborted: its client read nothing for {self.cfg.server.stream_stall_timeout_s} s"
+            )
+
+    async def _grpc_messages(self, outs, grpc_context: RayServegRPCContext):
         try:
             cached = 0
             async for batch in outs:
@@ -575,3 +591,5 @@ class OpenAIIngress:
         except APIError as e:
             grpc_context.set_code(GRPC_CODES.get(e.status, grpc.StatusCode.INTERNAL))
             grpc_context.set_details(e.message)
+        finally:
+            await outs.aclose()  # closed early (the guard, a cancelled call): the unfinished choices are aborted

@@ -551,13 +551,14 @@ async def _no_generation(batches: Batches):
 
 
 class StallGuard:
-    """An SSE body that is closed when its client stops reading.
+    """A stream body (SSE chunks, gRPC messages) that is closed when its client stops reading.
 
     Behind HAProxy the ingress writes each chunk to the client's connection itself (direct ingress).
     That write waits once the buffers on the way are full: HAProxy's, the sockets', and uvicorn's
-    high-water mark. So a write that has not come back for `timeout_s` means a client that reads
-    nothing. The guard then closes the body, which aborts the request's unfinished choices and frees
-    their sequences. The time spent waiting for the engine between chunks does not count."""
+    high-water mark, or gRPC's flow-control window. So a write that has not come back for
+    `timeout_s` means a client that reads nothing. The guard then closes the body, which aborts the
+    request's unfinished choices and frees their sequences. The time spent waiting for the engine
+    between chunks does not count."""
 
     def __init__(self, body, timeout_s: float, on_stall=None):
         self.body, self.timeout_s, self.on_stall = body, timeout_s, on_stall

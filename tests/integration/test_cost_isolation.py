@@ -360,3 +360,61 @@ def test_a_client_that_reads_nothing_has_its_stream_aborted_and_its_sequences_fr
         model=MODEL, prompt=PROMPTS[0], max_tokens=VICTIM_TOKENS, temperature=0, extra_body={"ignore_eos": True}
     )
     assert out.choices[0].text == solo[0]
+
+
+def replica_grpc_address(app: str) -> str:
+    """The gRPC listener of the app's ingress replica itself (direct ingress), from the HAProxy
+    configuration Serve wrote. Through HAProxy a 1024-token stream of ~30-byte messages fits in its
+    buffers (a 64 KiB HTTP/2 window to the replica, tune.bufsize) and nothing would ever wait."""
+    import os
+    import re
+
+    import ray
+    from ray.serve._private.constants import RAY_SERVE_HAPROXY_CONFIG_FILE_LOC
+
+    # Serve keeps one configuration per node, in a folder named after the node (this test's: the head)
+    d, f = os.path.split(RAY_SERVE_HAPROXY_CONFIG_FILE_LOC)
+    with open(os.path.join(d, ray.get_runtime_context().get_node_id(), f)) as cfg:
+        text = cfg.read()
+    name = re.search(rf"(?m)^\s*acl is_(\S+) req.hdr\(application\) -m str {re.escape(app)}$", text).group(1)
+    section = re.split(rf"(?m)^backend {re.escape(name)}$", text)[1].split("\nbackend ")[0]
+    return re.search(r"(?m)^\s*server SERVE_REPLICA\S* (\S+:\d+) ", section).group(1)
+
+
+def test_a_grpc_client_that_reads_nothing_has_its_stream_aborted_and_its_sequences_freed(server, solo):
+    """GenerateStream to a client whose flow-control window stays shut (it announces 1 KiB of read-ahead
+    and never reads): once the buffers on the way are full, the replica's next message waits, and
+    after server.stream_stall_timeout_s the request is aborted and its sequence freed, the call still
+    open; then the same channel serves a request as before."""
+    from cluster.proto import mixserve_pb2 as pb
+    from cluster.proto import mixserve_pb2_grpc as pbg
+
+    max_tokens = CONTEXT - 32
+    stalls0 = gauge(server, "mixserve_stream_stalls_total")
+    tokens0 = gauge(server, "mixserve_generation_tokens_total")
+    options = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
+    with grpc.insecure_channel(replica_grpc_address("cost"), options=options) as ch:
+        stub = pbg.MixServeStub(ch)
+        call = stub.GenerateStream(
+            pb.GenerateRequest(prompt="Hi", max_tokens=max_tokens, ignore_eos=True, temperature=1.0), timeout=300
+        )
+        try:
+            assert next(call).completion_tokens >= 0  # started; nothing more is read
+            t0, running, freed_after = time.perf_counter(), None, None
+            while time.perf_counter() - t0 < 120:
+                running = gauge(server, "vllm:num_requests_running")
+                if running == 0 and gauge(server, "mixserve_stream_stalls_total") > stalls0:
+                    freed_after = time.perf_counter() - t0
+                    break
+                time.sleep(0.5)
+            generated = gauge(server, "mixserve_generation_tokens_total") - tokens0
+            print(f"[grpc stall] freed after {freed_after} s, {generated:.0f} of {max_tokens} tokens generated")
+            assert freed_after is not None, f"still {running} running after 120 s with an unread stream"
+            assert generated < max_tokens, f"{generated} tokens: the request ran to its budget"
+            assert call.is_active()  # the call is still open: it was the replica that let go
+        finally:
+            call.cancel()
+        out = stub.Generate(
+            pb.GenerateRequest(prompt=PROMPTS[0], max_tokens=VICTIM_TOKENS, temperature=0, ignore_eos=True), timeout=60
+        )
+        assert out.text == solo[0]
