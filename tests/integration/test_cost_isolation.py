@@ -304,6 +304,20 @@ def gauge(base: str, name: str) -> float:
     return got
 
 
+def wait_freed(server: str, stalls0: float, tokens0: float) -> tuple[float | None, float | None, float]:
+    """Poll until the server has counted a stall and runs no request (up to 120 s): (seconds it
+    took, None if it never did; requests still running; tokens generated since `tokens0`)."""
+    t0, running = time.perf_counter(), None
+    freed_after = None
+    while time.perf_counter() - t0 < 120:
+        running = gauge(server, "vllm:num_requests_running")
+        if running == 0 and gauge(server, "mixserve_stream_stalls_total") > stalls0:
+            freed_after = time.perf_counter() - t0
+            break
+        time.sleep(0.5)
+    return freed_after, running, gauge(server, "mixserve_generation_tokens_total") - tokens0
+
+
 def test_a_client_that_reads_nothing_has_its_stream_aborted_and_its_sequences_freed(server, solo):
     """A chat stream of 16 choices x ~1000 tokens with top-20 logprobs (~2 KB of SSE per token,
     ~30 MB in all: more than the sockets between the ingress and the client buffer on loopback) to a
@@ -338,14 +352,7 @@ def test_a_client_that_reads_nothing_has_its_stream_aborted_and_its_sequences_fr
             + body
         )
         assert sock.recv(1024).startswith(b"HTTP/1.1 200"), "the stream did not start"
-        t0, running, freed_after = time.perf_counter(), None, None
-        while time.perf_counter() - t0 < 120:
-            running = gauge(server, "vllm:num_requests_running")
-            if running == 0 and gauge(server, "mixserve_stream_stalls_total") > stalls0:
-                freed_after = time.perf_counter() - t0
-                break
-            time.sleep(0.5)
-        generated = gauge(server, "mixserve_generation_tokens_total") - tokens0
+        freed_after, running, generated = wait_freed(server, stalls0, tokens0)
         print(f"[stall] freed after {freed_after} s, {generated:.0f} of {n * max_tokens} tokens generated")
         assert freed_after is not None, f"still {running} running after 120 s with an unread stream"
         assert generated < n * max_tokens / 2, f"{generated} tokens: the request ran to its budget"
@@ -400,14 +407,7 @@ def test_a_grpc_client_that_reads_nothing_has_its_stream_aborted_and_its_sequenc
         )
         try:
             assert next(call).completion_tokens >= 0  # started; nothing more is read
-            t0, running, freed_after = time.perf_counter(), None, None
-            while time.perf_counter() - t0 < 120:
-                running = gauge(server, "vllm:num_requests_running")
-                if running == 0 and gauge(server, "mixserve_stream_stalls_total") > stalls0:
-                    freed_after = time.perf_counter() - t0
-                    break
-                time.sleep(0.5)
-            generated = gauge(server, "mixserve_generation_tokens_total") - tokens0
+            freed_after, running, generated = wait_freed(server, stalls0, tokens0)
             print(f"[grpc stall] freed after {freed_after} s, {generated:.0f} of {max_tokens} tokens generated")
             assert freed_after is not None, f"still {running} running after 120 s with an unread stream"
             assert generated < max_tokens, f"{generated} tokens: the request ran to its budget"
