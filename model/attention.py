@@ -149,7 +149,7 @@ def paged_attention(
     K = k.shape[1]
     kc[meta.slots] = k
     vc[meta.slots] = v
-    out = q.new_empty(T, H, d) if meta.prefills or meta.dec_rows is None else None
+    dec = None
     if meta.dec_rows is not None:
         # One query per sequence: the H // K query heads that share a KV head become H // K query
         # rows against that head's keys (no GQA expansion, no causal mask: all sit at the last
@@ -159,10 +159,12 @@ def paged_attention(
         qd = q[meta.dec_rows].view(B, K, H // K, d)
         kd = kc.view(-1, K * d).index_select(0, flat).view(B, Lm, K, d).transpose(1, 2)  # [B, K, Lm, d]
         vd = vc.view(-1, K * d).index_select(0, flat).view(B, Lm, K, d).transpose(1, 2)
-        o = Fn.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.dec_bias(q.dtype))
+        dec = Fn.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.dec_bias(q.dtype)).reshape(B, H, d)
         if not meta.prefills:  # every row decodes, in row order: the output as it is
-            return o.reshape(B, H, d)
-        out[meta.dec_rows] = o.reshape(B, H, d)
+            return dec
+    out = q.new_empty(T, H, d)
+    if dec is not None:
+        out[meta.dec_rows] = dec
     for pf in meta.prefills:
         qp = q[pf.start : pf.end].transpose(0, 1)[None]  # [1, H, n, d]
         if pf.mask is None:  # the context is exactly the new tokens: no gather from the cache
