@@ -408,7 +408,11 @@ def serve_vllm(python: str, model_dir: str, dname: str, record, a, max_model_len
     of its flags); `record(c, port)` for each of a.concurrency, then it stops."""
     port = free_port()
     log_path = os.path.join(tempfile.mkdtemp(prefix="mixserve-vllm-"), "server.log")
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(a.vllm_kv_gib)}
+    from cluster.config import THREAD_ENV
+
+    # vLLM runs as its users run it: with its own OpenMP settings, not mixserve's THREAD_ENV
+    env = {k: v for k, v in os.environ.items() if k not in THREAD_ENV}
+    env["VLLM_CPU_KVCACHE_SPACE"] = str(a.vllm_kv_gib)
     cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir]
     cmd += ["--served-model-name", "bench", "--host", "127.0.0.1", "--port", str(port), "--dtype", dname]
     cmd += ["--max-num-seqs", str(max(64, max(a.concurrency))), "--max-model-len", str(max_model_len), *extra]

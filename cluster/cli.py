@@ -400,6 +400,10 @@ def main(argv: list[str] | None = None) -> int:
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     setup_logging(a.log_level)
+    from cluster.config import THREAD_ENV
+
+    for k, v in THREAD_ENV.items():  # before anything loads torch here or in a tool's process
+        os.environ.setdefault(k, v)
     try:
         return a.fn(a)
     except (ValueError, FileNotFoundError) as e:

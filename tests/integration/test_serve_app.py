@@ -92,3 +92,14 @@ def test_the_engine_takes_its_configured_threads_though_the_replica_reserves_no_
     the threads its config names instead (num_threads: 2; without it, AttentionConfig.threads()'s rule,
     unit-tested in test_config.py)."""
     assert app.stats.remote().result().torch_threads == 2
+
+
+def test_the_engine_process_runs_with_mixserves_short_openmp_spin(app):
+    """The attention replica's torch threads spin briefly, then sleep (cluster/config.py THREAD_ENV):
+    libgomp reads the setting when torch loads, so it has to be in the replica process's environment."""
+    from cluster.config import THREAD_ENV
+
+    pid = app.stats.remote().result().pid
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        env = dict(kv.split("=", 1) for kv in f.read().decode(errors="replace").split("\0") if "=" in kv)
+    assert {k: env.get(k) for k in THREAD_ENV} == THREAD_ENV

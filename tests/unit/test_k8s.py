@@ -634,7 +634,7 @@ def test_the_expert_data_plane_port_range_is_configured_named_and_open_between_r
 def test_every_ray_container_runs_serve_in_mixserves_mode(path):
     """The Serve mode `mixserve serve` sets for its own Ray (cluster.config.SERVE_ENV) is in the
     environment of every Ray container, so the proxies and controller on KubeRay run in it too."""
-    from cluster.config import HAPROXY_BINARY_KEY, HAPROXY_WRAPPER, SERVE_ENV
+    from cluster.config import HAPROXY_BINARY_KEY, HAPROXY_WRAPPER, SERVE_ENV, THREAD_ENV
 
     spec = rayservice(path)["spec"]["rayClusterConfig"]
     groups = [spec["headGroupSpec"], *spec.get("workerGroupSpecs", [])]
@@ -642,6 +642,7 @@ def test_every_ray_container_runs_serve_in_mixserves_mode(path):
         for c in g["template"]["spec"]["containers"]:
             env = {e["name"]: e.get("value") for e in c.get("env", [])}
             assert {k: env.get(k) for k in SERVE_ENV} == SERVE_ENV, (path.name, c["name"])
+            assert {k: env.get(k) for k in THREAD_ENV} == THREAD_ENV, (path.name, c["name"])  # torch's thread wait
             # HAProxy mode: Serve starts the wrapper the image installs beside its Python
             # (k8s/Dockerfile: pip install on the rayproject/ray base, /home/ray/anaconda3)
             assert env.get(HAPROXY_BINARY_KEY) == f"/home/ray/anaconda3/bin/{HAPROXY_WRAPPER}", (path.name, c["name"])
