@@ -161,7 +161,10 @@ def run(a) -> dict:
 
     for system in [s for s in a.systems if s.startswith("inprocess")]:
         eng = local_engine(
-            model_dir, dname, ecfg.model_copy(update={"enable_prefix_caching": not system.endswith("-nocache")})
+            model_dir,
+            dname,
+            # one micro-batch: in-process experts answer on submit (bench.py's in-process system)
+            ecfg.model_copy(update={"enable_prefix_caching": not system.endswith("-nocache"), "num_microbatches": 1}),
         )
         for c in a.concurrency:
             engine_loop(eng, [[warm]], 1, f"{system} c={c} warm-up")
