@@ -38,7 +38,6 @@ from pathlib import Path
 
 import torch
 
-from cluster.build import local_engine
 from model.config import MixtralConfig
 from model.kernels import linear, prepare_weight
 from model.moe import ExpertFFN
@@ -59,6 +58,7 @@ from .harness import (  # noqa: F401 - re-exported: tests and tools import them 
     free_port,
     has_amx,
     http_sender,
+    in_process_engine,
     pct,
     preset_for,
     process_cpu,
@@ -395,9 +395,7 @@ def run(a) -> dict:
         hf.generate(input_ids=torch.tensor([reqs[0].prompt]), max_new_tokens=2, do_sample=False, pad_token_id=0)
         runners["hf"] = lambda r, c, lbl: run_hf(hf, r, c, lbl)
     if "inprocess" in a.systems:
-        # One micro-batch: in-process experts answer on submit, so a second micro-batch overlaps nothing
-        # and only reads every expert's weights once more per step (mini, c=16: half the tok/s).
-        local = local_engine(model_dir, dname, ecfg.model_copy(update={"num_microbatches": 1}))
+        local = in_process_engine(model_dir, dname, ecfg)
         local.generate([reqs[0].prompt], SamplingParams(max_tokens=2, temperature=0.0))  # warm-up
         runners["inprocess"] = lambda r, c, lbl: drive_engine(local, r, c, lbl)
         engines["inprocess"] = local

@@ -364,6 +364,15 @@ def http_sender(port: int, model: str = "bench"):
     return send
 
 
+def in_process_engine(model_dir: str, dname: str, ecfg, **update):
+    """The in-process system's engine: `ecfg` with `update`, at one micro-batch. Its experts answer on
+    submit, so a second micro-batch overlaps nothing and only reads every expert's weights once more
+    per step (mini, bf16, c=16: half the tok/s)."""
+    from cluster.build import local_engine
+
+    return local_engine(model_dir, dname, ecfg.model_copy(update={"num_microbatches": 1, **update}))
+
+
 def engine_loop(engine, convs: list[list[Req]], concurrency: int, label: str) -> tuple[list[Timing], float]:
     """The closed loop over sessions, driving an in-process engine from this thread: `concurrency`
     sessions in flight, each with one turn at a time; a timestamp for every output token."""

@@ -38,6 +38,7 @@ from benchmarks.harness import (
     engine_loop,
     has_amx,
     http_sender,
+    in_process_engine,
     pct,
     preset_for,
     serve_http,
@@ -46,7 +47,6 @@ from benchmarks.harness import (
     targets_table,
     vllm_python,
 )
-from cluster.build import local_engine
 from model.config import MixtralConfig
 from router.engine import EngineConfig
 
@@ -160,12 +160,7 @@ def run(a) -> dict:
         tokens.setdefault(system, []).extend(t.tokens for t in sorted(turns, key=lambda t: (t.session, t.turn)))
 
     for system in [s for s in a.systems if s.startswith("inprocess")]:
-        eng = local_engine(
-            model_dir,
-            dname,
-            # one micro-batch: in-process experts answer on submit (bench.py's in-process system)
-            ecfg.model_copy(update={"enable_prefix_caching": not system.endswith("-nocache"), "num_microbatches": 1}),
-        )
+        eng = in_process_engine(model_dir, dname, ecfg, enable_prefix_caching=not system.endswith("-nocache"))
         for c in a.concurrency:
             engine_loop(eng, [[warm]], 1, f"{system} c={c} warm-up")
             row(system, c, *engine_loop(eng, levels[c], c, f"{system} c={c}"))
