@@ -319,14 +319,15 @@ def wait_freed(server: str, stalls0: float, tokens0: float) -> tuple[float | Non
 
 
 def test_a_client_that_reads_nothing_has_its_stream_aborted_and_its_sequences_freed(server, solo):
-    """A chat stream of 16 choices x ~1000 tokens with top-20 logprobs (~2 KB of SSE per token,
-    ~30 MB in all: more than the sockets between the ingress and the client buffer on loopback) to a
+    """A chat stream of 48 choices x ~1000 tokens with top-20 logprobs (~2 KB of SSE per token,
+    ~90 MB in all: several times what HAProxy and the sockets between the ingress and the client
+    buffer on loopback, ~17 MB measured, so that an abort lands well before the budget) to a
     client with a 4 KiB receive buffer that reads only the first bytes. Once the buffers are full the
     ingress's write waits, and after server.stream_stall_timeout_s the request is aborted: its
     sequences leave the batch long before their budget, the socket still open, and the next
     request is served as before."""
     host, port = server.removeprefix("http://").split(":")
-    n, max_tokens = 16, CONTEXT - 32
+    n, max_tokens = 48, CONTEXT - 32
     body = json.dumps(
         {
             "model": MODEL,
