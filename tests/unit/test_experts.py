@@ -162,3 +162,29 @@ def test_batched_dispatch_and_combine_equal_the_per_expert_loop_bit_for_bit(dtyp
     for e, r in plan.rows.items():
         want.index_add_(0, r, (outs[e] * plan.weights[e]).to(dtype))
     assert torch.equal(combine(x, plan, outs), want)
+
+
+def test_a_worker_trims_its_heap_once_per_interval_after_its_calls_and_never_mid_call(tiny_dir, monkeypatch):
+    """The heap is trimmed for a worker only once its calls have ended (nothing in flight), at most
+    once per TRIM_INTERVAL_S, and only when a call ran since the last trim; the process-wide trimmer
+    (one thread, whatever the number of workers) claims it once a burst of calls has ended."""
+    from workers import expert
+    from workers.expert import TRIM_INTERVAL_S, ExpertWorker
+
+    trims = []
+    monkeypatch.setattr(expert, "release_free_heap", lambda: trims.append(1))
+    w = ExpertWorker(tiny_dir, [0, 1], "float32")
+    t0 = w._trimmed_at
+    assert not w._claim_trim(t0 + 2 * TRIM_INTERVAL_S)  # no call since loading: nothing to hand back
+    w.run(0, {0: torch.randn(3, 64)})
+    assert not w._claim_trim(t0 + TRIM_INTERVAL_S / 2)  # too soon
+    w.stats.in_flight_tokens += 1  # a call of another connection is running
+    assert not w._claim_trim(t0 + 2 * TRIM_INTERVAL_S)
+    w.stats.in_flight_tokens -= 1
+    assert w._claim_trim(t0 + 2 * TRIM_INTERVAL_S)
+    assert not w._claim_trim(t0 + 4 * TRIM_INTERVAL_S)  # trimmed already, no call since
+    w.run(1, {1: torch.randn(2, 64)})
+    assert w._claim_trim(t0 + 4 * TRIM_INTERVAL_S)
+    ExpertWorker(tiny_dir, [2], "float32")
+    assert len(expert._IDLE_TRIM) == 1 and expert._IDLE_TRIM[0].is_alive()
+    assert w in expert._WORKERS
