@@ -5,7 +5,9 @@ Output contract: `generate` prints only the generated text on stdout; logs and f
 Ray: `serve` and `generate` (without --local) start their own local Ray, unless `--ray-address` or
 the `RAY_ADDRESS` environment variable names a cluster to join (`host:port`, `ray://host:port`, or
 `auto` for the cluster last started on this machine with `ray start`). A `/tmp/ray/ray_current_cluster`
-file left behind by a cluster that is gone is not followed.
+file left behind by a cluster that is gone is not followed. A local Ray started here runs without
+Ray's dashboard (its web server and helpers cost ~3% of a core on a small machine, and nothing of
+mixserve's needs it) unless `--ray-dashboard` asks for it.
 """
 
 from __future__ import annotations
@@ -65,7 +67,12 @@ def init_ray(a) -> bool:
     from cluster.config import serve_mode_env
 
     os.environ.update(serve_mode_env())  # the Serve mode, for the processes of a Ray started here
-    ray.init(address=ray_address(a), log_to_driver=False, logging_level=logging.WARNING)
+    ray.init(
+        address=ray_address(a),
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+        include_dashboard=bool(getattr(a, "ray_dashboard", False)),  # a local Ray's; a joined cluster keeps its own
+    )
     if a.log_level.lower() not in ("debug", "info"):  # Serve's start-up chatter off the console
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
     return True
@@ -274,6 +281,7 @@ def preflight(cfg, address: str) -> None:
                 raise ValueError(f"port {port} is in use ({e.strerror}); choose another with {flag}") from None
 
 
+RAY_DASHBOARD_HELP = "start Ray's dashboard (http://127.0.0.1:8265) with the local Ray started here"
 RAY_ADDRESS_HELP = (
     "Ray cluster to join (host:port, ray://host:port, or 'auto' for the one `ray start` last started "
     "here); default: RAY_ADDRESS, else start a local Ray"
@@ -344,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", help=DEVICE_HELP)
     s.add_argument("--local", action="store_true", help="run in one process, without Ray")
     s.add_argument("--ray-address", help=RAY_ADDRESS_HELP)
+    s.add_argument("--ray-dashboard", action="store_true", help=RAY_DASHBOARD_HELP)
     s.set_defaults(fn=cmd_generate, config=None)
     s = sub.add_parser("serve", help="serve the OpenAI-compatible API on Ray Serve", formatter_class=fmt)
     s.add_argument("--config", help="YAML config (default: configs/tiny.yaml)")
@@ -365,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="require 'Authorization: Bearer KEY' on HTTP and gRPC (default: $MIXSERVE_API_KEY, else none)",
     )
     s.add_argument("--ray-address", help=RAY_ADDRESS_HELP)
+    s.add_argument("--ray-dashboard", action="store_true", help=RAY_DASHBOARD_HELP)
     s.set_defaults(fn=cmd_serve)
     # The client-side tools live in benchmarks/ and run as their own process (`python -m`), so the
     # CLI imports none of them and `mixserve --help` loads no torch or Ray; each parses its own flags.

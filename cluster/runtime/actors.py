@@ -165,5 +165,11 @@ def ensure_ray() -> bool:
     """Join RAY_ADDRESS when set, else start a local Ray; True when this call started it."""
     if ray.is_initialized():
         return False
-    ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False, logging_level=logging.WARNING)
+    # a local Ray as `mixserve serve` starts it: without the dashboard (cluster/cli.py)
+    ray.init(
+        address=os.environ.get("RAY_ADDRESS"),
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+        include_dashboard=False,
+    )
     return True

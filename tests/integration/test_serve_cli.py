@@ -50,7 +50,8 @@ def test_serve_run_serves_the_app(tmp_path, tiny_dir):
 
 def test_mixserve_serve_ignores_a_stale_ray_cluster_file(tiny_dir):
     """A ray_current_cluster file naming a cluster that is gone (Ray leaves it behind after a crash)
-    does not stop `mixserve serve`: without RAY_ADDRESS it starts its own local Ray."""
+    does not stop `mixserve serve`: without RAY_ADDRESS it starts its own local Ray, and that Ray runs
+    no dashboard modules (no job API, which runs code; no web server) unless --ray-dashboard asks."""
     import shutil
     import signal
     import subprocess
@@ -80,6 +81,10 @@ def test_mixserve_serve_ignores_a_stale_ray_cluster_file(tiny_dir):
         assert "mixserve: serving" in out.read_text(), f"mixserve serve did not come up: {err.read_text()[-3000:]}"
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=30) as r:
             assert r.status == 200
+        logs = [f.name for f in (tmp / "ray" / "session_latest" / "logs").iterdir()]
+        assert "raylet.out" in logs, logs  # the session is the one this test's mixserve started
+        modules = [n for n in logs if n.startswith("dashboard_") and not n.startswith("dashboard_agent")]
+        assert not modules, f"the local Ray runs dashboard modules: {modules}"
     finally:
         os.killpg(p.pid, signal.SIGINT)
         try:
