@@ -103,6 +103,19 @@ def dispatch(m: MoEInput, num_experts: int) -> tuple[ExpertRequest, DispatchPlan
     return ExpertRequest(m.layer, batches), plan
 
 
+def _weighted(y: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`(y * w).to(dtype)` bit for bit, for expert outputs y [n, D] and router weights w [n, 1] (float32):
+    y converted to w's dtype first, then multiplied in place. The mixed-dtype product goes through
+    TensorIterator's casting path: a bf16 [2048, D=512] times a float32 [2048, 1] took 2.4 ms (8% of
+    a 1024-token prefill step of the in-process engine), converting and multiplying ~0.5 ms. The
+    conversion is exact, so the float32 products, and their rounding to `dtype`, are the same."""
+    if y.dtype != w.dtype and torch.promote_types(y.dtype, w.dtype) == w.dtype:
+        y = y.to(w.dtype).mul_(w)
+    else:
+        y = y * w
+    return y if y.dtype == dtype else y.to(dtype)
+
+
 def combine(x: torch.Tensor, plan: DispatchPlan, outputs: dict[int, torch.Tensor]) -> torch.Tensor:
     """out[t] = sum_e w[t, e] * y_e[t], accumulated in x's dtype, experts in increasing order."""
     if plan.one_token:  # the same sum in the same order, without the zeros and the scatter
@@ -111,9 +124,7 @@ def combine(x: torch.Tensor, plan: DispatchPlan, outputs: dict[int, torch.Tensor
             y = outputs[e]
             if y.device != x.device:
                 y = y.to(x.device, non_blocking=True)
-            y = y * plan.weights[e]
-            if y.dtype != x.dtype:
-                y = y.to(x.dtype)
+            y = _weighted(y, plan.weights[e], x.dtype)
             out = y if out is None else out + y
         return out if out is not None else torch.zeros_like(x)
     out = torch.zeros_like(x)
@@ -124,8 +135,8 @@ def combine(x: torch.Tensor, plan: DispatchPlan, outputs: dict[int, torch.Tensor
     if plan.rows and x.device.type == "cpu" and (plan.k <= 2 or x.dtype in (torch.float32, torch.float64)):
         ys = [outputs[e].to(x.device, non_blocking=True) for e in plan.rows]  # no-ops where on x's device
         y = ys[0] if len(ys) == 1 else torch.cat(ys)
-        return out.index_add_(0, plan.tok, (y * plan.wsorted).to(out.dtype))
+        return out.index_add_(0, plan.tok, _weighted(y, plan.wsorted, out.dtype))
     for e, rows in plan.rows.items():
         y = outputs[e].to(x.device, non_blocking=True)  # a no-op where the backend answered on x's device
-        out.index_add_(0, rows, (y * plan.weights[e]).to(out.dtype))
+        out.index_add_(0, rows, _weighted(y, plan.weights[e], out.dtype))
     return out
