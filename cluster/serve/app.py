@@ -44,7 +44,7 @@ def build_app(cfg: AppConfig | dict) -> Application:
     ).bind(cfg, build_attention(cfg))
 
 
-# The directory's heartbeats (register / view, every second per replica) and the expert calls of the
+# The directory's heartbeats (register every 2 s per expert replica, view every second) and the expert calls of the
 # Ray fallback path are internal: no access-log line each on the console (errors are still logged).
 QUIET = {"enable_access_log": False}
 ADMISSION_HEADROOM = 64  # requests beyond the engine's admission that still reach it, to be refused

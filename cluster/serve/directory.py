@@ -17,9 +17,13 @@ from ray import serve
 
 from cluster.runtime.channel import new_secret
 
-HEARTBEAT_S = 1.0  # an expert replica re-registers this often
-ENTRY_TTL_S = 5.0  # a replica not heard from for this long is out of the view
-REFRESH_S = 0.5  # an attention replica reads the view this often
+HEARTBEAT_S = 2.0  # an expert replica re-registers this often
+ENTRY_TTL_S = 6.0  # a replica not heard from for this long (three heartbeats) is out of the view
+REFRESH_S = 1.0  # an attention replica reads the view this often
+# Every register and view is a Serve call, and each costs the caller and the directory milliseconds of
+# CPU: at 1 s / 0.5 s an idle `mini` application on 2 cores spent 30% of a core, 21% at 2 s / 1 s
+# (the directory 4.1% -> 2.2%, the attention replica 3.5% -> 2.0%, each expert replica ~2.6% -> 1.7%).
+# A dead replica's calls are re-sent by the client at once, whatever the view says (cluster/runtime).
 SIGNED_WINDOW_S = 30.0  # a directory record signed further off than this (wall clock, any node) is refused
 
 log = logging.getLogger(__name__)
