@@ -73,7 +73,8 @@ def _trim_when_idle() -> None:
     trim (the last calls of a burst would otherwise leave their buffers resident until the next one)."""
     while True:
         time.sleep(TRIM_INTERVAL_S)
-        if any(w._claim_trim(time.monotonic()) for w in list(_WORKERS)):
+        now = time.monotonic()
+        if any([w._claim_trim(now) for w in list(_WORKERS)]):  # every worker claims: one trim serves them all
             release_free_heap()
 
 
@@ -187,17 +188,19 @@ class ExpertWorker:
                 s.tokens_per_layer[layer] = s.tokens_per_layer.get(layer, 0) + n
                 for e, x in batches.items():
                     s.tokens_per_expert[e] = s.tokens_per_expert.get(e, 0) + int(x.shape[0])
-            if self._claim_trim(time.monotonic()):
+                trim = self._claim_trim_locked(time.monotonic())
+            if trim:
                 release_free_heap()
 
     def _claim_trim(self, now: float) -> bool:
-        """Whether the heap is due a trim for this worker (nothing in flight, calls since the last
-        trim, TRIM_INTERVAL_S since it); if so, it counts as done now."""
         with self._lock:
-            s = self.stats
-            due = (
-                now - self._trimmed_at > TRIM_INTERVAL_S and s.in_flight_tokens == 0 and s.calls != self._calls_at_trim
-            )
-            if due:
-                self._trimmed_at, self._calls_at_trim = now, s.calls
-            return due
+            return self._claim_trim_locked(now)
+
+    def _claim_trim_locked(self, now: float) -> bool:
+        """Whether the heap is due a trim for this worker (nothing in flight, calls since the last
+        trim, TRIM_INTERVAL_S since it); if so, it counts as done now. The caller holds `_lock`."""
+        s = self.stats
+        due = now - self._trimmed_at > TRIM_INTERVAL_S and s.in_flight_tokens == 0 and s.calls != self._calls_at_trim
+        if due:
+            self._trimmed_at, self._calls_at_trim = now, s.calls
+        return due

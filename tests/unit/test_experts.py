@@ -171,8 +171,7 @@ def test_a_worker_trims_its_heap_once_per_interval_after_its_calls_and_never_mid
     from workers import expert
     from workers.expert import TRIM_INTERVAL_S, ExpertWorker
 
-    trims = []
-    monkeypatch.setattr(expert, "release_free_heap", lambda: trims.append(1))
+    monkeypatch.setattr(expert, "release_free_heap", lambda: None)  # the bookkeeping is tested, not glibc
     w = ExpertWorker(tiny_dir, [0, 1], "float32")
     t0 = w._trimmed_at
     assert not w._claim_trim(t0 + 2 * TRIM_INTERVAL_S)  # no call since loading: nothing to hand back
